@@ -1,0 +1,841 @@
+"""RQ jobs: fine-tune a project's model from Label Studio's annotations, publish it, re-score the unlabelled pool.
+
+``train_project(project_id)`` is what the webhook enqueues (JSON arguments only). Its steps, in order:
+
+1. take the project's training lock (one training per project across all workers; a job that finds another one
+   running sets the follow-up flag and returns), reset the webhook batch counter, then re-read EVERY task and its
+   latest submitted annotation from Label Studio (the source of truth, so missed webhooks never lose a batch);
+2. decode brush RLE masks (size checked against the image; a bad annotation is logged and skipped, never fatal);
+3. fine-tune the current version (or a new U-Net the first time) with ``ml_backend.training.fine_tune``;
+4. publish + promote the version atomically in the registry with its metadata, prune old versions;
+5. re-score every unlabelled task with the project's strategy in chunks that idle workers share
+   (``rescore_chunk`` jobs; the coordinator works through the chunks too, so one worker is enough), select over the
+   whole pool (batch strategies need it), push predictions (mask, score, model_version) in bulk, and set the
+   project's ``model_version`` so Label Studio orders its queue by the new scores.
+
+The pure part (annotations -> masks -> fine_tune -> publish) is ``decode_annotations`` + ``train_version``: they take
+plain data and a registry, so they are tested without Label Studio or Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_backend import queue as q
+from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_MEMBERS = 4  # suggestive annotation (Yang et al. 2017) uses 4 bootstrap members
+CHUNK_CLAIM_TTL_S = 300  # a helper killed mid-chunk frees its chunk after this long; the coordinator redoes it
+RESCORE_TTL_S = 24 * 3600
+RESCORE_WAIT_S = 3600.0
+
+
+class TrainingError(RuntimeError):
+    """The job cannot train (no usable annotation, no label config): reported in the failed job, not retried blindly."""
+
+
+@dataclass
+class LabelledTile:
+    task_id: int
+    annotation_id: int | None
+    image: np.ndarray  # float32 (H, W) normalised
+    mask: np.ndarray  # int64 (H, W) class index or IGNORE
+
+
+@dataclass
+class TrainOutcome:
+    version: str
+    meta: dict
+    model: Any
+    ensemble: list[Any] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- pure helpers
+def annotation_signature(annotations: dict[int, dict]) -> str:
+    """Fingerprint of the labelled set (task, annotation id, last update): equal => nothing new to learn."""
+    items = sorted(
+        (int(task_id), str(ann.get("id")), str(ann.get("updated_at") or ann.get("created_at") or ""))
+        for task_id, ann in annotations.items()
+    )
+    return hashlib.sha1(json.dumps(items).encode()).hexdigest()
+
+
+def task_image_url(task: dict, config: Any) -> str:
+    """The image reference of a task under the label config's ``$key`` (clear error when missing)."""
+    data = task.get("data") or {}
+    url = data.get(config.image_key)
+    if not url or not isinstance(url, str):
+        raise ValueError(f"task {task.get('id')} has no image under data[{config.image_key!r}] (keys: {sorted(data)})")
+    return url
+
+
+def decode_annotations(
+    tasks: dict[int, dict],
+    annotations: dict[int, dict],
+    config: Any,
+    load_image: Callable[[dict], np.ndarray],
+    *,
+    workers: int = 8,
+) -> tuple[list[LabelledTile], list[dict]]:
+    """(usable tiles, skipped) from the latest annotation per task.
+
+    ``load_image(task) -> float32 (H, W)``. Each mask is decoded at the image's size, so an RLE of the wrong size,
+    an unknown label or an undecodable RLE is an error for that task only: logged and listed in ``skipped``.
+    Sparse configs need at least one painted pixel (a tile with only unknown pixels teaches nothing).
+    """
+    from ml_backend.labelstudio.rle import results_to_mask
+    from ml_backend.training import IGNORE
+
+    def one(item: tuple[int, dict]) -> LabelledTile | dict:
+        task_id, ann = item
+        try:
+            task = tasks.get(task_id)
+            if task is None:
+                raise ValueError("task no longer exists (deleted)")
+            image = load_image(task)
+            mask = results_to_mask(ann.get("result") or [], config, image.shape[0], image.shape[1])
+            if not (mask != IGNORE).any():
+                raise ValueError("annotation has no labelled pixel (sparse config: paint background too)")
+            return LabelledTile(int(task_id), ann.get("id"), image, np.asarray(mask, dtype=np.int64))
+        except Exception as exc:  # one bad task must not sink the batch
+            log.warning("task %s annotation %s skipped: %s: %s", task_id, ann.get("id"), type(exc).__name__, exc)
+            return {"task": int(task_id), "annotation": ann.get("id"), "error": f"{type(exc).__name__}: {exc}"}
+
+    items = sorted(annotations.items())
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # image fetches are I/O bound
+        results = list(pool.map(one, items))
+    tiles = [r for r in results if isinstance(r, LabelledTile)]
+    skipped = [r for r in results if isinstance(r, dict)]
+    return tiles, skipped
+
+
+def train_config(settings: Settings, **overrides: Any):
+    """The fine-tuning recipe from Settings (papers' lr 5e-4, time budget, seed)."""
+    from ml_backend.training import TrainConfig
+
+    values = {
+        "steps": settings.train_steps,
+        "lr": settings.learning_rate,
+        "crop": settings.train_crop,
+        "val_fraction": settings.val_fraction,
+        "time_budget_s": settings.train_time_budget_s,
+        "seed": settings.seed,
+        "device": settings.device,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def initial_model(registry: ModelRegistry, config: Any, settings: Settings) -> tuple[Any, str | None, str]:
+    """(model, parent version, how): the current version to fine-tune, or a new U-Net when there is none or its
+    classes no longer match the label config."""
+    from ml_backend.model import build_model
+
+    current = registry.load_current()
+    if current is not None:
+        model, meta = current
+        hp = getattr(model, "hparams", {})
+        if int(hp.get("num_classes", -1)) == config.num_classes and int(hp.get("in_channels", 1)) == 1:
+            return model, meta["version"], "fine-tuned"
+        log.warning(
+            "project %s: current %s predicts %s classes, label config has %d: training a new model from scratch",
+            registry.project_id, meta["version"], hp.get("num_classes"), config.num_classes,
+        )  # fmt: skip
+    model = build_model(
+        "unet",
+        in_channels=1,
+        num_classes=config.num_classes,
+        width=settings.model_width,
+        depth=settings.model_depth,
+        dropout=settings.model_dropout,
+    )
+    return model, None, "from scratch"
+
+
+def train_version(
+    registry: ModelRegistry,
+    tiles: list[LabelledTile],
+    config: Any,
+    settings: Settings,
+    *,
+    strategy: Any = None,
+    progress: Callable[[dict], None] | None = None,
+    extra_meta: dict | None = None,
+    train_overrides: dict | None = None,
+) -> TrainOutcome:
+    """Fine-tune on ``tiles``, publish + promote the version with full metadata, prune old versions.
+
+    Pure with respect to Label Studio and Redis (the tested core of the training job). When the strategy needs a
+    bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are fine-tuned on resamples and stored with
+    the version.
+    """
+    from ml_backend.training import fine_tune
+
+    if not tiles:
+        raise TrainingError("no usable annotated tile to train on")
+    model, parent, how = initial_model(registry, config, settings)
+    tcfg = train_config(settings, **(train_overrides or {}))
+    images = [t.image for t in tiles]
+    masks = [t.mask for t in tiles]
+    log.info(
+        "project %s: training (%s, parent %s) on %d tiles, %d steps, lr %g, budget %.0f s, device %s",
+        registry.project_id, how, parent, len(tiles), tcfg.steps, tcfg.lr, tcfg.time_budget_s,
+        torch_device(tcfg.device),
+    )  # fmt: skip
+    t0 = time.monotonic()
+    result = fine_tune(model, images, masks, tcfg, progress=progress)
+    ensemble: list[Any] = []
+    if strategy is not None and "ensemble_probs" in strategy.needs:
+        ensemble = train_ensemble(model, images, masks, tcfg)
+    seconds = time.monotonic() - t0
+    meta = {
+        "parent": parent,
+        "initialised": how,
+        "device": result.device,
+        "n_annotations": len(tiles),
+        "annotation_ids": [t.annotation_id for t in tiles],
+        "task_ids": [t.task_id for t in tiles],
+        "metrics": result.metrics,
+        "n_train": result.n_train,
+        "n_val": result.n_val,
+        "steps": result.steps,
+        "training_seconds": round(seconds, 3),
+        "fine_tune_seconds": round(result.seconds, 3),
+        "strategy": None if strategy is None else {"name": strategy.name, "params": strategy.params()},
+        "hyper_parameters": {"train": tcfg.to_dict(), "model": dict(getattr(model, "hparams", {}))},
+        "label_config": {"mode": config.mode, "labels": list(config.labels), "from_name": config.from_name},
+        **(extra_meta or {}),
+    }
+    extras = {f"ensemble_{i}": m for i, m in enumerate(ensemble)}
+    version = registry.publish(model, meta, promote=True, extra_models=extras)
+    registry.prune(settings.keep_versions)
+    return TrainOutcome(version, registry.meta(version), model, ensemble)
+
+
+def train_ensemble(model: Any, images: list[np.ndarray], masks: list[np.ndarray], tcfg: Any) -> list[Any]:
+    """Bootstrap members for suggestive annotation: copies of the trained model, briefly fine-tuned on resamples."""
+    from ml_backend.strategies import bootstrap_indices
+    from ml_backend.training import fine_tune
+
+    members = []
+    steps = max(10, tcfg.steps // 4)
+    for i, idx in enumerate(bootstrap_indices(len(images), ENSEMBLE_MEMBERS, seed=tcfg.seed)):
+        member = copy.deepcopy(model)
+        cfg = dataclasses.replace(tcfg, steps=steps, seed=tcfg.seed + i + 1)
+        fine_tune(member, [images[j] for j in idx], [masks[j] for j in idx], cfg)
+        members.append(member.eval())
+    return members
+
+
+def embed_images(model: Any, images: list[np.ndarray], device: Any, batch_size: int = 8) -> np.ndarray:
+    """(n, D) bottleneck embeddings (for coreset/kmeans: the labelled set's position in feature space)."""
+    import torch
+
+    out = []
+    model.to(device).eval()
+    with torch.inference_mode():
+        for img in images:  # tiles may differ in size: one at a time keeps it simple and bounded
+            x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None].to(device)
+            out.append(model.embed(x).float().cpu().numpy())
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 1), dtype=np.float32)
+
+
+def score_tiles(
+    model: Any,
+    images: list[np.ndarray],
+    strategy: Any,
+    config: Any,
+    settings: Settings,
+    *,
+    ensemble: list[Any] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], list[list[dict]], np.ndarray]:
+    """(summary in input order, Label Studio results per tile, pixels per tile) for one chunk of the pool.
+
+    One set of forward passes per tile: ``score_pool``'s ``on_batch`` hook turns the same probabilities into the
+    pre-annotation masks. Tiles of different sizes are scored in groups of equal shape.
+    """
+    from ml_backend.labelstudio.rle import mask_to_results
+    from ml_backend.strategies import score_pool
+
+    device = torch_device(settings.device)
+    n = len(images)
+    results: list[list[dict]] = [[] for _ in range(n)]
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for shape, idx in groups.items():
+        stack = np.stack([images[i] for i in idx]).astype(np.float32)
+
+        def on_batch(start: int, batch: Any, idx: list[int] = idx) -> None:
+            labels = np.asarray(batch.probs).argmax(axis=1)
+            for j in range(labels.shape[0]):
+                results[idx[start + j]] = mask_to_results(labels[j], config)
+
+        summary = score_pool(
+            model,
+            stack,
+            strategy,
+            device=device,
+            batch_size=max(1, settings.inference_batch),
+            mc_passes=settings.mc_passes,
+            ensemble=ensemble or None,
+            seed=seed,
+            on_batch=on_batch,
+        )
+        for k, arr in summary.items():
+            parts.setdefault(k, []).append((np.asarray(idx), np.asarray(arr)))
+        log.debug("scored %d tiles of shape %s", len(idx), shape)
+    summary_out: dict[str, np.ndarray] = {}
+    for k, pieces in parts.items():
+        first = pieces[0][1]
+        arr = np.zeros((n, *first.shape[1:]), dtype=first.dtype)
+        for idx, values in pieces:
+            arr[idx] = values
+        summary_out[k] = arr
+    pixels = np.array([img.shape[0] * img.shape[1] for img in images], dtype=np.int64)
+    return summary_out, results, pixels
+
+
+def _pack_summary(summary: dict[str, np.ndarray], pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, __pixels__=pixels, **summary)
+    return buf.getvalue()
+
+
+def _unpack_summary(data: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    pixels = arrays.pop("__pixels__")
+    return arrays, pixels
+
+
+# ---------------------------------------------------------------------- Label Studio glue
+def project_label_config(ls: Any, project_id: int, settings: Settings) -> tuple[Any, str]:
+    """(BrushConfig, XML): the project's label config from Label Studio, else the one /setup stored."""
+    from ml_backend.labelstudio.client import LabelStudioError, call
+    from ml_backend.labelstudio.labelconfig import parse_label_config
+
+    xml = None
+    try:
+        project = call(ls, ls.projects.get, id=int(project_id), what=f"reading project {project_id}")
+        xml = getattr(project, "label_config", None)
+    except LabelStudioError as exc:  # e.g. no permission on the project: fall back to the stored /setup config
+        log.warning("project %s: cannot read the label config from Label Studio: %s", project_id, exc)
+    stored = Path(settings.model_dir) / "projects" / str(project_id) / "label_config.xml"  # written by /setup
+    if not xml and stored.is_file():
+        xml = stored.read_text()
+    if not xml:
+        raise TrainingError(f"project {project_id}: no label config (neither in Label Studio nor stored by /setup)")
+    return parse_label_config(xml), xml
+
+
+def project_strategy(project_id: int, settings: Settings) -> Any:
+    """The project's acquisition strategy: the one stored by /setup (extra_params), else STRATEGY."""
+    from ml_backend.strategies import get_strategy
+
+    name, params = settings.strategy, {"aggregation": settings.aggregation}
+    state = Path(settings.model_dir) / "projects" / str(project_id) / "state.json"
+    if state.is_file():
+        try:
+            stored = json.loads(state.read_text())
+            name = stored.get("strategy") or name
+            params = stored.get("strategy_params") or params
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("project %s: unreadable %s (%s); using STRATEGY=%s", project_id, state, exc, name)
+    try:
+        return get_strategy(name, **params)
+    except ValueError:
+        return get_strategy(name)  # a strategy without an aggregation parameter
+
+
+def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
+    """Normalised float32 (H, W) image of a task, fetched through Label Studio (cached on disk)."""
+    from ml_backend.imaging import load_image
+    from ml_backend.labelstudio.media import fetch_image_bytes
+
+    data = fetch_image_bytes(task_image_url(task, config), settings)
+    return load_image(data, max_pixels=settings.max_image_pixels)
+
+
+# ---------------------------------------------------------------------- the RQ jobs
+class _Progress:
+    """Job progress into ``job.meta`` (visible to `cli status` and rq dashboards) and into the worker's log."""
+
+    def __init__(self, job: Any, project_id: int) -> None:
+        self.job, self.project_id = job, project_id
+        self.timings: dict[str, float] = {}
+
+    def update(self, **fields: Any) -> None:
+        if self.job is None:
+            return
+        self.job.meta.update(fields)
+        with contextlib.suppress(Exception):  # progress must never kill the training
+            self.job.save_meta()
+
+    def train_step(self, info: dict) -> None:
+        self.update(phase="train", progress=info)
+        val = info.get("val_iou")
+        log.info(
+            "project %s: step %s/%s loss %.4f val IoU %s",
+            self.project_id, info.get("step"), info.get("steps"), info.get("loss") or float("nan"),
+            "n/a" if val is None else f"{val:.4f}",
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.update(phase=name)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[f"{name}_s"] = round(time.monotonic() - t0, 3)
+            self.update(timings=self.timings)
+
+
+def _redis_for_job(job: Any, settings: Settings):
+    if job is not None:
+        return job.connection
+    return q.get_connection(settings.redis_url, socket_timeout=10.0)
+
+
+def train_project(project_id: int, force: bool = False, reason: str = "manual") -> dict:
+    """RQ entry point: train project ``project_id`` from everything Label Studio holds, then re-score its pool.
+
+    Returns a JSON summary (status trained | up-to-date | deferred | no-annotations). Runs outside RQ too
+    (``python -c 'from ml_backend.jobs import train_project; train_project(1, force=True)'``).
+    """
+    from rq import get_current_job
+
+    settings = get_settings()
+    pid = int(project_id)
+    job = get_current_job()
+
+    def body(force: bool, progress: _Progress, conn: Any, job_id: str) -> dict:
+        return _train_and_rescore(pid, settings, conn, progress, force=force, reason=reason, job_id=job_id)
+
+    return run_exclusive(pid, settings, job, body, force=bool(force), reason=reason)
+
+
+def run_exclusive(
+    pid: int,
+    settings: Settings,
+    job: Any,
+    body: Callable[[bool, _Progress, Any, str], dict],
+    *,
+    force: bool,
+    reason: str,
+    conn: Any = None,
+    job_id: str | None = None,
+) -> dict:
+    """The coordination around one training: queued slot, per-project lock + heartbeat, follow-up flag.
+
+    A job that finds another training of the project running marks the follow-up flag and returns "deferred"; the
+    running job, when it ends (success or failure), schedules exactly one follow-up if the flag is set. Separate
+    from the training itself so the protocol is tested with a real Redis and no Label Studio.
+    """
+    job_id = job_id or (job.id if job is not None else f"local-{uuid.uuid4().hex[:12]}")
+    conn = conn if conn is not None else _redis_for_job(job, settings)
+    q.release_queued_slot(conn, pid, job_id)
+    force = force or q.take_force_flag(conn, pid, job_id)
+    while not q.acquire_training_lock(conn, pid, job_id):
+        other = q.running_job(conn, pid)
+        q.mark_dirty(conn, pid, force=force)
+        if q.running_job(conn, pid) is not None:
+            log.info("project %s: training %s is running; %s becomes its follow-up", pid, other, job_id)
+            return {"status": "deferred", "project": pid, "running": other}
+        q.take_dirty(conn, pid)  # the other job ended between our two looks: nobody will read the flag, run now
+    progress = _Progress(job, pid)
+    summary: dict[str, Any] = {"project": pid, "job": job_id, "reason": reason, "force": force}
+    try:
+        with q.LockHeartbeat(conn, pid, job_id):
+            summary.update(body(force, progress, conn, job_id))
+        summary["timings"] = progress.timings
+        q.record_job(conn, pid, {**summary, "finished": time.time()})
+        return summary
+    except Exception as exc:
+        summary.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=progress.timings)
+        with contextlib.suppress(Exception):
+            q.record_job(conn, pid, {**summary, "finished": time.time()})
+            if job is not None and (job.retries_left or 0) > 0:
+                conn.set(q.key(pid, "queued"), job_id, nx=True, ex=q.QUEUED_TTL_S)  # new events join the retry
+        log.error("project %s: training job %s failed: %s", pid, job_id, summary["error"])
+        raise
+    finally:
+        q.release_training_lock(conn, pid, job_id)
+        follow = q.take_dirty(conn, pid)
+        if follow:
+            try:
+                out = q.schedule_training(
+                    pid, settings, reason="follow-up of events during training", force=follow == "force",
+                    connection=conn,
+                )  # fmt: skip
+                log.info("project %s: follow-up training %s (%s)", pid, out.get("job_id"), out.get("status"))
+            except Exception as exc:  # the next webhook or START_TRAINING re-reads everything anyway
+                log.error("project %s: could not schedule the follow-up training: %s", pid, exc)
+
+
+def _train_and_rescore(
+    pid: int, settings: Settings, conn: Any, progress: _Progress, *, force: bool, reason: str, job_id: str
+) -> dict:
+    from ml_backend.labelstudio.client import (
+        LabelStudioError,
+        LabelStudioUnavailable,
+        connect,
+        latest_annotations,
+        list_tasks,
+        push_predictions,
+        set_project_model_version,
+    )
+
+    registry = ModelRegistry(settings.model_dir, pid)
+    with progress.phase("read"):
+        pending = q.take_pending(conn, pid)
+        t0 = time.monotonic()
+        ls = connect(settings)
+        config, label_xml = project_label_config(ls, pid, settings)
+        tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+        t_list = time.monotonic() - t0
+        annotations = {int(k): v for k, v in latest_annotations(list(tasks.values())).items()}
+        current = registry.current_meta()
+        signature = annotation_signature(annotations)
+        used = 0 if current is None else int(current.get("n_annotations", 0))
+        log.info(
+            "project %s: Label Studio holds %d tasks, %d with a submitted annotation; current version %s used %d; "
+            "%d submissions counted by webhooks since the last job",
+            pid, len(tasks), len(annotations), None if current is None else current["version"], used, pending,
+        )  # fmt: skip
+        if not annotations:
+            log.warning("project %s: no submitted annotation in Label Studio: nothing to train", pid)
+            return {"status": "no-annotations", "tasks": len(tasks)}
+        if not force and current is not None and current.get("annotation_signature") == signature:
+            log.info("project %s: annotations unchanged since %s: nothing to train", pid, current["version"])
+            return {"status": "up-to-date", "version": current["version"]}
+        strategy = project_strategy(pid, settings)
+        t0 = time.monotonic()
+        tiles, skipped = decode_annotations(tasks, annotations, config, lambda t: load_task_image(t, config, settings))
+        log.info(
+            "project %s: tasks listed in %.1f s; %d annotated tiles decoded in %.1f s (%d skipped)",
+            pid, t_list, len(tiles), time.monotonic() - t0, len(skipped),
+        )  # fmt: skip
+        if not tiles:
+            first = "; ".join(f"task {s['task']}: {s['error']}" for s in skipped[:3])
+            raise TrainingError(f"project {pid}: none of the {len(annotations)} annotations is usable ({first})")
+    with progress.phase("train"):
+        outcome = train_version(
+            registry,
+            tiles,
+            config,
+            settings,
+            strategy=strategy,
+            progress=progress.train_step,
+            extra_meta={
+                "annotation_signature": signature,
+                "skipped": skipped,
+                "trigger": reason,
+                "job": job_id,
+                "project": pid,
+            },
+        )
+    version = outcome.version
+    progress.update(version=version, metrics=outcome.meta.get("metrics"))
+    log.info("project %s: promoted %s, val IoU %s", pid, version, outcome.meta["metrics"].get("val_iou"))
+    unlabelled = sorted(tid for tid in tasks if tid not in annotations)
+    predictions: list[dict] = []
+    if unlabelled:
+        with progress.phase("score"):
+            labelled_emb = None
+            if "embeddings" in strategy.needs:
+                labelled_emb = embed_images(outcome.model, [t.image for t in tiles], torch_device(settings.device))
+            predictions = rescore_pool(
+                pid, version, outcome.model, config, label_xml, strategy, tasks, unlabelled, settings, conn,
+                ensemble=outcome.ensemble, labelled_embeddings=labelled_emb,
+            )  # fmt: skip
+    with progress.phase("upload"):
+        if predictions:
+            push_predictions(ls, pid, predictions)
+        try:
+            set_project_model_version(ls, pid, version)
+        except LabelStudioError as exc:
+            if isinstance(exc, LabelStudioUnavailable) or predictions:
+                raise
+            # Label Studio accepts a model_version only once predictions of it exist: nothing left to predict
+            log.warning("project %s: every task is labelled; model_version %s not set (%s)", pid, version, exc)
+    log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, len(predictions), version)
+    return {
+        "status": "trained",
+        "version": version,
+        "metrics": outcome.meta.get("metrics"),
+        "n_annotations": len(tiles),
+        "skipped": len(skipped),
+        "predictions": len(predictions),
+        "train_tiles_per_s": (outcome.meta.get("metrics") or {}).get("tiles_per_s"),
+    }
+
+
+# ---------------------------------------------------------------------- chunked re-scoring
+def _chunk_id(task_ids: list[int]) -> str:
+    return hashlib.sha1(",".join(map(str, task_ids)).encode()).hexdigest()[:16]
+
+
+def _rescore_key(pid: int, version: str, name: str) -> str:
+    return q.key(pid, f"rescore:{version}:{name}")
+
+
+def _compute_chunk(
+    pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], config: Any,
+    settings: Settings, conn: Any,
+) -> None:  # fmt: skip
+    """Score one chunk and store its summary + masks in Redis for the coordinator."""
+    from ml_backend.strategies import get_strategy
+
+    strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
+    images, ok_ids, failed = [], [], []
+    for tid in task_ids:
+        task = {"id": tid, "data": {config.image_key: ctx["urls"][str(tid)]}}
+        try:
+            images.append(load_task_image(task, config, settings))
+            ok_ids.append(tid)
+        except Exception as exc:  # an unreadable image drops that task from this round only
+            log.warning("project %s: task %s not scored: %s: %s", pid, tid, type(exc).__name__, exc)
+            failed.append({"task": tid, "error": f"{type(exc).__name__}: {exc}"})
+    record: dict[str, Any] = {"task_ids": json.dumps(ok_ids), "failed": json.dumps(failed)}
+    if images:
+        seed = settings.seed + int(_chunk_id(task_ids), 16) % 1000
+        summary, results, pixels = score_tiles(model, images, strategy, config, settings, ensemble=ensemble, seed=seed)
+        record["summary"] = _pack_summary(summary, pixels)
+        record["results"] = json.dumps(results)
+    rkey = _rescore_key(pid, version, f"result:{_chunk_id(task_ids)}")
+    pipe = conn.pipeline(transaction=True)
+    pipe.hset(rkey, mapping=record)
+    pipe.expire(rkey, RESCORE_TTL_S)
+    pipe.execute()
+
+
+def _claim(conn: Any, pid: int, version: str, chunk: str, owner: str) -> bool:
+    if conn.exists(_rescore_key(pid, version, f"result:{chunk}")):
+        return False
+    return bool(conn.set(_rescore_key(pid, version, f"claim:{chunk}"), owner, nx=True, ex=CHUNK_CLAIM_TTL_S))
+
+
+def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
+    """RQ helper job: score one chunk of the pool for ``version`` if nobody has claimed it yet.
+
+    The coordinating ``train_project`` job stored the chunk's context (strategy, image URLs) in Redis and collects
+    the result; a helper that finds the chunk taken (or the round over) returns at once.
+    """
+    from rq import get_current_job
+
+    from ml_backend.labelstudio.labelconfig import parse_label_config
+
+    settings = get_settings()
+    pid = int(project_id)
+    ids = [int(t) for t in task_ids]
+    job = get_current_job()
+    conn = _redis_for_job(job, settings)
+    raw = conn.get(_rescore_key(pid, version, "ctx"))
+    if raw is None:
+        return {"status": "expired", "project": pid, "version": version}
+    ctx = json.loads(raw)
+    chunk = _chunk_id(ids)
+    owner = job.id if job is not None else f"local-{uuid.uuid4().hex[:8]}"
+    if not _claim(conn, pid, version, chunk, owner):
+        return {"status": "taken", "project": pid, "chunk": chunk}
+    try:
+        registry = ModelRegistry(settings.model_dir, pid)
+        device = torch_device(settings.device)
+        model, _meta = registry.load(version, map_location=device)
+        ensemble = [registry.load_extra(version, name, map_location=device) for name in ctx.get("ensemble", [])]
+        config = parse_label_config(ctx["label_config"])
+        _compute_chunk(pid, version, ids, ctx, model, ensemble, config, settings, conn)
+    except BaseException:
+        conn.delete(_rescore_key(pid, version, f"claim:{chunk}"))  # let the coordinator redo it now
+        raise
+    return {"status": "scored", "project": pid, "chunk": chunk, "tasks": len(ids)}
+
+
+@dataclass
+class RescoreRound:
+    """One re-scoring of a project's pool for a version: its chunks, their shared context and the helper jobs."""
+
+    pid: int
+    version: str
+    chunks: list[list[int]]
+    ctx: dict
+    helper_jobs: list[str] = field(default_factory=list)
+
+
+def start_rescore(
+    pid: int,
+    version: str,
+    config: Any,
+    label_xml: str,
+    strategy: Any,
+    tasks: dict[int, dict],
+    task_ids: list[int],
+    settings: Settings,
+    conn: Any,
+    *,
+    n_ensemble: int = 0,
+    helpers: bool = True,
+) -> RescoreRound | None:
+    """Split the pool into chunks, store their context in Redis and enqueue ``rescore_chunk`` helpers (at the front
+    of the queue, for idle workers); None when no task has an image to score."""
+    urls: dict[str, str] = {}
+    for tid in task_ids:
+        try:
+            urls[str(tid)] = task_image_url(tasks[tid], config)
+        except ValueError as exc:
+            log.warning("project %s: %s", pid, exc)
+    ids = [tid for tid in task_ids if str(tid) in urls]
+    if not ids:
+        return None
+    size = max(1, int(settings.rescore_chunk))
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    ctx = {
+        "strategy": strategy.name,
+        "strategy_params": strategy.params(),
+        "label_config": label_xml,
+        "urls": urls,
+        "ensemble": [f"ensemble_{i}" for i in range(n_ensemble)],
+    }
+    conn.set(_rescore_key(pid, version, "ctx"), json.dumps(ctx), ex=RESCORE_TTL_S)
+    rnd = RescoreRound(pid, version, chunks, ctx)
+    if helpers and len(chunks) > 1:
+        queue = q.get_queue(settings, conn)
+        for chunk in chunks[1:]:  # the coordinator starts with chunk 0 itself
+            job = queue.enqueue_call(
+                q.RESCORE_FUNC,
+                kwargs={"project_id": pid, "version": version, "task_ids": chunk},
+                job_id=f"rescore-p{pid}-{uuid.uuid4().hex[:12]}",
+                timeout=3600,
+                result_ttl=3600,
+                failure_ttl=q.FAILURE_TTL_S,
+                at_front=True,
+                description=f"rescore project {pid} {version} ({len(chunk)} tasks)",
+            )
+            rnd.helper_jobs.append(job.id)
+    log.info("project %s: re-scoring %d unlabelled tasks with %s in %d chunk(s)", pid, len(ids), strategy, len(chunks))
+    return rnd
+
+
+def finish_rescore(
+    rnd: RescoreRound,
+    model: Any,
+    config: Any,
+    strategy: Any,
+    settings: Settings,
+    conn: Any,
+    *,
+    ensemble: list[Any] | None = None,
+    labelled_embeddings: np.ndarray | None = None,
+) -> list[dict]:
+    """Work through the chunks nobody has claimed, wait for the ones helpers hold (redoing any whose helper died),
+    then select over the whole pool and return ``[{task, result, score, model_version}]`` (lower = served first)."""
+    from ml_backend.strategies import pool_queue_scores
+
+    pid, version = rnd.pid, rnd.version
+    owner = f"coordinator-{uuid.uuid4().hex[:8]}"
+    done_local = 0
+    deadline = time.monotonic() + RESCORE_WAIT_S
+    pending = {_chunk_id(c): c for c in rnd.chunks}
+    collected: dict[str, dict] = {}
+    while pending:
+        progressed = False
+        for chunk, chunk_ids in list(pending.items()):
+            record = conn.hgetall(_rescore_key(pid, version, f"result:{chunk}"))
+            if record:
+                collected[chunk] = {k.decode(): v for k, v in record.items()}
+                del pending[chunk]
+                progressed = True
+                continue
+            if _claim(conn, pid, version, chunk, owner):
+                _compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), config, settings, conn)
+                done_local += 1
+                progressed = True
+                log.info("project %s: scored a chunk of %d tasks here (%d left)", pid, len(chunk_ids), len(pending))
+        if pending and not progressed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"project {pid}: {len(pending)} re-scoring chunk(s) never completed")
+            time.sleep(0.2)
+    log.info("project %s: %d/%d chunks scored here, the rest by helpers", pid, done_local, len(rnd.chunks))
+
+    all_ids: list[int] = []
+    results: list[list[dict]] = []
+    summaries: list[dict[str, np.ndarray]] = []
+    pixels: list[np.ndarray] = []
+    for chunk in (_chunk_id(c) for c in rnd.chunks):
+        record = collected[chunk]
+        chunk_ids = json.loads(record["task_ids"])
+        if not chunk_ids:
+            continue
+        summary, pix = _unpack_summary(record["summary"])
+        all_ids.extend(chunk_ids)
+        results.extend(json.loads(record["results"]))
+        summaries.append(summary)
+        pixels.append(pix)
+    keys = ["ctx"] + [f"result:{_chunk_id(c)}" for c in rnd.chunks] + [f"claim:{_chunk_id(c)}" for c in rnd.chunks]
+    conn.delete(*[_rescore_key(pid, version, k) for k in keys])
+    if not all_ids:
+        return []
+    summary = {k: np.concatenate([s[k] for s in summaries], axis=0) for k in summaries[0]}
+    scores = pool_queue_scores(
+        strategy,
+        summary,
+        num_classes=config.num_classes,
+        num_pixels=np.concatenate(pixels),
+        labelled_embeddings=labelled_embeddings,
+        seed=settings.seed,
+    )
+    return [
+        {"task": int(tid), "result": res, "score": float(score), "model_version": version}
+        for tid, res, score in zip(all_ids, results, scores, strict=True)
+    ]
+
+
+def rescore_pool(
+    pid: int,
+    version: str,
+    model: Any,
+    config: Any,
+    label_xml: str,
+    strategy: Any,
+    tasks: dict[int, dict],
+    task_ids: list[int],
+    settings: Settings,
+    conn: Any,
+    *,
+    ensemble: list[Any] | None = None,
+    labelled_embeddings: np.ndarray | None = None,
+    helpers: bool = True,
+) -> list[dict]:
+    """Score ``task_ids`` (chunks shared with idle workers), select over the whole pool, return the predictions."""
+    ensemble = list(ensemble or [])
+    rnd = start_rescore(
+        pid, version, config, label_xml, strategy, tasks, task_ids, settings, conn,
+        n_ensemble=len(ensemble), helpers=helpers,
+    )  # fmt: skip
+    if rnd is None:
+        return []
+    return finish_rescore(
+        rnd, model, config, strategy, settings, conn, ensemble=ensemble, labelled_embeddings=labelled_embeddings
+    )

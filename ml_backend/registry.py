@@ -1,0 +1,363 @@
+"""Versioned model registry per project, with atomic publication and a per-process model cache.
+
+Layout under ``MODEL_DIR/projects/<project id>/``::
+
+    versions/v0001-20260101T120000Z/model.pt     checkpoint (ml_backend.model.save_checkpoint, weights_only-safe)
+    versions/v0001-20260101T120000Z/meta.json    version, parent, created, device, annotations, metrics, ...
+    CURRENT                                       the promoted version id (one line)
+    history.jsonl                                 promotions and rollbacks, appended
+
+Why this shape: a version is written into a hidden temporary directory and renamed into ``versions/`` only when
+both files are complete and fsync'ed; ``CURRENT`` is replaced with ``os.replace``. A worker killed at any moment
+therefore leaves either the old current model or the new one, never a half-written one, and a leftover temporary
+directory is ignored (and cleaned by ``prune``). Serving processes notice a new ``CURRENT`` by its inode/mtime
+(``ModelCache``) and reload without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}T\d{6}Z$")
+_PROJECT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+_STALE_TMP_S = 3600.0
+
+
+class RegistryError(RuntimeError):
+    """The registry is asked for something it does not hold (unknown version, dangling CURRENT pointer)."""
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars/arrays and paths in metadata: store them as plain JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (Path, datetime)):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the directory that holds the entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ModelRegistry:
+    """Versions of one project's model under ``model_dir/projects/<project_id>``."""
+
+    def __init__(self, model_dir: str | Path, project_id: str | int) -> None:
+        pid = str(project_id)
+        if not _PROJECT_RE.match(pid):
+            raise ValueError(f"invalid project id {project_id!r}: expected letters, digits, '_', '-' or '.'")
+        self.project_id = pid
+        self.root = Path(model_dir) / "projects" / pid
+        self.versions_dir = self.root / "versions"
+        self.current_file = self.root / "CURRENT"
+        self.history_file = self.root / "history.jsonl"
+
+    # ---------------------------------------------------------------- reading
+    def current_version(self) -> str | None:
+        """The promoted version id, or None before the first promotion."""
+        try:
+            version = self.current_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not version:
+            return None
+        if not (self.versions_dir / version / "meta.json").is_file():
+            raise RegistryError(
+                f"project {self.project_id}: CURRENT points to {version!r}, which is not a complete version in "
+                f"{self.versions_dir}; roll back to an existing one (ml_backend.cli versions/rollback)"
+            )
+        return version
+
+    def meta(self, version: str) -> dict:
+        """Metadata of one version."""
+        path = self._version_dir(version) / "meta.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RegistryError(f"project {self.project_id}: no version {version!r}") from None
+
+    def current_meta(self) -> dict | None:
+        version = self.current_version()
+        return None if version is None else self.meta(version)
+
+    def load(self, version: str, map_location: Any = "cpu") -> tuple[Any, dict]:
+        """(model in eval mode, meta) of one version; the checkpoint is read with torch.load(weights_only=True)."""
+        from ml_backend.model import load_checkpoint
+
+        meta = self.meta(version)
+        model, _extra = load_checkpoint(self._version_dir(version) / "model.pt", map_location=map_location)
+        return model, meta
+
+    def load_extra(self, version: str, name: str, map_location: Any = "cpu") -> Any:
+        """One of the ``extra_models`` stored with a version (model in eval mode)."""
+        from ml_backend.model import load_checkpoint
+
+        if name not in self.meta(version).get("extra_models", []):
+            raise RegistryError(f"project {self.project_id}: version {version} has no extra model {name!r}")
+        model, _extra = load_checkpoint(self._version_dir(version) / f"{name}.pt", map_location=map_location)
+        return model
+
+    def load_current(self, map_location: Any = "cpu") -> tuple[Any, dict] | None:
+        version = self.current_version()
+        return None if version is None else self.load(version, map_location)
+
+    def versions(self) -> list[dict]:
+        """Metadata of every complete version, oldest first."""
+        out = []
+        for name in self._version_names():
+            try:
+                out.append(self.meta(name))
+            except (RegistryError, json.JSONDecodeError) as exc:  # a hand-damaged directory should not hide others
+                log.warning("project %s: skipping unreadable version %s: %s", self.project_id, name, exc)
+        return out
+
+    def history(self) -> list[dict]:
+        """Promotion/rollback events, oldest first."""
+        if not self.history_file.is_file():
+            return []
+        return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
+
+    # ---------------------------------------------------------------- writing
+    def publish(
+        self, model: Any, meta: dict, *, promote: bool = True, extra_models: dict[str, Any] | None = None
+    ) -> str:
+        """Store ``model`` + ``meta`` as a new version and (by default) promote it; returns the version id.
+
+        The version becomes visible only once complete (temporary directory renamed into ``versions/``) and is
+        promoted only after that, so a crash at any point leaves the previous current version untouched.
+        ``extra_models`` (e.g. the bootstrap ensemble of the ``suggestive`` strategy) are stored beside the model as
+        ``<name>.pt`` and read back with ``load_extra``.
+        """
+        from ml_backend.model import save_checkpoint
+
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            parent = self._current_or_none()
+            seq = max((self._seq(n) for n in self._version_names()), default=0) + 1
+            created = _utc_now()
+            version = f"v{seq:04d}-{created:%Y%m%dT%H%M%SZ}"
+            full_meta = {"parent": parent, **meta, "version": version, "created": created.isoformat()}
+            full_meta.setdefault("arch", type(model).__name__)
+            full_meta.setdefault("hparams", dict(getattr(model, "hparams", {})))
+            extras = dict(extra_models or {})
+            for name in extras:
+                if not re.match(r"^[A-Za-z0-9_-]+$", name) or name == "model":
+                    raise ValueError(f"invalid extra model name {name!r}")
+            full_meta["extra_models"] = sorted(extras)
+            meta_bytes = json.dumps(full_meta, indent=2, sort_keys=True, default=_json_default).encode()
+            tmp_dir = self.versions_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+            tmp_dir.mkdir()
+            try:
+                save_checkpoint(model, tmp_dir / "model.pt", extra={"version": version, "project": self.project_id})
+                for name, extra_model in extras.items():
+                    save_checkpoint(extra_model, tmp_dir / f"{name}.pt", extra={"version": version, "name": name})
+                with open(tmp_dir / "meta.json", "wb") as fh:
+                    fh.write(meta_bytes)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                _fsync_dir(tmp_dir)
+                os.rename(tmp_dir, self.versions_dir / version)  # atomic: the version appears complete or not at all
+                _fsync_dir(self.versions_dir)
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+            log.info("project %s: published %s (parent %s)", self.project_id, version, parent)
+            if promote:
+                self._promote_locked(version, action="promote")
+        return version
+
+    def promote(self, version: str) -> None:
+        """Make ``version`` the current model (atomic pointer replacement)."""
+        with self._lock():
+            self._promote_locked(version, action="promote")
+
+    def rollback(self, version: str) -> None:
+        """Make an older (or any existing) version current again; recorded as a rollback in the history."""
+        with self._lock():
+            self._promote_locked(version, action="rollback")
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions, never the current one; returns the deleted version ids.
+
+        Also removes temporary directories left by killed writers (older than an hour, so a concurrent publish on
+        another process is never disturbed).
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        removed: list[str] = []
+        with self._lock():
+            current = self._current_or_none()
+            names = self._version_names()
+            doomed = [n for n in names[: max(0, len(names) - keep)] if n != current]
+            for name in doomed:
+                src = self.versions_dir / name
+                trash = self.versions_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+                os.rename(src, trash)  # disappears atomically from versions(), then the slow delete
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(name)
+            now = time.time()
+            for leftover in self.versions_dir.glob(".t*-*") if self.versions_dir.is_dir() else []:
+                is_trash = leftover.name.startswith(".trash-")
+                if leftover.is_dir() and (is_trash or now - leftover.stat().st_mtime > _STALE_TMP_S):
+                    shutil.rmtree(leftover, ignore_errors=True)
+        if removed:
+            log.info("project %s: pruned %d old version(s): %s", self.project_id, len(removed), ", ".join(removed))
+        return removed
+
+    # ---------------------------------------------------------------- internals
+    def _version_dir(self, version: str) -> Path:
+        if not VERSION_RE.match(version):
+            raise RegistryError(f"project {self.project_id}: {version!r} is not a version id (e.g. v0001-...Z)")
+        return self.versions_dir / version
+
+    def _version_names(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        names = [p.name for p in self.versions_dir.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
+        return sorted(names, key=self._seq)
+
+    @staticmethod
+    def _seq(name: str) -> int:
+        match = VERSION_RE.match(name)
+        return int(match.group(1)) if match else 0
+
+    def _current_or_none(self) -> str | None:
+        try:
+            return self.current_version()
+        except RegistryError as exc:
+            log.warning("%s", exc)
+            return None
+
+    def _promote_locked(self, version: str, *, action: str) -> None:
+        vdir = self._version_dir(version)
+        if not ((vdir / "model.pt").is_file() and (vdir / "meta.json").is_file()):
+            known = ", ".join(self._version_names()) or "none"
+            raise RegistryError(f"project {self.project_id}: no complete version {version!r} (known: {known})")
+        previous = self._current_or_none()
+        _write_file_atomic(self.current_file, f"{version}\n".encode())
+        event = {"time": _utc_now().isoformat(), "action": action, "version": version, "previous": previous}
+        with open(self.history_file, "a") as fh:
+            fh.write(json.dumps(event) + "\n")
+        log.info("project %s: %s %s -> %s", self.project_id, action, previous, version)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise writers on this machine (several workers publishing, or a CLI rollback during a publish)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".registry.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class ModelCache:
+    """Per-process cache of each project's current model, reloaded when ``CURRENT`` changes.
+
+    ``get`` costs one ``stat`` of the pointer file when nothing changed (inode + mtime + size; ``os.replace``
+    always makes a new inode), so serving code can call it on every request and pick up a new version without a
+    restart. Models are loaded once per version and shared by all threads of the process (inference only).
+    """
+
+    def __init__(self, model_dir: str | Path, device: Any = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self._entries: dict[str, tuple[tuple[int, int, int], str, Any, dict]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.loads = 0  # how many checkpoints were read (for tests and /metrics)
+
+    def registry(self, project_id: str | int) -> ModelRegistry:
+        return ModelRegistry(self.model_dir, project_id)
+
+    def get(self, project_id: str | int) -> tuple[Any, dict] | None:
+        """(model, meta) of the project's current version, or None when it has no trained version yet."""
+        pid = str(project_id)
+        reg = self.registry(pid)
+        try:
+            st = os.stat(reg.current_file)
+        except FileNotFoundError:
+            self._entries.pop(pid, None)
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        entry = self._entries.get(pid)
+        if entry is not None and entry[0] == key:
+            return entry[2], entry[3]
+        with self._project_lock(pid):
+            entry = self._entries.get(pid)
+            if entry is not None and entry[0] == key:
+                return entry[2], entry[3]
+            version = reg.current_version()
+            if version is None:
+                self._entries.pop(pid, None)
+                return None
+            if entry is not None and entry[1] == version:  # touched but same version: keep the loaded model
+                self._entries[pid] = (key, version, entry[2], entry[3])
+                return entry[2], entry[3]
+            from ml_backend.config import torch_device
+
+            device = self.device if self.device is not None else torch_device("auto")
+            model, meta = reg.load(version, map_location=device)
+            self.loads += 1
+            log.info("project %s: loaded model %s on %s", pid, version, device)
+            self._entries[pid] = (key, version, model, meta)
+            return model, meta
+
+    def current_version(self, project_id: str | int) -> str | None:
+        got = self.get(project_id)
+        return None if got is None else got[1]["version"]
+
+    def invalidate(self, project_id: str | int | None = None) -> None:
+        """Forget one project's model (or all), e.g. after deleting a project."""
+        if project_id is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(str(project_id), None)
+
+    def _project_lock(self, pid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(pid, threading.Lock())

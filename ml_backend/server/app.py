@@ -1,0 +1,299 @@
+"""The Label Studio ML-backend protocol (as Label Studio 1.23 speaks it) on Flask, served by gunicorn.
+
+    gunicorn --workers 2 --threads 4 --bind 0.0.0.0:9090 'ml_backend.server.app:create_app()'
+
+Routes:
+
+* ``POST /setup``  {project: "<id>.<ts>", schema: <XML>, extra_params} -> {"model_version"}; stores the project's
+  label config and strategy (``extra_params``: {"strategy": "entropy", "aggregation": "sum"}). Label Studio calls it
+  before every prediction round with a 3 s timeout, so it never loads a model.
+* ``POST /predict`` {tasks, project, label_config} -> {"results": [one prediction per task, in order]} (see
+  ``predict.py``); also ``model_version`` and ``errors`` (ignored by Label Studio, useful for people).
+* ``GET /health`` -> {"status": "UP", "model_class", ...}; ``GET /metrics`` -> JSON counters of this process.
+* ``POST /webhook`` -> ``ml_backend.queue.handle_webhook``: annotation events and START_TRAINING; answers at once
+  (Label Studio waits 1 s), 503 with a reason when Redis is down (the next trigger re-reads Label Studio anyway).
+* ``GET /versions`` -> the project's model versions (Label Studio's model-version picker).
+
+Every error is JSON ``{"status": "error", "reason": ...}``: 4xx when the request is at fault, 5xx otherwise; the
+server keeps serving. Models come from a per-process ``ModelCache`` (loaded once, reloaded when the project's
+current version changes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ml_backend.config import Settings, torch_device
+from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
+
+from .auth import check_basic_auth
+from .predict import COLD_START_VERSION, ModelConfigMismatch, predict_tasks
+from .projects import ProjectError, ProjectStore, parse_project_id, strategy_from_params
+
+__all__ = ["BadRequest", "Metrics", "create_app"]
+
+log = logging.getLogger("ml_backend.server")
+
+MODEL_CLASS = "UNet"
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+
+
+class BadRequest(ValueError):
+    """The request is at fault (answered 400 with the message as reason)."""
+
+
+class Metrics:
+    """Thread-safe counters of one process (gunicorn workers each keep their own; ``pid`` tells them apart)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests: dict[str, int] = defaultdict(int)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.predict = {"requests": 0, "tasks": 0, "failed_tasks": 0, "cold_start_tasks": 0}
+        self.latencies: list[float] = []  # last 1000 /predict latencies (seconds)
+        self.latency_total = 0.0
+
+    def record(self, route: str, status: int) -> None:
+        with self._lock:
+            self.requests[route] += 1
+            if status >= 400:
+                self.errors[f"{route} {status}"] += 1
+
+    def record_predict(self, seconds: float, tasks: int, failed: int, cold: bool) -> None:
+        with self._lock:
+            self.predict["requests"] += 1
+            self.predict["tasks"] += tasks
+            self.predict["failed_tasks"] += failed
+            if cold:
+                self.predict["cold_start_tasks"] += tasks - failed
+            self.latency_total += seconds
+            self.latencies.append(seconds)
+            del self.latencies[:-1000]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            lat = sorted(self.latencies)
+            count = self.predict["requests"]
+
+            def pct(q: float) -> float | None:
+                return round(lat[min(len(lat) - 1, int(q * len(lat)))], 4) if lat else None
+
+            return {
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1),
+                "requests": dict(self.requests),
+                "errors": dict(self.errors),
+                "predict": dict(self.predict),
+                "predict_latency_s": {
+                    "count": count,
+                    "mean": round(self.latency_total / count, 4) if count else None,
+                    "p50": pct(0.5),
+                    "p95": pct(0.95),
+                    "max": round(lat[-1], 4) if lat else None,
+                },
+            }
+
+
+def _error(reason: str, status: int, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"status": "error", "reason": reason, **extra}), status
+
+
+def _json_body() -> dict:
+    """The request's JSON object; BadRequest for a missing, malformed or non-object body."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise BadRequest("empty request body: expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest(f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The backend's Flask app (also gunicorn's entry point: ``'ml_backend.server.app:create_app()'``)."""
+    from ml_backend.registry import ModelCache, ModelRegistry
+
+    settings = settings or Settings.from_env()
+    # Import the heavy modules now (torch, strategies, inference): the first /setup must answer within Label
+    # Studio's 3 s even on a busy machine, and gunicorn workers should pay this at boot, not on a request.
+    import label_studio_sdk.converter.brush  # noqa: F401
+    import label_studio_sdk.label_interface  # noqa: F401
+
+    import ml_backend.imaging  # noqa: F401
+    import ml_backend.inference.tiling  # noqa: F401
+    import ml_backend.strategies  # noqa: F401
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")  # fmt: skip
+    app = Flask("ml_backend")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False
+    store = ProjectStore(settings.model_dir)
+    cache = ModelCache(settings.model_dir, device=torch_device(settings.device))
+    metrics = Metrics()
+    app.extensions["ml_backend"] = {"settings": settings, "store": store, "cache": cache, "metrics": metrics}
+
+    @app.before_request
+    def _auth() -> Any:
+        if not check_basic_auth(request, settings.basic_auth):
+            resp, status = _error("basic authentication required (BASIC_AUTH_USER/BASIC_AUTH_PASS)", 401)
+            resp.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+            return resp, status
+        return None
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "other"
+        metrics.record(rule, response.status_code)
+        return response
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest) -> Any:
+        return _error(str(exc), 400)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        return _error(exc.description or exc.name, exc.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+    def current_version(pid: str) -> str:
+        # A broken CURRENT pointer raises RegistryError -> 500 with its reason, which Label Studio shows on the
+        # backend's card: louder than silently serving cold-start predictions.
+        return ModelRegistry(settings.model_dir, pid).current_version() or COLD_START_VERSION
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Any:
+        return jsonify(
+            status="UP",
+            model_class=MODEL_CLASS,
+            model_dir=str(settings.model_dir),
+            device=str(torch_device(settings.device)),
+            default_strategy=settings.strategy,
+            basic_auth=settings.basic_auth is not None,
+        )
+
+    @app.get("/metrics")
+    def metrics_route() -> Any:
+        snap = metrics.snapshot()
+        snap["model_loads"] = cache.loads
+        return jsonify(snap)
+
+    @app.post("/setup")
+    def setup() -> Any:
+        body = _json_body()
+        try:
+            pid = parse_project_id(body.get("project"))
+            xml = body.get("schema") or body.get("label_config")
+            if xml is not None and not isinstance(xml, str):
+                raise BadRequest("'schema' must be the label config XML as a string")
+            if xml:
+                config = parse_label_config(xml)
+            else:
+                config, xml = store.config(pid)  # re-setup without a schema: keep the stored config
+            stored = store.state(pid)
+            extra = body.get("extra_params")
+            if extra in (None, "", {}) and stored.get("strategy"):
+                name, params = stored["strategy"], stored.get("strategy_params") or {}
+            else:
+                name, params = strategy_from_params(extra, settings.strategy, settings.aggregation)
+            store.save(pid, xml, config, strategy=name, strategy_params=params)
+        except (LabelConfigError, ProjectError) as exc:
+            return _error(str(exc), 400)
+        version = current_version(pid)
+        log.info("project %s set up: %s config (%s), strategy %s, model %s",
+                 pid, config.mode, ", ".join(config.labels), name, version)  # fmt: skip
+        return jsonify(model_version=version)
+
+    @app.post("/predict")
+    def predict() -> Any:
+        t0 = time.perf_counter()
+        body = _json_body()
+        tasks = body.get("tasks")
+        if tasks is None:
+            tasks = []
+        if not isinstance(tasks, list):
+            raise BadRequest(f"'tasks' must be a list, got {type(tasks).__name__}")
+        if not tasks:
+            return jsonify(results=[])
+        try:
+            pid = parse_project_id(body.get("project"))
+            xml = body.get("label_config")
+            if xml is not None and not isinstance(xml, str):
+                raise BadRequest("'label_config' must be the label config XML as a string")
+            config, _xml = store.config(pid, xml or None)
+            strategy = _project_strategy(store, pid, settings)
+        except (LabelConfigError, ProjectError) as exc:
+            return _error(str(exc), 400)
+        entry = cache.get(pid)
+        try:
+            outcome = predict_tasks(tasks, config, entry, strategy, settings)
+        except ModelConfigMismatch as exc:
+            return _error(str(exc), 409)
+        seconds = time.perf_counter() - t0
+        metrics.record_predict(seconds, len(tasks), len(outcome.errors), cold=entry is None)
+        log.info("project %s: %d task(s) predicted with %s in %.2f s (%d failed) %s",
+                 pid, len(tasks), outcome.model_version, seconds, len(outcome.errors), outcome.timings)  # fmt: skip
+        return jsonify(results=outcome.results, model_version=outcome.model_version, errors=outcome.errors)
+
+    @app.post("/webhook")
+    def webhook() -> Any:
+        body = _json_body()
+        try:
+            from ml_backend.queue import QueueUnavailable, handle_webhook
+        except ImportError as exc:  # the queue extra is part of the package; say so instead of a 500 traceback
+            return _error(f"the training queue is not available in this installation: {exc}", 503)
+        try:
+            result = handle_webhook(body, settings)
+        except QueueUnavailable as exc:
+            log.error("webhook %s not queued: %s", body.get("action"), exc)
+            return _error(str(exc), 503, action=body.get("action"))
+        status = 202 if result.get("status") in ("queued", "coalesced") else 200
+        return jsonify(result), status
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions() -> Any:
+        body = request.get_json(silent=True) if request.data else None
+        project = (body or {}).get("project") if isinstance(body, dict) else None
+        project = project or request.args.get("project")
+        if not project:
+            return jsonify(versions=[], reason="pass ?project=<id> to list a project's versions")
+        try:
+            pid = parse_project_id(project)
+        except ProjectError as exc:
+            return _error(str(exc), 400)
+        reg = ModelRegistry(settings.model_dir, pid)
+        return jsonify(versions=[m.get("version") for m in reg.versions()], current=reg.current_version())
+
+    return app
+
+
+def _project_strategy(store: ProjectStore, pid: str, settings: Settings) -> Any:
+    """The project's stored strategy (from /setup), else STRATEGY / SCORE_AGGREGATION."""
+    from ml_backend.strategies import get_strategy
+
+    state = store.state(pid)
+    name = state.get("strategy") or settings.strategy
+    params = state.get("strategy_params") or {"aggregation": settings.aggregation}
+    try:
+        return get_strategy(name, **params)
+    except ValueError as exc:
+        raise ProjectError(f"project {pid}: stored strategy {name!r} {params} is invalid: {exc}") from exc

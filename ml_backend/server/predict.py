@@ -1,0 +1,272 @@
+"""The /predict pipeline: fetch every task's image, run tiled inference, build brush masks and queue scores.
+
+Why it is shaped like this:
+
+* Label Studio's "Retrieve predictions" sends all selected tasks in ONE request, so images are fetched concurrently
+  (I/O bound) while inference runs one image at a time under a lock (CPU/GPU bound; the model is shared by the
+  threads of the process and MC-dropout passes toggle its mode).
+* One bad task (missing field, unknown or corrupt image, too large) fails alone: it is logged with the reason and
+  answered with an empty list, so Label Studio stores no prediction for it and retries it next time, while the
+  others get theirs.
+* Scores: ``score`` is the queue score (LOWER = served first, see ``ml_backend.strategies.queue``). Pixel-uncertainty
+  strategies (entropy, least_confidence, margin; bald on images up to ``MC_MAX_PIXELS``) use the absolute mapping,
+  so scores of separate requests compare. Batch strategies (kmeans, coreset, ...) only have ranks within a whole
+  pool: /predict scores such projects by entropy, and the RQ re-scoring job (``ml_backend.jobs``) pushes the
+  strategy's pool-wide order after each training.
+* Cold start (no trained version): no masks at all (never masks from random weights), ``model_version`` =
+  ``COLD_START_VERSION`` and coverage-order scores from ``cold_start_scores`` (a seeded hash of the task id, stable
+  across requests and when tasks are added).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml_backend.labelstudio.labelconfig import BrushConfig
+
+__all__ = ["COLD_START_VERSION", "PredictionOutcome", "TaskError", "predict_tasks"]
+
+log = logging.getLogger(__name__)
+
+COLD_START_VERSION = "cold-start"
+FETCH_WORKERS = 8
+MC_MAX_PIXELS = 1024 * 1024  # BALD in /predict only up to this size (T decoder passes of the whole image in memory)
+FALLBACK_STRATEGY = "entropy"
+
+_inference_lock = threading.Lock()
+
+
+class TaskError(ValueError):
+    """One task cannot be predicted (its own fault: missing field, bad image); the others go on."""
+
+
+class ModelConfigMismatch(RuntimeError):
+    """The project's model predicts a different number of classes than its label config has labels."""
+
+
+@dataclass
+class PredictionOutcome:
+    results: list[Any]  # one entry per task, in order: a prediction dict, or [] for a failed task
+    errors: list[dict] = field(default_factory=list)  # {"index", "task", "reason"}
+    model_version: str = COLD_START_VERSION
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _task_id(task: Any, index: int) -> int:
+    if not isinstance(task, dict):
+        raise TaskError(f"task #{index} is {type(task).__name__}, expected an object with 'id' and 'data'")
+    tid = task.get("id")
+    if isinstance(tid, bool) or not isinstance(tid, (int, str)) or not str(tid).lstrip("-").isdigit():
+        raise TaskError(f"task #{index} has no integer 'id' (got {tid!r})")
+    return int(tid)
+
+
+def _image_url(task: dict, config: BrushConfig) -> str:
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise TaskError("task has no 'data' object")
+    url = data.get(config.image_key)
+    if not isinstance(url, str) or not url.strip():
+        keys = ", ".join(sorted(map(str, data))) or "none"
+        raise TaskError(
+            f"task data has no image under {config.image_key!r} (from the label config's "
+            f'<Image value="${config.image_key}">; task data keys: {keys})'
+        )
+    return url
+
+
+def _load(task: dict, config: BrushConfig, settings: Any) -> np.ndarray:
+    from ml_backend.imaging import ImageDecodeError, load_image
+    from ml_backend.labelstudio.media import MediaError, fetch_image_bytes
+
+    url = _image_url(task, config)
+    try:
+        data = fetch_image_bytes(url, settings)
+        return load_image(data, max_pixels=settings.max_image_pixels)
+    except (MediaError, ImageDecodeError) as exc:
+        raise TaskError(str(exc)) from exc
+
+
+def _strategy_for_request(strategy: Any, settings: Any) -> Any:
+    """The project's strategy when it has an absolute per-tile score, else entropy with the same aggregation."""
+    from ml_backend.strategies import get_strategy
+
+    if strategy.max_pixel_value(2) is not None and strategy.needs <= frozenset({"mc_probs"}):
+        return strategy
+    return get_strategy(FALLBACK_STRATEGY, aggregation=getattr(strategy, "aggregation", settings.aggregation))
+
+
+def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: Any, device: Any, seed: int) -> list:
+    """[(probs (C, H, W), queue score)] for equal-size normalised images.
+
+    Images no larger than one inference tile go through the network together (``inference_batch`` per forward
+    pass); larger ones are tiled one by one with blending (bounded memory, any size).
+    """
+    from ml_backend.inference.tiling import predict_batch, predict_tiled
+    from ml_backend.strategies import PoolBatch, get_strategy, score_pool, uncertainty_to_queue_score
+
+    h, w = images[0].shape
+    if "mc_probs" in strategy.needs and h * w > MC_MAX_PIXELS:
+        strategy = get_strategy(FALLBACK_STRATEGY, aggregation=strategy.aggregation)
+    batch = max(1, int(settings.inference_batch))
+    probs_all: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    if "mc_probs" in strategy.needs:
+
+        def keep(_start: int, pool_batch: Any) -> None:
+            probs_all.extend(np.asarray(pool_batch.probs))
+
+        summary = score_pool(
+            model, np.stack(images).astype(np.float32), strategy, device=device, batch_size=batch,
+            mc_passes=settings.mc_passes, seed=seed, on_batch=keep,
+        )  # fmt: skip
+        values.append(summary["value"])
+    elif h <= settings.tile_size and w <= settings.tile_size:
+        for start in range(0, len(images), batch):
+            probs = predict_batch(model, np.stack(images[start : start + batch]), device=device)
+            probs_all.extend(probs)
+            values.append(strategy.summarize(PoolBatch(probs=probs))["value"])
+    else:
+        for image in images:
+            probs = predict_tiled(
+                model, image, tile=settings.tile_size, overlap=settings.tile_overlap, batch_size=batch, device=device
+            )
+            probs_all.append(probs)
+            values.append(strategy.summarize(PoolBatch(probs=probs[None]))["value"])
+    max_value = strategy.max_value(probs_all[0].shape[0], h * w)
+    scores = uncertainty_to_queue_score(np.concatenate(values), max_value)
+    return [(p, float(sc)) for p, sc in zip(probs_all, scores, strict=True)]
+
+
+def _score_members(
+    model: Any, images: dict[int, np.ndarray], members: list[int], strategy: Any, settings: Any, device: Any, seed: int
+) -> list[tuple[int, Any]]:
+    """[(task index, (probs, score) or the exception)]: the group in one go, one by one if that fails."""
+    try:
+        with _inference_lock:
+            scored = _score_group(model, [images[i] for i in members], strategy, settings, device, seed)
+        return list(zip(members, scored, strict=True))
+    except Exception as exc:
+        if len(members) == 1:
+            log.exception("task #%d: inference failed", members[0])
+            return [(members[0], exc)]
+        log.warning("a batch of %d images failed (%s); scoring them one by one", len(members), exc)
+    out: list[tuple[int, Any]] = []
+    for i in members:
+        out.extend(_score_members(model, images, [i], strategy, settings, device, seed))
+    return out
+
+
+def _prediction(probs: np.ndarray, score: float, config: BrushConfig, version: str) -> dict:
+    from ml_backend.labelstudio.rle import mask_to_results
+
+    classmap = probs.argmax(axis=0)
+    foreground = classmap > 0
+    confidence = float(probs.max(axis=0)[foreground].mean()) if foreground.any() else None
+    result = mask_to_results(classmap, config, score=confidence)
+    return {"result": result, "score": score, "model_version": version}
+
+
+def predict_tasks(
+    tasks: list[Any],
+    config: BrushConfig,
+    model_entry: tuple[Any, dict] | None,
+    strategy: Any,
+    settings: Any,
+) -> PredictionOutcome:
+    """Predictions for ``tasks`` in order (see the module docstring for the rules)."""
+    from ml_backend.config import torch_device
+    from ml_backend.strategies import cold_start_scores
+
+    n = len(tasks)
+    outcome = PredictionOutcome(results=[[] for _ in range(n)])
+    ids: list[int | None] = [None] * n
+    urls_ok: list[bool] = [False] * n
+    for i, task in enumerate(tasks):
+        try:
+            ids[i] = _task_id(task, i)
+            _image_url(task, config)
+            urls_ok[i] = True
+        except TaskError as exc:
+            _fail(outcome, i, task, exc)
+    good = [i for i in range(n) if urls_ok[i]]
+    if not good:
+        return outcome
+
+    if model_entry is None:
+        scores = cold_start_scores([ids[i] for i in good], seed=settings.seed)
+        for i, score in zip(good, scores, strict=True):
+            outcome.results[i] = {"result": [], "score": float(score), "model_version": COLD_START_VERSION}
+        return outcome
+
+    model, meta = model_entry
+    version = str(meta.get("version") or "unknown")
+    outcome.model_version = version
+    classes = _model_classes(model)
+    if classes is not None and classes != config.num_classes:
+        raise ModelConfigMismatch(
+            f"model {version} predicts {classes} classes but the label config has {config.num_classes} "
+            f"(background + {', '.join(config.foreground_labels)}); the label config changed after training: "
+            "retrain (Start training) or roll back"
+        )
+    request_strategy = _strategy_for_request(strategy, settings)
+    device = torch_device(settings.device)
+
+    wait_s = infer_s = 0.0
+    window = 2 * max(FETCH_WORKERS, int(settings.inference_batch))  # images in memory at once: bounded
+    windows = [good[k : k + window] for k in range(0, len(good), window)]
+    with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(good))) as pool:
+
+        def submit(idx: list[int]) -> dict[int, Any]:
+            return {i: pool.submit(_load, tasks[i], config, settings) for i in idx}
+
+        pending = submit(windows[0])
+        for w, idx in enumerate(windows):
+            current = pending
+            if w + 1 < len(windows):  # the next window downloads while this one is on the model
+                pending = submit(windows[w + 1])
+            t0 = time.perf_counter()
+            images: dict[int, np.ndarray] = {}
+            for i in idx:
+                try:
+                    images[i] = current[i].result()
+                except TaskError as exc:
+                    _fail(outcome, i, tasks[i], exc)
+                except Exception as exc:  # anything unexpected in one task still fails only that task
+                    log.exception("task %s: unexpected error while loading its image", ids[i])
+                    _fail(outcome, i, tasks[i], TaskError(f"{type(exc).__name__}: {exc}"))
+            t1 = time.perf_counter()
+            wait_s += t1 - t0
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, image in images.items():
+                groups.setdefault(image.shape, []).append(i)
+            for members in groups.values():
+                seed = settings.seed + int(ids[members[0]] or 0)
+                for i, item in _score_members(model, images, members, request_strategy, settings, device, seed):
+                    if isinstance(item, Exception):
+                        _fail(outcome, i, tasks[i], TaskError(f"inference failed: {type(item).__name__}: {item}"))
+                    else:
+                        outcome.results[i] = _prediction(item[0], item[1], config, version)
+            infer_s += time.perf_counter() - t1
+    outcome.timings = {"fetch_wait_s": round(wait_s, 4), "inference_s": round(infer_s, 4)}
+    return outcome
+
+
+def _model_classes(model: Any) -> int | None:
+    hparams = getattr(model, "hparams", None) or {}
+    value = hparams.get("num_classes", getattr(model, "num_classes", None))
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
+
+def _fail(outcome: PredictionOutcome, index: int, task: Any, exc: Exception) -> None:
+    tid = task.get("id") if isinstance(task, dict) else None
+    log.warning("task %s (#%d): no prediction: %s", tid, index, exc)
+    outcome.results[index] = []
+    outcome.errors.append({"index": index, "task": tid, "reason": str(exc)})

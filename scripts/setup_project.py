@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Set a Label Studio project up for the active-learning loop (idempotent: run it as often as you like).
+
+1. the project (found by title, else created) with a label config from ``label_config/`` and project sampling
+   "Uncertainty sampling" (``/next`` serves the task with the LOWEST prediction score of the project's model
+   version);
+2. optionally a local storage for a tile folder (``--storage-path``; ``import_tiles.py`` makes its own);
+3. the ML backend connected (``--backend-url``; basic auth from BASIC_AUTH_USER/BASIC_AUTH_PASS when set);
+4. the project's ``model_version`` set to the backend's current version: connecting a backend overwrites it with
+   the backend's title, and Label Studio ignores the scores of predictions of any other version;
+5. a Data Manager tab "Active learning queue" sorted by ascending prediction score.
+
+    python scripts/setup_project.py --title "EM mitochondria" --label-config label_config/dense.xml \\
+        --backend-url http://127.0.0.1:9090
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # runnable from a checkout before `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+from ml_backend.config import Settings  # noqa: E402
+from ml_backend.labelstudio.client import (  # noqa: E402
+    LabelStudioError,
+    as_dict,
+    call,
+    connect,
+    ensure_local_storage,
+    ensure_ml_backend,
+    ensure_view,
+    find_project,
+    retrieve_predictions,
+    set_project_model_version,
+)
+from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config  # noqa: E402
+
+log = logging.getLogger("setup_project")
+
+QUEUE_VIEW_TITLE = "Active learning queue"
+QUEUE_ORDERING = ["tasks:predictions_score"]  # ascending: lowest score (most informative) first
+SAMPLING = "Uncertainty sampling"
+
+
+class SetupError(RuntimeError):
+    """The project cannot be set up (message says what to fix)."""
+
+
+def backend_model_version(backend_url: str, project: dict, auth: tuple[str, str] | None, timeout: float = 10.0) -> str:
+    """Ask the backend (POST /setup, as Label Studio does) which model version it serves for this project."""
+    try:  # Label Studio's project uid: "<id>.<created_at as unix seconds>"
+        stamp = int(datetime.fromisoformat(str(project.get("created_at")).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        stamp = 0
+    body = {"project": f"{project['id']}.{stamp}", "schema": project["label_config"]}
+    try:
+        resp = requests.post(backend_url.rstrip("/") + "/setup", json=body, auth=auth, timeout=timeout)
+    except requests.RequestException as exc:
+        raise SetupError(f"ML backend at {backend_url} is unreachable: {exc}") from exc
+    if resp.status_code != 200:
+        raise SetupError(f"ML backend at {backend_url} answered /setup with HTTP {resp.status_code}: {resp.text[:300]}")
+    return str(resp.json()["model_version"])
+
+
+def sync_model_version(ls: Any, project_id: int, version: str, *, retrieve: bool = True) -> str | None:
+    """Set the project's ``model_version`` to the backend's ``version``; returns it, or None when not possible yet.
+
+    Label Studio accepts a project model version only when predictions of that version exist (or an ML backend
+    has that title), so with ``retrieve`` the backend is first asked for predictions of all tasks ("Retrieve
+    predictions"). A project without tasks keeps its version until the next run (after importing tiles).
+    """
+    project = as_dict(call(ls, ls.projects.get, id=int(project_id), what=f"reading project {project_id}"))
+    if not project.get("task_number"):
+        log.warning("project %s has no tasks yet: run this again after importing tiles to set model_version=%s "
+                    "(Label Studio only accepts versions that have predictions)", project_id, version)  # fmt: skip
+        return version if project.get("model_version") == version else None
+    if retrieve:  # tasks that already hold a prediction of this version are skipped by Label Studio
+        retrieve_predictions(ls, int(project_id))
+    if project.get("model_version") == version:
+        return version
+    try:
+        set_project_model_version(ls, int(project_id), version)
+    except LabelStudioError as exc:
+        log.warning("project %s: model_version=%s not accepted yet (%s); no predictions of that version exist",
+                    project_id, version, exc)  # fmt: skip
+        return None
+    log.info("project %s: model_version=%s (the queue orders by its prediction scores)", project_id, version)
+    return version
+
+
+def setup_project(
+    ls: Any,
+    *,
+    title: str,
+    label_config: str,
+    backend_url: str | None = None,
+    basic_auth: tuple[str, str] | None = None,
+    storage_path: str | None = None,
+    backend_title: str = "EM active-learning backend",
+    retrieve: bool = True,
+) -> dict[str, Any]:
+    """Create or update the project; returns {"project", "created", "ml_backend", "model_version", "view", ...}."""
+    try:
+        parse_label_config(label_config)
+    except LabelConfigError as exc:
+        raise SetupError(f"label config cannot be used: {exc}") from exc
+    existing = find_project(ls, title)
+    created = existing is None
+    if created:
+        project = as_dict(call(ls, ls.projects.create, title=title, label_config=label_config, sampling=SAMPLING,
+                               what=f"creating project {title!r}"))  # fmt: skip
+        log.info("created project %s (%r)", project["id"], title)
+    else:
+        pid = int(existing["id"])
+        changes: dict[str, Any] = {}
+        if existing.get("sampling") != SAMPLING:
+            changes["sampling"] = SAMPLING
+        if (existing.get("label_config") or "").strip() != label_config.strip():
+            changes["label_config"] = label_config
+        if changes:
+            call(ls, ls.projects.update, id=pid, what=f"updating project {pid} ({', '.join(changes)})", **changes)
+        project = as_dict(call(ls, ls.projects.get, id=pid, what=f"reading project {pid}"))
+        log.info("project %s (%r) exists; updated: %s", pid, title, ", ".join(changes) or "nothing")
+    pid = int(project["id"])
+    summary: dict[str, Any] = {"project": pid, "created": created, "title": title}
+    if storage_path:
+        summary["storage"] = ensure_local_storage(ls, pid, str(Path(storage_path).expanduser().resolve())).get("id")
+    if backend_url:
+        backend = ensure_ml_backend(ls, pid, backend_url, title=backend_title, basic_auth=basic_auth)
+        summary["ml_backend"] = backend.get("id")
+        if backend.get("state") == "ER":
+            raise SetupError(f"Label Studio reports the ML backend at {backend_url} in error: "
+                             f"{backend.get('error_message')}")  # fmt: skip
+        version = backend_model_version(backend_url, project, basic_auth)
+        summary["backend_version"] = version
+        summary["model_version"] = sync_model_version(ls, pid, version, retrieve=retrieve)
+    view = ensure_view(ls, pid, QUEUE_VIEW_TITLE, QUEUE_ORDERING)
+    summary["view"] = view.get("id")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_env()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--title", default="EM mitochondria (active learning)")
+    parser.add_argument("--label-config", default=str(REPO_ROOT / "label_config" / "dense.xml"),
+                        help="label config XML file (label_config/dense.xml or sparse.xml)")  # fmt: skip
+    parser.add_argument("--backend-url", default=None, help="ML backend URL, e.g. http://127.0.0.1:9090")
+    parser.add_argument("--storage-path", default=None, help="tile folder for a local storage (optional)")
+    parser.add_argument("--url", default=settings.label_studio_url, help="LABEL_STUDIO_URL")
+    parser.add_argument("--token", default=settings.label_studio_api_key, help="LABEL_STUDIO_API_KEY")
+    parser.add_argument("--basic-auth-user", default=settings.basic_auth_user, help="BASIC_AUTH_USER")
+    parser.add_argument("--basic-auth-pass", default=settings.basic_auth_pass, help="BASIC_AUTH_PASS")
+    parser.add_argument("--no-retrieve", action="store_true", help="do not ask the backend for predictions")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        label_config = Path(args.label_config).read_text()
+    except OSError as exc:
+        print(f"error: cannot read the label config: {exc}", file=sys.stderr)
+        return 2
+    auth = (args.basic_auth_user, args.basic_auth_pass) if args.basic_auth_user else None
+    try:
+        ls = connect(Settings.from_env(label_studio_url=args.url, label_studio_api_key=args.token))
+        summary = setup_project(
+            ls, title=args.title, label_config=label_config, backend_url=args.backend_url, basic_auth=auth,
+            storage_path=args.storage_path, retrieve=not args.no_retrieve,
+        )  # fmt: skip
+    except (LabelStudioError, SetupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"project {summary['project']} ({'created' if summary['created'] else 'updated'}): "
+          f"{args.url.rstrip('/')}/projects/{summary['project']}/data?tab={summary['view']}  "
+          f"model_version={summary.get('model_version', '-')}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

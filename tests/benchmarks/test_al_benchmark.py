@@ -1,0 +1,132 @@
+"""End-to-end smoke test of scripts/al_benchmark.py on generated data (asserts no benchmark figures)."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("al_benchmark", REPO / "scripts" / "al_benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["al_benchmark"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+TINY = [
+    "--quick", "--synthetic", "--synthetic-n", "3", "--synthetic-size", "128",
+    "--downsample", "1", "--tile", "32", "--pool-size", "20", "--m", "4", "--k", "4", "--rounds", "2",
+    "--width", "4", "--depth", "2", "--init-steps", "4", "--steps", "3", "--full-steps", "4",
+    "--batch-size", "2", "--infer-tile", "64", "--infer-overlap", "8", "--test-every", "2",
+    "--strategies", "random,entropy", "--seeds", "0", "--workers", "1", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_quick_run_resumes_and_writes_outputs(bench, tmp_path):
+    out = tmp_path / "bench"
+    args = [*TINY, "--out", str(out)]
+    runs = out / "runs"
+
+    # Interrupted after one run: only that run is saved; the initial model is cached.
+    assert bench.main([*args, "--max-runs", "1"]) == 0
+    assert sorted(p.name for p in runs.glob("*.json")) == ["random__seed0.json"]
+    assert (out / "initial" / "seed0.pt").exists()
+    first_mtime = (runs / "random__seed0.json").stat().st_mtime_ns
+
+    # Resume: the remaining runs are done, the saved one is not redone.
+    assert bench.main(args) == 0
+    names = sorted(p.name for p in runs.glob("*.json"))
+    assert names == ["entropy__seed0.json", "full__seed0.json", "random__seed0.json"]
+    assert (runs / "random__seed0.json").stat().st_mtime_ns == first_mtime
+
+    # Delete one run: a re-run redoes exactly that one, with the same numbers (deterministic for a seed).
+    before = json.loads((runs / "entropy__seed0.json").read_text())
+    random_mtime = (runs / "random__seed0.json").stat().st_mtime_ns
+    (runs / "entropy__seed0.json").unlink()
+    assert bench.main(args) == 0
+    after = json.loads((runs / "entropy__seed0.json").read_text())
+    assert (runs / "random__seed0.json").stat().st_mtime_ns == random_mtime
+    assert [r["iou"] for r in after["rounds"]] == [r["iou"] for r in before["rounds"]]
+    assert after["labelled_order"] == before["labelled_order"]
+
+    # Well-formed records: every strategy starts from the same initial labelled set and model.
+    rnd = json.loads((runs / "random__seed0.json").read_text())
+    assert [r["labelled"] for r in rnd["rounds"]] == [4, 8, 12]
+    assert rnd["labelled_order"][:4] == after["labelled_order"][:4]
+    assert rnd["rounds"][0]["iou"] == after["rounds"][0]["iou"]
+    assert len(set(rnd["labelled_order"])) == 12
+    for r in rnd["rounds"]:
+        assert 0.0 <= r["iou"] <= 1.0 and 0.0 <= r["dice"] <= 1.0
+        assert r["pixels"] == r["labelled"] * 32 * 32 and r["boundary"] >= 0
+
+    # Outputs parse.
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["strategy"] for r in rows} == {"random", "entropy"} and len(rows) == 6
+    assert {"labelled", "pixels", "boundary_mean", "iou_mean", "iou_std", "dice_mean"} <= set(rows[0])
+    with open(out / "summary.csv") as f:
+        summary = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert set(summary) == {"random", "entropy"}
+    assert float(summary["random"]["gain_final_pct"]) == pytest.approx(0.0)
+    results = json.loads((out / "results.json").read_text())
+    assert results["full_supervision"]["iou"] and results["protocol"]["tile"] == 32
+    assert set(results["summary"]) == {"random", "entropy"}
+    for png in ("iou_vs_tiles.png", "iou_vs_effort.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+
+    # A different protocol in the same output dir is refused (no silent mixing of runs).
+    with pytest.raises(SystemExit, match="different protocol"):
+        bench.main([*args, "--steps", "5"])
+
+    # Report-only re-aggregates the saved runs.
+    assert bench.main(["--report-only", "--out", str(out)]) == 0
+
+
+def test_summary_metrics_on_hand_made_curves(bench):
+    def run(strategy, seed, labelled, iou, boundary):
+        rounds = [
+            {"labelled": n, "pixels": n * 10, "boundary": b, "iou": y, "dice": y}
+            for n, y, b in zip(labelled, iou, boundary, strict=True)
+        ]
+        return {"strategy": strategy, "seed": seed, "rounds": rounds}
+
+    runs = [
+        run("random", 0, [10, 20, 30], [0.2, 0.3, 0.4], [100, 200, 300]),
+        run("random", 1, [10, 20, 30], [0.2, 0.3, 0.4], [100, 200, 300]),
+        run("entropy", 0, [10, 20, 30], [0.2, 0.4, 0.5], [100, 300, 500]),
+        run("entropy", 1, [10, 20, 30], [0.2, 0.4, 0.5], [100, 300, 500]),
+        {
+            "strategy": "full",
+            "seed": 0,
+            "rounds": [{"labelled": 99, "pixels": 1, "boundary": 1, "iou": 0.8, "dice": 0.9}],
+        },
+    ]
+    rep = bench.summarize(runs)
+    e = rep["summary"]["entropy"]
+    assert e["gain_final_pct"] == pytest.approx(25.0)
+    assert e["gain_after_first_pct"] == pytest.approx((100 / 3 + 25) / 2)
+    assert e["labels_to_random_final"] == pytest.approx(20.0)  # entropy hits 0.4 at 20 tiles
+    assert e["label_fraction_of_random"] == pytest.approx(2 / 3)
+    assert e["aulc"] == pytest.approx((0.3 * 10 + 0.45 * 10) / 20)
+    assert e["seed_std_mean"] == 0.0 and e["round_to_round_drops"] == 0
+    assert rep["full_supervision"]["mean"] == 0.8
+    # Equal effort on the common range [100, 300]: entropy's IoU at effort 300 is 0.4 = random's at 300.
+    assert rep["effort"]["entropy"]["iou_at_max"] == pytest.approx(0.4)
+    assert rep["effort"]["random"]["iou_at_max"] == pytest.approx(0.4)

@@ -1,0 +1,107 @@
+"""fine_tune with a real small U-Net on generated EM-like data."""
+
+import numpy as np
+import pytest
+import torch
+
+from ml_backend.data.synthetic import generate_em_like
+from ml_backend.model import build_model
+from ml_backend.training import IGNORE, TrainConfig, evaluate, fine_tune, split_train_val
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; tiny models do not gain from threads
+    yield
+    torch.set_num_threads(old)
+
+
+def _data(n: int, seed: int, size: int = 64) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    raw, masks = generate_em_like(n, size=size, seed=seed)
+    return [r.astype(np.float32) / 255.0 for r in raw], [m.astype(np.int64) for m in masks]
+
+
+def _small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("unet", width=8, depth=3)
+
+
+def test_training_measurably_improves_heldout_iou():
+    train_i, train_m = _data(16, seed=1)
+    test_i, test_m = _data(6, seed=2)
+    model = _small_model()
+    before = evaluate(model, test_i, test_m, torch.device("cpu"))["iou"]
+    seen: list[dict] = []
+    cfg = TrainConfig(steps=150, lr=2e-3, batch_size=4, crop=64, eval_every=50, log_every=25, device="cpu")
+    result = fine_tune(model, train_i, train_m, cfg, progress=seen.append)
+    after = evaluate(model, test_i, test_m, torch.device("cpu"))["iou"]
+    assert after >= before + 0.2, f"held-out IoU {before:.3f} -> {after:.3f}"
+    assert after > 0.35
+    assert result.n_val >= 1 and result.n_train + result.n_val == 16
+    assert result.metrics["val_iou"] is not None and result.metrics["val_iou"] > result.metrics["initial_val_iou"]
+    assert result.steps == 150 and result.device == "cpu"
+    assert seen and seen[-1]["step"] == 150 and {"step", "steps", "loss", "val_iou"} <= set(seen[0])
+    assert not model.training
+
+
+def test_sparse_labels_train_and_explicit_val_set_is_used():
+    train_i, train_m = _data(8, seed=3)
+    sparse = []
+    for m in train_m:
+        s = m.copy()
+        s[:, 32:] = IGNORE  # only the left half painted
+        sparse.append(s)
+    val_i, val_m = _data(3, seed=4)
+    model = _small_model()
+    cfg = TrainConfig(steps=20, lr=2e-3, batch_size=4, crop=48, eval_every=10, device="cpu")
+    result = fine_tune(model, train_i, sparse, cfg, val_images=val_i, val_masks=val_m)
+    assert result.n_train == 8 and result.n_val == 3
+    assert 0.0 <= result.metrics["val_iou"] <= 1.0
+
+
+def test_same_seed_gives_same_weights():
+    imgs, masks = _data(4, seed=5, size=32)
+    states = []
+    for _ in range(2):
+        model = _small_model()
+        fine_tune(model, imgs, masks, TrainConfig(steps=5, batch_size=2, crop=32, device="cpu", seed=7))
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_time_budget_stops_early():
+    imgs, masks = _data(3, seed=6, size=32)
+    res = fine_tune(_small_model(), imgs, masks, TrainConfig(steps=10_000, crop=32, time_budget_s=0.5, device="cpu"))
+    assert res.metrics["stopped"] == "time_budget" and res.steps < 10_000
+
+
+def test_split_is_stable_as_the_labelled_set_grows():
+    imgs, _ = _data(30, seed=8, size=16)
+    for n in (2, 5, 10, 20, 30):
+        tr, va = split_train_val(imgs[:n], 0.2, seed=0)
+        assert va and tr and sorted(tr + va) == list(range(n))
+    _, va_small = split_train_val(imgs[:20], 0.2, seed=0)
+    tr_big, _ = split_train_val(imgs, 0.2, seed=0)
+    # A tile used for training at 20 labels is never validated at 30 (no leakage when fine-tuning onwards).
+    tr_small = set(range(20)) - set(va_small)
+    assert tr_small <= set(tr_big) | set()
+    assert split_train_val(imgs[:1], 0.2, seed=0) == ([0], [])
+
+
+def test_bad_inputs_raise_clear_errors():
+    imgs, masks = _data(2, seed=9, size=32)
+    model = _small_model()
+    with pytest.raises(ValueError, match="masks"):
+        fine_tune(model, imgs, masks[:1])
+    with pytest.raises(ValueError, match="shapes"):
+        fine_tune(model, [imgs[0][:16]], [masks[0]])
+    with pytest.raises(ValueError, match="IGNORE"):
+        fine_tune(model, [imgs[0]], [np.full((32, 32), IGNORE)], TrainConfig(val_fraction=0.0))
+    with pytest.raises(ValueError, match="classes"):
+        fine_tune(model, [imgs[0]], [np.full((32, 32), 3)], TrainConfig(val_fraction=0.0))
+    with pytest.raises(ValueError, match="at least one"):
+        fine_tune(model, [], [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)

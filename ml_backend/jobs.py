@@ -412,6 +412,18 @@ class _Progress:
             self.update(timings=self.timings)
 
 
+def _ensure_logging() -> None:
+    """`rq worker` configures only its own logger: give the backend's loggers a handler so training progress shows
+    in the worker's output (unless the application configured logging itself)."""
+    pkg = logging.getLogger("ml_backend")
+    if logging.getLogger().handlers or pkg.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+
+
 def _redis_for_job(job: Any, settings: Settings):
     if job is not None:
         return job.connection
@@ -426,6 +438,7 @@ def train_project(project_id: int, force: bool = False, reason: str = "manual") 
     """
     from rq import get_current_job
 
+    _ensure_logging()
     settings = get_settings()
     pid = int(project_id)
     job = get_current_job()
@@ -647,6 +660,7 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
 
     from ml_backend.labelstudio.labelconfig import parse_label_config
 
+    _ensure_logging()
     settings = get_settings()
     pid = int(project_id)
     ids = [int(t) for t in task_ids]
@@ -772,7 +786,10 @@ def finish_rescore(
                 _compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), config, settings, conn)
                 done_local += 1
                 progressed = True
-                log.info("project %s: scored a chunk of %d tasks here (%d left)", pid, len(chunk_ids), len(pending))
+                log.info(
+                    "project %s: scored a chunk of %d tasks here (%d of %d chunks scored here so far)",
+                    pid, len(chunk_ids), done_local, len(rnd.chunks),
+                )  # fmt: skip
         if pending and not progressed:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"project {pid}: {len(pending)} re-scoring chunk(s) never completed")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import logging
 import multiprocessing as mp
@@ -288,13 +289,22 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 def ensure_initial(out: Path, p: Protocol, seed: int) -> Path:
     """Train (once) and cache the initial model of a seed: m random tiles, from scratch, lr ``init_lr``."""
-    from ml_backend.model import save_checkpoint
-    from ml_backend.training import fine_tune
-
     ckpt = out / "initial" / f"seed{seed}.pt"
     if ckpt.exists():
         return ckpt
     ckpt.parent.mkdir(parents=True, exist_ok=True)
+    # One trainer per seed: a worker that needs a seed's model while another trains it waits for it (file lock).
+    with open(ckpt.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ckpt.exists():
+            return ckpt
+        return _train_initial(ckpt, p, seed)
+
+
+def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
+    from ml_backend.model import save_checkpoint
+    from ml_backend.training import fine_tune
+
     ds = dataset_for(p, seed)
     lab = initial_labelled(ds, p, seed)
     model = _fresh_model(p, seed)
@@ -522,9 +532,9 @@ def run_all(out: Path, p: Protocol, strategies: list[str], seeds: list[int], wor
         return len(runs)
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init, initargs=(torch_threads(), level)) as pool:
-        for name, seed, secs in tqdm(pool.imap_unordered(_job, todo_init), total=len(todo_init), desc="initial models"):
-            log.info("done %s seed %d in %.0fs", name, seed, secs)
-        for name, seed, secs in tqdm(pool.imap_unordered(_job, runs), total=len(runs), desc="runs"):
+        # One queue: a run whose seed's initial model is still training waits on its lock, no worker idles early.
+        jobs = todo_init + runs
+        for name, seed, secs in tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="benchmark"):
             log.info("done %s seed %d in %.0fs", name, seed, secs)
     return len(runs)
 
@@ -681,6 +691,7 @@ def write_outputs(out: Path, runs: list[dict], protocol: Protocol | None = None)
             )
     meta = {"protocol": asdict(protocol) if protocol else None, "machine": machine_info()}
     _atomic_json(out / "results.json", {**meta, **rep, "runs": runs})
+    (out / "summary.md").write_text(markdown_report(rep, runs))
     by = {}
     for row in rep["table"]:
         by.setdefault(row["strategy"], []).append(row)
@@ -706,6 +717,43 @@ def write_outputs(out: Path, runs: list[dict], protocol: Protocol | None = None)
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
     return rep
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_report(rep: dict[str, Any], runs: list[dict]) -> str:
+    """Markdown tables for benchmarks/active_learning.md: summary per strategy and every seed's curve."""
+    lines = [
+        f"Full supervision IoU: {', '.join(_fmt(v) for v in rep['full_supervision']['iou']) or '-'}",
+        "",
+        "| strategy | seeds | final tiles | final IoU (mean ± std) | AULC | gain vs random, final | gain vs random, "
+        "rounds > 0 | tiles to random's final IoU | IoU-vs-effort AUC | mean abs. round-to-round change | drops "
+        "> 0.01 | seed std (mean over rounds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for st, e in sorted(rep["summary"].items(), key=lambda kv: -kv[1]["aulc"]):
+        lines.append(
+            f"| {st} | {len(e['seeds'])} | {e['final_labelled']:.0f} | {e['final_iou']:.3f} ± {e['final_iou_std']:.3f} "
+            f"| {e['aulc']:.3f} | {_fmt(e.get('gain_final_pct'), '+.1f')}% "
+            f"| {_fmt(e.get('gain_after_first_pct'), '+.1f')}% "
+            f"| {_fmt(e.get('labels_to_random_final'), '.0f')} | {_fmt(rep['effort'].get(st, {}).get('auc'))} "
+            f"| {e['round_to_round_abs_change']:.3f} | {e['round_to_round_drops']}/{e['round_to_round_steps']} "
+            f"| {e['seed_std_mean']:.3f} |"
+        )
+    lines += [
+        "",
+        "Test IoU per round (each seed):",
+        "",
+        "| strategy | seed | IoU by round | boundary effort by round |",
+    ]
+    lines.append("|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r["strategy"], r["seed"])):
+        ious = " ".join(f"{x['iou']:.3f}" for x in r["rounds"])
+        eff = " ".join(f"{x['boundary']:.0f}" for x in r["rounds"])
+        lines.append(f"| {r['strategy']} | {r['seed']} | {ious} | {eff} |")
+    return "\n".join(lines) + "\n"
 
 
 def machine_info() -> dict[str, Any]:

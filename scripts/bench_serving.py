@@ -247,6 +247,14 @@ class _Client:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        try:
+            self._wait_healthy(workdir, requests)
+        except BaseException:
+            self.close()  # never leave a server behind when the benchmark aborts
+            raise
+
+    def _wait_healthy(self, workdir: Path, requests) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -89,11 +89,12 @@ def ensure_venv(venv: str | Path | None = None, version: str = LABEL_STUDIO_VERS
         if not (venv / "bin" / "python").is_file():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
-        proc = subprocess.run([*cmd, f"label-studio=={version}"], capture_output=True, text=True, check=False)
+        # pip's own output (to stderr, so it never mixes with a caller's stdout) is the progress report
+        proc = subprocess.run([*cmd, f"label-studio=={version}"], stdout=2, check=False)  # fd 2: stderr
         if proc.returncode != 0:
             raise LabelStudioServerError(
-                f"pip install label-studio=={version} into {venv} failed (exit {proc.returncode}):\n"
-                f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+                f"pip install label-studio=={version} into {venv} failed (exit {proc.returncode}; pip's output is "
+                "above): check the network or a package index (PIP_INDEX_URL)"
             )
     if _installed_version(venv) != version:
         raise LabelStudioServerError(f"{venv} does not hold label-studio=={version} after installation")

@@ -125,8 +125,8 @@ def _check_inputs(images: list[np.ndarray], masks: list[np.ndarray], what: str) 
     for k, (img, msk) in enumerate(zip(images, masks, strict=True)):
         img = np.asarray(img, dtype=np.float32)
         msk = np.asarray(msk)
-        if img.ndim != 2 or img.shape != msk.shape:
-            raise ValueError(f"{what}[{k}]: image {img.shape} and mask {msk.shape} must be equal 2-D shapes")
+        if img.ndim != 2 or img.shape != msk.shape or img.size == 0:
+            raise ValueError(f"{what}[{k}]: image {img.shape} and mask {msk.shape} must be equal non-empty 2-D shapes")
         if not np.isfinite(img).all():
             raise ValueError(f"{what}[{k}]: image contains NaN or inf")
         msk = msk.astype(np.int64)

@@ -173,3 +173,30 @@ def test_predictions_end_to_end(label_studio, ls, start_backend, scripts, em_dat
     metrics_body = httpx.get(backend.url + "/metrics", timeout=10).json()
     assert metrics_body["predict"]["requests"] == 2
     assert metrics_body["predict"]["tasks"] == 28 and metrics_body["predict"]["failed_tasks"] == 0
+
+
+def test_label_studio_talks_to_a_backend_behind_basic_auth(label_studio, ls, start_backend, scripts, tmp_path):
+    from ml_backend.data.synthetic import generate_em_like
+    from ml_backend.labelstudio.client import LabelStudioError
+
+    setup = scripts("setup_project")
+    importer = scripts("import_tiles")
+    backend = start_backend(tmp_path / "models", BASIC_AUTH_USER="ls-backend", BASIC_AUTH_PASS="s3cret")
+    assert httpx.post(backend.url + "/setup", json={}, timeout=10).status_code == 401
+    sparse = (importer.REPO_ROOT / "label_config" / "sparse.xml").read_text()
+    title = f"e2e basic auth {uuid.uuid4().hex[:6]}"
+    with pytest.raises(LabelStudioError, match="401"):
+        setup.setup_project(ls, title=title, label_config=sparse, backend_url=backend.url,
+                            basic_auth=("ls-backend", "wrong"))  # fmt: skip
+    info = setup.setup_project(ls, title=title, label_config=sparse, backend_url=backend.url,
+                               basic_auth=("ls-backend", "s3cret"))  # fmt: skip
+    pid = info["project"]
+    images, _ = generate_em_like(1, 64, seed=3)
+    tifffile.imwrite(tmp_path / "one.tif", images, photometric="minisblack")
+    importer.import_tiles(ls, pid, [tmp_path / "one.tif"], document_root=label_studio.document_root, tile=TILE,
+                          progress=False)  # fmt: skip
+    again = setup.setup_project(ls, title=title, label_config=sparse, backend_url=backend.url,
+                                basic_auth=("ls-backend", "s3cret"))  # fmt: skip
+    assert again["project"] == pid and again["model_version"] == "cold-start"  # Label Studio called /predict
+    (only,) = list_tasks(ls, pid)
+    assert [p["model_version"] for p in only["predictions"]] == ["cold-start"]

@@ -163,6 +163,10 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         assert job.meta["phase"] == "upload" and job.meta["progress"]["steps"] == 30
         assert {"read_s", "train_s", "score_s", "upload_s"} <= set(job.meta["timings"])
         assert job.return_value()["status"] == "trained" and job.return_value()["predictions"] == 16 - BATCH
+        worker_output = worker_log.read_text(errors="replace")  # progress is in the worker's log too
+        assert (
+            f"project {pid}: step 30/30 loss" in worker_output and f"project {pid}: promoted {version}" in worker_output
+        )
 
         # every unlabelled task holds a prediction of the new version: a brush mask of the tile and a score
         tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}

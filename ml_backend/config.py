@@ -51,6 +51,8 @@ class Settings:
     model_dropout: float = field(default=0.2, metadata={"env": "MODEL_DROPOUT", "cast": float})
     # Training.
     learning_rate: float = field(default=5e-4, metadata={"env": "LEARNING_RATE", "cast": float})
+    # A project's first version trains from scratch: the papers' initial rate (1e-3) rather than the fine-tuning one.
+    initial_learning_rate: float = field(default=1e-3, metadata={"env": "INITIAL_LEARNING_RATE", "cast": float})
     train_steps: int = field(default=400, metadata={"env": "TRAIN_STEPS", "cast": int})
     train_time_budget_s: float = field(default=900.0, metadata={"env": "TRAIN_TIME_BUDGET_S", "cast": float})
     train_crop: int = field(default=128, metadata={"env": "TRAIN_CROP", "cast": int})

@@ -159,14 +159,18 @@ def initial_model(registry: ModelRegistry, config: Any, settings: Settings) -> t
             "project %s: current %s predicts %s classes, label config has %d: training a new model from scratch",
             registry.project_id, meta["version"], hp.get("num_classes"), config.num_classes,
         )  # fmt: skip
-    model = build_model(
-        "unet",
-        in_channels=1,
-        num_classes=config.num_classes,
-        width=settings.model_width,
-        depth=settings.model_depth,
-        dropout=settings.model_dropout,
-    )
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on SEED only, not on earlier RNG use
+        torch.manual_seed(settings.seed)
+        model = build_model(
+            "unet",
+            in_channels=1,
+            num_classes=config.num_classes,
+            width=settings.model_width,
+            depth=settings.model_depth,
+            dropout=settings.model_dropout,
+        )
     return model, None, "from scratch"
 
 
@@ -192,7 +196,8 @@ def train_version(
     if not tiles:
         raise TrainingError("no usable annotated tile to train on")
     model, parent, how = initial_model(registry, config, settings)
-    tcfg = train_config(settings, **(train_overrides or {}))
+    overrides = {"lr": settings.initial_learning_rate} if parent is None else {}
+    tcfg = train_config(settings, **{**overrides, **(train_overrides or {})})
     images = [t.image for t in tiles]
     masks = [t.mask for t in tiles]
     log.info(

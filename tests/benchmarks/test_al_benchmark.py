@@ -87,6 +87,9 @@ def test_quick_run_resumes_and_writes_outputs(bench, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["full_supervision"]["iou"] and results["protocol"]["tile"] == 32
     assert set(results["summary"]) == {"random", "entropy"}
+    report = (out / "summary.md").read_text()
+    assert "| random | 0 |" in report and "| entropy | 0 |" in report
+    assert "paired_aulc_gain_vs_random" in results["summary"]["entropy"]
     for png in ("iou_vs_tiles.png", "iou_vs_effort.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 100

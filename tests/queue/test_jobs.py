@@ -215,7 +215,9 @@ def test_train_version_improves_validation_iou_and_publishes(tmp_path, data):
     assert meta["annotation_ids"] == [101 + i for i in range(12)]
     assert meta["n_val"] >= 1 and meta["n_train"] + meta["n_val"] == 12
     assert meta["strategy"]["name"] == "entropy" and meta["annotation_signature"] == "abc"
-    assert meta["hyper_parameters"]["train"]["lr"] == 5e-4 and meta["hyper_parameters"]["model"]["width"] == 8
+    # the first version trains from scratch at the initial rate; later versions fine-tune at LEARNING_RATE
+    assert meta["hyper_parameters"]["train"]["lr"] == settings.initial_learning_rate
+    assert meta["hyper_parameters"]["model"]["width"] == 8
     assert meta["device"] == "cpu" and meta["training_seconds"] > 0
     metrics = meta["metrics"]
     # a real small U-Net learns the generated mitochondria: validation IoU measurably improves
@@ -224,6 +226,7 @@ def test_train_version_improves_validation_iou_and_publishes(tmp_path, data):
 
     second = train_version(registry, _tiles(raw, gt, config, list(range(20))), config, settings)
     assert second.meta["parent"] == out.version and second.meta["initialised"] == "fine-tuned"
+    assert second.meta["hyper_parameters"]["train"]["lr"] == settings.learning_rate
     assert second.meta["n_annotations"] == 20
     assert [m["version"] for m in registry.versions()] == [out.version, second.version]
 

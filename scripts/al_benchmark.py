@@ -878,8 +878,9 @@ def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
         vnc = default_vnc_dir() / "stack1"
         if (vnc / "raw").is_dir() and (vnc / "mitochondria").is_dir():
             p = replace(p, data="vnc", images=str((vnc / "raw").resolve()), masks=str((vnc / "mitochondria").resolve()))
-        elif a.quick:
-            log.warning("VNC data not found at %s: quick mode uses generated data", vnc)
+        elif a.quick or a.report_only:  # report-only reads the saved protocol; it needs no data
+            if a.quick:
+                log.warning("VNC data not found at %s: quick mode uses generated data", vnc)
             p = replace(p, data="synthetic")
         else:
             raise SystemExit(

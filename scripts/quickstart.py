@@ -112,9 +112,30 @@ def simulate_annotator(
     return done
 
 
+def job_progress(project_id: int, settings: Settings) -> str:
+    """One line of the training job's progress, from its RQ meta (what `ml_backend.cli status` shows in full)."""
+    from ml_backend.queue import QueueUnavailable, queue_state
+
+    try:
+        state = queue_state(project_id, settings)
+    except QueueUnavailable as exc:
+        return f"(queue unavailable: {exc})"
+    meta = state.get("running_progress") or {}
+    if state.get("failed"):
+        return f"training job failed: {state['failed'][-1]['error']}"
+    if not meta:
+        return "queued" if state.get("queued") else "waiting for the worker"
+    step = meta.get("progress") or {}
+    fields = {k: step[k] for k in ("step", "steps", "loss", "val_iou") if step.get(k) is not None}
+    return f"{meta.get('phase', 'starting')} " + " ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per SDK request drowns the progress
     work = args.workdir.resolve()
     files = work / "files"
     for d in (work, files):
@@ -180,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(progress: python -m ml_backend.cli status --project {pid}; log: {logs / 'worker.log'})")
             start = time.monotonic()
             while (current := as_dict(ls.projects.get(id=pid)).get("model_version")) == version:
-                time.sleep(5)
-                print(f"      ... {time.monotonic() - start:.0f} s", flush=True)
+                time.sleep(10)
+                print(f"      ... {time.monotonic() - start:4.0f} s  {job_progress(pid, settings)}", flush=True)
             print(f"      new model version {current} after {time.monotonic() - start:.0f} s; queue re-ordered")
         else:
             print("[4/5] no ground truth given: annotate in the browser; every "

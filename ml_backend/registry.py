@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ml_backend.atomic import fsync_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^v(\d{4,})-\d{8}T\d{6}Z$")
@@ -53,29 +55,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable: fsync the directory that holds the entry."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _utc_now() -> datetime:
@@ -198,9 +177,9 @@ class ModelRegistry:
                     fh.write(meta_bytes)
                     fh.flush()
                     os.fsync(fh.fileno())
-                _fsync_dir(tmp_dir)
+                fsync_dir(tmp_dir)
                 os.rename(tmp_dir, self.versions_dir / version)  # atomic: the version appears complete or not at all
-                _fsync_dir(self.versions_dir)
+                fsync_dir(self.versions_dir)
             except BaseException:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 raise
@@ -277,7 +256,7 @@ class ModelRegistry:
             known = ", ".join(self._version_names()) or "none"
             raise RegistryError(f"project {self.project_id}: no complete version {version!r} (known: {known})")
         previous = self._current_or_none()
-        _write_file_atomic(self.current_file, f"{version}\n".encode())
+        write_atomic(self.current_file, f"{version}\n", durable=True)
         event = {"time": _utc_now().isoformat(), "action": action, "version": version, "previous": previous}
         with open(self.history_file, "a") as fh:
             fh.write(json.dumps(event) + "\n")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,8 @@ from urllib.parse import parse_qs, unquote, urljoin, urlparse
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from ml_backend.atomic import write_atomic
 
 __all__ = ["MediaError", "cache_dir", "fetch_image_bytes", "resolve_local_file"]
 
@@ -143,18 +143,6 @@ def _download(url: str, settings: Any) -> bytes:
     return data
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fetch_image_bytes(url: str, settings: Any, *, use_cache: bool = True) -> bytes:
     """The raw bytes of a task's image (see the module docstring for URL forms); MediaError on any failure."""
     if not isinstance(url, str) or not url.strip():
@@ -176,7 +164,7 @@ def fetch_image_bytes(url: str, settings: Any, *, use_cache: bool = True) -> byt
     data = _download(absolute, settings)
     if use_cache:
         try:
-            _write_atomic(cached, data)
+            write_atomic(cached, data)
         except OSError as exc:  # a full disk must not fail the prediction
             log.warning("cannot cache %s in %s: %s", absolute, cached, exc)
     return data

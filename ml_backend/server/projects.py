@@ -13,13 +13,12 @@ Writes are atomic (temporary file + ``os.replace``) so a reader never sees half 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ml_backend.atomic import write_atomic
 from ml_backend.labelstudio.labelconfig import BrushConfig, parse_label_config
 
 __all__ = ["ProjectError", "ProjectStore", "parse_project_id", "strategy_from_params"]
@@ -76,18 +75,6 @@ def strategy_from_params(extra_params: Any, default_name: str, default_aggregati
     return strategy.name, strategy.params()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ProjectStore:
     """Read/write the per-project files under ``model_dir/projects/<id>``."""
 
@@ -123,7 +110,7 @@ class ProjectStore:
         """Store the label config (when it changed) and the state; keeps the stored strategy when none is given."""
         folder = self.path(project_id)
         if self.label_config_xml(project_id) != xml:
-            _write_atomic(folder / LABEL_CONFIG_FILE, xml)
+            write_atomic(folder / LABEL_CONFIG_FILE, xml)
         state = self.state(project_id)
         new = dict(state)
         if strategy is not None:
@@ -132,7 +119,7 @@ class ProjectStore:
         new.update(mode=config.mode, from_name=config.from_name, to_name=config.to_name, labels=list(config.labels))
         if new != state:
             new["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            _write_atomic(folder / STATE_FILE, json.dumps(new, indent=1, sort_keys=True))
+            write_atomic(folder / STATE_FILE, json.dumps(new, indent=1, sort_keys=True))
         return new
 
     def config(self, project_id: str, xml: str | None = None) -> tuple[BrushConfig, str]:

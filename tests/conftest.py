@@ -55,3 +55,33 @@ def redis_url(redis_server):
     conn.flushall()
     conn.close()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def train_tiny_unet():
+    """Train a tiny U-Net for real on generated EM-like tiles (seconds on CPU): masks from it mean something.
+
+    Returns a function (n tiles, generator seed, depth, steps) -> (model in eval mode, TrainResult.metrics).
+    """
+    import numpy as np
+    import torch
+
+    from ml_backend.data.synthetic import generate_em_like
+    from ml_backend.imaging import normalize
+    from ml_backend.model import build_model
+    from ml_backend.training import TrainConfig, fine_tune
+
+    def train(*, n: int, seed: int, depth: int, steps: int, threads: int = 1):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        images, masks = generate_em_like(n, 64, seed=seed)
+        model = build_model("unet", width=8, depth=depth)
+        result = fine_tune(
+            model,
+            [normalize(i) for i in images],
+            [m.astype(np.int64) for m in masks],
+            TrainConfig(steps=steps, lr=3e-3, batch_size=4, crop=64, eval_every=steps // 2, seed=0),
+        )
+        return model.eval(), result.metrics
+
+    return train

@@ -49,27 +49,11 @@ def em_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(train_tiny_unet):
     """A small U-Net fine-tuned for real on generated tiles (about 15 s on CPU); returns (model, metrics)."""
-    import torch
-
-    from ml_backend.data.synthetic import generate_em_like
-    from ml_backend.imaging import normalize
-    from ml_backend.model import build_model
-    from ml_backend.training import TrainConfig, fine_tune
-
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    images, masks = generate_em_like(16, 64, seed=5)
-    model = build_model("unet", width=8, depth=3)
-    result = fine_tune(
-        model,
-        [normalize(i) for i in images],
-        [m.astype(np.int64) for m in masks],
-        TrainConfig(steps=80, lr=3e-3, batch_size=4, crop=64, eval_every=40, seed=0),
-    )
-    assert result.metrics["val_iou"] > 0.3, result.metrics
-    return model.eval(), result.metrics
+    model, metrics = train_tiny_unet(n=16, seed=5, depth=3, steps=80, threads=2)
+    assert metrics["val_iou"] > 0.3, metrics
+    return model, metrics
 
 
 def _predictions_of(task: dict, version: str) -> list[dict]:

@@ -12,27 +12,11 @@ from ml_backend.config import Settings
 
 
 @pytest.fixture(scope="session")
-def trained_model():
+def trained_model(train_tiny_unet):
     """A tiny U-Net really trained (a few seconds, CPU) on generated EM-like tiles: its masks mean something."""
-    import torch
-
-    from ml_backend.data.synthetic import generate_em_like
-    from ml_backend.imaging import normalize
-    from ml_backend.model import build_model
-    from ml_backend.training import TrainConfig, fine_tune
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    images, masks = generate_em_like(10, 64, seed=11)
-    model = build_model("unet", width=8, depth=2)
-    result = fine_tune(
-        model,
-        [normalize(i) for i in images],
-        [m.astype(np.int64) for m in masks],
-        TrainConfig(steps=40, lr=3e-3, batch_size=4, crop=64, eval_every=20, seed=0),
-    )
-    assert result.metrics["val_iou"] > result.metrics["initial_val_iou"]
-    return model.eval()
+    model, metrics = train_tiny_unet(n=10, seed=11, depth=2, steps=40)
+    assert metrics["val_iou"] > metrics["initial_val_iou"]
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print("[1/5] starting Redis and Label Studio (first run installs Label Studio: about a minute)", flush=True)
         redis_proc = start_redis(args.redis_port, work / "redis", persist=True)
         ls_server = start_label_studio(data_dir=work / "label-studio", document_root=files, port=args.ls_port)
-        batch = os.environ.get("TRAIN_BATCH_SIZE", str(max(args.simulate, 1)))
+        # The simulated batch is one training batch; otherwise TRAIN_BATCH_SIZE (default 20) applies.
+        batch = os.environ.get("TRAIN_BATCH_SIZE") or str(args.simulate or Settings.from_env().train_batch_size)
         env = {**os.environ, **ls_server.env(), "REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
                "MODEL_DIR": str(work / "models"), "TRAIN_BATCH_SIZE": batch}  # fmt: skip
         settings = Settings.from_env(**{

@@ -56,8 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiles", type=int, default=60, help="generated tiles when no --data (default: 60)")
     p.add_argument("--tile-size", type=int, default=256, help="task tile size in pixels (default: 256)")
     p.add_argument("--label-config", type=Path, default=REPO / "label_config" / "dense.xml")
-    p.add_argument("--simulate", type=int, default=20,
-                   help="annotations the simulated annotator submits when ground truth exists (0: none)")
+    p.add_argument(
+        "--simulate",
+        type=int,
+        default=20,
+        help="annotations the simulated annotator submits when ground truth exists (0: none)",
+    )
     p.add_argument("--ls-port", type=int, default=8080)
     p.add_argument("--backend-port", type=int, default=9090)
     p.add_argument("--redis-port", type=int, default=6390)
@@ -198,20 +202,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[4/5] simulated annotator submits {args.simulate} brush masks from the ground truth", flush=True)
             config = parse_label_config(label_config)
             done = simulate_annotator(ls, pid, view, config, ground_truth(masks), args.simulate)
-            print(f"      annotated tasks {done}; waiting for the worker to fine-tune and re-score "
-                  f"(progress: python -m ml_backend.cli status --project {pid}; log: {logs / 'worker.log'})")
+            print(
+                f"      annotated tasks {done}; waiting for the worker to fine-tune and re-score "
+                f"(progress: python -m ml_backend.cli status --project {pid}; log: {logs / 'worker.log'})"
+            )
             start = time.monotonic()
             while (current := as_dict(ls.projects.get(id=pid)).get("model_version")) == version:
                 time.sleep(10)
                 print(f"      ... {time.monotonic() - start:4.0f} s  {job_progress(pid, settings)}", flush=True)
             print(f"      new model version {current} after {time.monotonic() - start:.0f} s; queue re-ordered")
         else:
-            print("[4/5] no ground truth given: annotate in the browser; every "
-                  f"{env['TRAIN_BATCH_SIZE']} submissions trigger fine-tuning")
-        print(f"[5/5] ready.\n\n  Label Studio: {ls_server.url}/projects/{pid}/data?tab={view}\n"
-              f"  login: {ls_server.username} / {ls_server.password}\n  backend: {backend_url}\n"
-              f"  status: MODEL_DIR={work / 'models'} REDIS_URL={env['REDIS_URL']} "
-              f"python -m ml_backend.cli status --project {pid}\n", flush=True)
+            print(
+                "[4/5] no ground truth given: annotate in the browser; every "
+                f"{env['TRAIN_BATCH_SIZE']} submissions trigger fine-tuning"
+            )
+        print(
+            f"[5/5] ready.\n\n  Label Studio: {ls_server.url}/projects/{pid}/data?tab={view}\n"
+            f"  login: {ls_server.username} / {ls_server.password}\n  backend: {backend_url}\n"
+            f"  status: MODEL_DIR={work / 'models'} REDIS_URL={env['REDIS_URL']} "
+            f"python -m ml_backend.cli status --project {pid}\n",
+            flush=True,
+        )
         if not args.exit_after_loop:
             print("Ctrl-C stops everything.", flush=True)
             while all(p.poll() is None for p in procs):

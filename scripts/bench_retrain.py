@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,24 +43,9 @@ def _load_script(name: str):
 
 
 def machine() -> dict:
-    import torch
+    from machine_info import describe
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_avg_1m_at_start": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(),
-        "python": platform.python_version(),
-    }
+    return describe()
 
 
 def write_tiles(root: Path, n: int, size: int, seed: int):

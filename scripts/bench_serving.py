@@ -22,7 +22,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import resource
 import shutil
 import socket
@@ -80,22 +79,9 @@ def _set_threads(n: int) -> None:
 
 
 def _machine() -> str:
-    import torch
+    from machine_info import describe_text
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{platform.system()} {platform.release()}; load average at start {load} (shared machine)"
-    )
+    return describe_text() + " (shared machine)"
 
 
 def _model(width: int, depth: int):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -201,19 +200,9 @@ def phase_model(args, names) -> dict[str, dict[str, float]]:
 
 
 def machine_description(device: str) -> str:
-    import torch
+    from machine_info import describe_text
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else "none"
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, GPU: {gpu}; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} thread(s))"
-    )
+    return describe_text() + ("" if device != "cpu" else " (run on the CPU)")
 
 
 def render(args, names, numpy_res, model_res, machine: str, command: str, load: str) -> str:

@@ -37,12 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without installation
     sys.path.insert(0, str(REPO))
 
-DEFAULT_LABEL_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="tag" toName="image">
-    <Label value="Mitochondria" background="#ff0000"/>
-  </BrushLabels>
-</View>"""
 PROJECT_ID = 1
 
 
@@ -288,8 +282,7 @@ class _Backend:
         self.version = ModelRegistry(model_dir, PROJECT_ID).publish(
             model, {"note": "benchmark: fixed random weights (timing does not depend on weights)", "benchmark": True}
         )
-        label_config_path = REPO / "label_config" / "dense.xml"
-        self.label_config = label_config_path.read_text() if label_config_path.is_file() else DEFAULT_LABEL_CONFIG
+        self.label_config = (REPO / "label_config" / "dense.xml").read_text()  # the product's dense config
         env = {
             "MODEL_DIR": str(model_dir),
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(media),

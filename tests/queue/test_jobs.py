@@ -41,12 +41,7 @@ from ml_backend.training import IGNORE
 
 REPO = Path(__file__).resolve().parents[2]
 
-DENSE_XML = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="tag" toName="image">
-    <Label value="Mitochondria" background="#ff0000"/>
-  </BrushLabels>
-</View>"""
+DENSE_XML = (REPO / "label_config" / "dense.xml").read_text()  # the config the product ships
 
 SPARSE_XML = """<View>
   <Image name="image" value="$image" zoom="true"/>

@@ -49,6 +49,7 @@ class Settings:
     model_width: int = field(default=16, metadata={"env": "MODEL_WIDTH", "cast": int})
     model_depth: int = field(default=4, metadata={"env": "MODEL_DEPTH", "cast": int})
     model_dropout: float = field(default=0.2, metadata={"env": "MODEL_DROPOUT", "cast": float})
+    model_norm: str = field(default="batch", metadata={"env": "MODEL_NORM"})  # batch | group | instance | none
     # Training.
     learning_rate: float = field(default=5e-4, metadata={"env": "LEARNING_RATE", "cast": float})
     # A project's first version trains from scratch: the papers' initial rate (1e-3) rather than the fine-tuning one.
@@ -57,6 +58,9 @@ class Settings:
     train_time_budget_s: float = field(default=900.0, metadata={"env": "TRAIN_TIME_BUDGET_S", "cast": float})
     train_crop: int = field(default=128, metadata={"env": "TRAIN_CROP", "cast": int})
     val_fraction: float = field(default=0.2, metadata={"env": "VAL_FRACTION", "cast": float})
+    # Project tiles (a seeded sample of all tasks, labelled or not) whose crops re-estimate BatchNorm statistics after
+    # each training: the labelled set is biased by the strategy, the pool is not. 0 disables.
+    bn_calibration_tiles: int = field(default=64, metadata={"env": "BN_CALIBRATION_TILES", "cast": int})
     seed: int = field(default=0, metadata={"env": "SEED", "cast": int})
     keep_versions: int = field(default=10, metadata={"env": "KEEP_VERSIONS", "cast": int})
     # Inference.

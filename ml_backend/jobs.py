@@ -170,6 +170,7 @@ def initial_model(registry: ModelRegistry, config: Any, settings: Settings) -> t
             width=settings.model_width,
             depth=settings.model_depth,
             dropout=settings.model_dropout,
+            norm=settings.model_norm,
         )
     return model, None, "from scratch"
 
@@ -184,12 +185,13 @@ def train_version(
     progress: Callable[[dict], None] | None = None,
     extra_meta: dict | None = None,
     train_overrides: dict | None = None,
+    calibration_images: list[np.ndarray] | None = None,
 ) -> TrainOutcome:
     """Fine-tune on ``tiles``, publish + promote the version with full metadata, prune old versions.
 
     Pure with respect to Label Studio and Redis (the tested core of the training job). When the strategy needs a
     bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are fine-tuned on resamples and stored with
-    the version.
+    the version. ``calibration_images`` (unlabelled crops of the project) re-estimate BatchNorm statistics.
     """
     from ml_backend.training import fine_tune
 
@@ -206,10 +208,10 @@ def train_version(
         torch_device(tcfg.device),
     )  # fmt: skip
     t0 = time.monotonic()
-    result = fine_tune(model, images, masks, tcfg, progress=progress)
+    result = fine_tune(model, images, masks, tcfg, progress=progress, calibration_images=calibration_images)
     ensemble: list[Any] = []
     if strategy is not None and "ensemble_probs" in strategy.needs:
-        ensemble = train_ensemble(model, images, masks, tcfg)
+        ensemble = train_ensemble(model, images, masks, tcfg, calibration_images)
     seconds = time.monotonic() - t0
     meta = {
         "parent": parent,
@@ -235,7 +237,13 @@ def train_version(
     return TrainOutcome(version, registry.meta(version), model, ensemble)
 
 
-def train_ensemble(model: Any, images: list[np.ndarray], masks: list[np.ndarray], tcfg: Any) -> list[Any]:
+def train_ensemble(
+    model: Any,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    tcfg: Any,
+    calibration_images: list[np.ndarray] | None = None,
+) -> list[Any]:
     """Bootstrap members for suggestive annotation: copies of the trained model, briefly fine-tuned on resamples."""
     from ml_backend.strategies import bootstrap_indices
     from ml_backend.training import fine_tune
@@ -245,7 +253,7 @@ def train_ensemble(model: Any, images: list[np.ndarray], masks: list[np.ndarray]
     for i, idx in enumerate(bootstrap_indices(len(images), ENSEMBLE_MEMBERS, seed=tcfg.seed)):
         member = copy.deepcopy(model)
         cfg = dataclasses.replace(tcfg, steps=steps, seed=tcfg.seed + i + 1)
-        fine_tune(member, [images[j] for j in idx], [masks[j] for j in idx], cfg)
+        fine_tune(member, [images[j] for j in idx], [masks[j] for j in idx], cfg, calibration_images=calibration_images)
         members.append(member.eval())
     return members
 
@@ -380,6 +388,33 @@ def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
 
     data = fetch_image_bytes(task_image_url(task, config), settings)
     return load_image(data, max_pixels=settings.max_image_pixels)
+
+
+def calibration_crops(tasks: dict[int, dict], config: Any, settings: Settings, *, workers: int = 8) -> list[np.ndarray]:
+    """Up to BN_CALIBRATION_TILES random TRAIN_CROP crops, one per task of a seeded sample of all the project's
+    tasks: representative images for ``recalibrate_batchnorm``. A task whose image fails is skipped (logged)."""
+    n = min(settings.bn_calibration_tiles, len(tasks))
+    if n <= 0:
+        return []
+    rng = np.random.default_rng([settings.seed, 7])
+    ids = sorted(tasks)
+    chosen = [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
+    offsets = rng.random((n, 2))
+
+    def one(k: int) -> np.ndarray | None:
+        try:
+            img = load_task_image(tasks[chosen[k]], config, settings)
+        except Exception as exc:  # calibration is best effort: a missing image must not fail the training
+            log.warning("task %s: image unavailable for BatchNorm calibration: %s", chosen[k], exc)
+            return None
+        c = settings.train_crop
+        y0 = int(offsets[k, 0] * max(0, img.shape[0] - c + 1))
+        x0 = int(offsets[k, 1] * max(0, img.shape[1] - c + 1))
+        return np.ascontiguousarray(img[y0 : y0 + c, x0 : x0 + c])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # image fetches are I/O bound
+        crops = list(pool.map(one, range(n)))
+    return [c for c in crops if c is not None]
 
 
 # ---------------------------------------------------------------------- the RQ jobs
@@ -558,6 +593,7 @@ def _train_and_rescore(
         if not tiles:
             first = "; ".join(f"task {s['task']}: {s['error']}" for s in skipped[:3])
             raise TrainingError(f"project {pid}: none of the {len(annotations)} annotations is usable ({first})")
+        calibration = calibration_crops(tasks, config, settings)
     with progress.phase("train"):
         outcome = train_version(
             registry,
@@ -566,6 +602,7 @@ def _train_and_rescore(
             settings,
             strategy=strategy,
             progress=progress.train_step,
+            calibration_images=calibration,
             extra_meta={
                 "annotation_signature": signature,
                 "skipped": skipped,

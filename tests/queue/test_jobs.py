@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import torch
 from PIL import Image
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -27,8 +28,10 @@ from ml_backend.jobs import (
     LabelledTile,
     TrainingError,
     annotation_signature,
+    calibration_crops,
     decode_annotations,
     finish_rescore,
+    initial_model,
     rescore_pool,
     start_rescore,
     train_version,
@@ -245,6 +248,37 @@ def test_label_config_change_trains_from_scratch(tmp_path, data):
     assert second.meta["initialised"] == "from scratch" and second.meta["parent"] is None
     assert second.meta["hyper_parameters"]["model"]["num_classes"] == 3
     assert first.version != second.version
+
+
+@pytest.mark.parametrize(("norm", "layer"), [("batch", torch.nn.BatchNorm2d), ("group", torch.nn.GroupNorm)])
+def test_model_norm_setting_builds_the_first_version(tmp_path, monkeypatch, norm, layer):
+    monkeypatch.setenv("MODEL_NORM", norm)
+    settings = Settings.from_env(model_dir=tmp_path / "models", model_width=4, model_depth=2)
+    model, parent, how = initial_model(ModelRegistry(settings.model_dir, 1), parse_label_config(DENSE_XML), settings)
+    assert (parent, how) == (None, "from scratch") and model.hparams["norm"] == norm
+    assert any(isinstance(m, layer) for m in model.modules())
+
+
+def test_calibration_crops_sample_the_project_and_skip_missing_images(tmp_path, monkeypatch):
+    import ml_backend.jobs as jobs
+
+    images = {i: np.full((200, 150), i, np.float32) for i in range(30)}
+
+    def fake_load(task, config, settings):
+        if task["id"] == 7:
+            raise OSError("gone")
+        return images[task["id"]]
+
+    monkeypatch.setattr(jobs, "load_task_image", fake_load)
+    tasks = {i: {"id": i, "data": {}} for i in range(30)}
+    settings = small_settings(tmp_path, bn_calibration_tiles=30)  # every task: exactly one (task 7) fails
+    crops = calibration_crops(tasks, None, settings)
+    assert len(crops) == 29 and all(c.shape == (64, 64) for c in crops)
+    assert sorted(int(c[0, 0]) for c in crops) == [i for i in range(30) if i != 7]
+    few = small_settings(tmp_path, bn_calibration_tiles=5)
+    a, b = calibration_crops(tasks, None, few), calibration_crops(tasks, None, few)
+    assert len(a) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # seeded
+    assert calibration_crops(tasks, None, small_settings(tmp_path, bn_calibration_tiles=0)) == []
 
 
 # ---------------------------------------------------------------------- re-scoring

@@ -7,6 +7,7 @@ import torch
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.model import build_model
 from ml_backend.training import IGNORE, TrainConfig, evaluate, fine_tune, split_train_val
+from ml_backend.training.trainer import recalibrate_batchnorm
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +106,40 @@ def test_bad_inputs_raise_clear_errors():
         fine_tune(model, [], [])
     with pytest.raises(ValueError, match="val_fraction"):
         TrainConfig(val_fraction=1.0)
+
+
+def test_batchnorm_recalibration_matches_hand_computed_statistics():
+    """After recalibration the first BatchNorm holds the exact mean/variance of its input over the given images."""
+    torch.manual_seed(0)
+    model = build_model("unet", width=4, depth=2, dropout=0.5, norm="batch").train()
+    images = [np.random.default_rng(i).random((32, 32), dtype=np.float32) * (i + 1) for i in range(5)]
+    assert recalibrate_batchnorm(model, images, torch.device("cpu"), batch_size=2) == 5
+    assert model.training and all(m.training for m in model.modules())  # mode restored
+    conv, bn = model.encoders[0][0], model.encoders[0][1]
+    with torch.no_grad():
+        feats = torch.cat([conv(torch.from_numpy(im)[None, None]) for im in images])  # (5, 4, 32, 32)
+    # momentum None: the cumulative average of per-batch means/unbiased variances (batches of 2, 2, 1 images)
+    batches = [feats[0:2], feats[2:4], feats[4:5]]
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1  # restored
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    recalibrate_batchnorm(model, images, torch.device("cpu"), batch_size=2)  # dropout off: deterministic
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_recalibration_leaves_groupnorm_models_alone_and_fine_tune_reports_it():
+    model = _small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert recalibrate_batchnorm(model, [np.zeros((16, 16), np.float32)], torch.device("cpu")) == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    images, masks = _data(6, seed=4, size=32)
+    bn_model = build_model("unet", width=4, depth=2, norm="batch")
+    cfg = TrainConfig(steps=3, batch_size=2, crop=32, device="cpu")
+    res = fine_tune(bn_model, images, masks, cfg, calibration_images=images + images)
+    assert res.metrics["bn_calibration_images"] == 12
+    with pytest.raises(ValueError, match="calibration_images"):
+        fine_tune(bn_model, images, masks, cfg, calibration_images=[np.full((8, 8), np.nan, np.float32)])

@@ -159,7 +159,9 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         # the job ran on the rq worker, JSON arguments, progress in its meta
         conn = redis.Redis.from_url(redis_url)
         job = Job.fetch(meta["job"], connection=conn, serializer=JSONSerializer)
-        assert job.get_status() == "finished" and job.kwargs["project_id"] == pid and job.kwargs["force"] is False
+        # the job sets the project's model_version in its last phase; it is marked finished a moment later
+        _wait(lambda: job.get_status(refresh=True) == "finished", 120, "the training job to finish", on_timeout=logs)
+        assert job.kwargs["project_id"] == pid and job.kwargs["force"] is False
         assert job.meta["phase"] == "upload" and job.meta["progress"]["steps"] == 30
         assert {"read_s", "train_s", "score_s", "upload_s"} <= set(job.meta["timings"])
         assert job.return_value()["status"] == "trained" and job.return_value()["predictions"] == 16 - BATCH

@@ -185,15 +185,17 @@ def train_version(
     progress: Callable[[dict], None] | None = None,
     extra_meta: dict | None = None,
     train_overrides: dict | None = None,
-    calibration_images: list[np.ndarray] | None = None,
+    calibration: Callable[[], list[np.ndarray]] | None = None,
 ) -> TrainOutcome:
     """Fine-tune on ``tiles``, publish + promote the version with full metadata, prune old versions.
 
     Pure with respect to Label Studio and Redis (the tested core of the training job). When the strategy needs a
     bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are fine-tuned on resamples and stored with
-    the version. ``calibration_images`` (unlabelled crops of the project) re-estimate BatchNorm statistics.
+    the version. ``calibration()`` returns unlabelled crops of the project that re-estimate BatchNorm statistics; it
+    is called only for a model that has BatchNorm layers (the images are fetched for nothing otherwise).
     """
     from ml_backend.training import fine_tune
+    from ml_backend.training.trainer import batchnorm_layers
 
     if not tiles:
         raise TrainingError("no usable annotated tile to train on")
@@ -208,6 +210,7 @@ def train_version(
         torch_device(tcfg.device),
     )  # fmt: skip
     t0 = time.monotonic()
+    calibration_images = calibration() if calibration is not None and batchnorm_layers(model) else None
     result = fine_tune(model, images, masks, tcfg, progress=progress, calibration_images=calibration_images)
     ensemble: list[Any] = []
     if strategy is not None and "ensemble_probs" in strategy.needs:
@@ -593,7 +596,6 @@ def _train_and_rescore(
         if not tiles:
             first = "; ".join(f"task {s['task']}: {s['error']}" for s in skipped[:3])
             raise TrainingError(f"project {pid}: none of the {len(annotations)} annotations is usable ({first})")
-        calibration = calibration_crops(tasks, config, settings)
     with progress.phase("train"):
         outcome = train_version(
             registry,
@@ -602,7 +604,7 @@ def _train_and_rescore(
             settings,
             strategy=strategy,
             progress=progress.train_step,
-            calibration_images=calibration,
+            calibration=lambda: calibration_crops(tasks, config, settings),
             extra_meta={
                 "annotation_signature": signature,
                 "skipped": skipped,

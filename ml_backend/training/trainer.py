@@ -195,6 +195,11 @@ def evaluate(
     }
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers (empty for GroupNorm models: nothing to re-estimate)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, images: list[np.ndarray], device: torch.device, batch_size: int = 16
@@ -207,7 +212,7 @@ def recalibrate_batchnorm(
     recomputed on them (a cumulative average over one pass, as in AdaBN / ``torch.optim.swa_utils.update_bn``), with
     dropout off. A model without BatchNorm is left untouched (returns 0).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorm_layers(model)
     if not bns or not images:
         return 0
     was_training = model.training

@@ -154,6 +154,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         assert meta["n_annotations"] == BATCH and sorted(meta["task_ids"]) == sorted(batch)
         assert meta["parent"] is None and meta["initialised"] == "from scratch"
         assert meta["metrics"]["val_iou"] is not None and meta["strategy"]["name"] == "entropy"
+        assert meta["metrics"]["bn_calibration_images"] == 16  # BatchNorm re-estimated on a crop of every task
         assert "new annotations" in meta["trigger"]
 
         # the job ran on the rq worker, JSON arguments, progress in its meta

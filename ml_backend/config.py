@@ -1,87 +1,128 @@
-"""Configuration from environment variables, read once per process.
+"""Configuration from environment variables, read and validated once per process (pydantic-settings).
 
-Every setting has a documented default (see README.md, "Configuration"); the
-backend, the RQ worker and the scripts all read the same `Settings`.
+Every setting has a documented default (see README.md, "Configuration"); the backend, the RQ worker and the scripts
+all read the same `Settings`. A value that does not parse (``MC_PASSES=eight``) or breaks a rule (basic-auth user
+without a password) stops the process at start-up with a message naming the variable, instead of failing later.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-
-def _env(name: str, default: Any, cast: type = str) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if cast is bool:
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
-    try:
-        return cast(raw)
-    except ValueError as exc:  # a clear message beats a traceback deep in the code
-        raise ValueError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from exc
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-@dataclass(frozen=True)
-class Settings:
-    """All tunables of the backend. Field metadata holds the environment variable name."""
+def _env(name: str, *aliases: str) -> Any:
+    """Field option: read from environment variable ``name`` (and ``aliases``); tests may pass the field name."""
+    return AliasChoices(name, *aliases)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid: raised at start-up with the variable's name."""
+
+
+class Settings(BaseSettings):
+    """All tunables of the backend. Each field's validation alias is its environment variable."""
+
+    model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, populate_by_name=True, extra="ignore")
 
     # Where versions, project state and caches live.
-    model_dir: Path = field(default=Path("models"), metadata={"env": "MODEL_DIR", "cast": Path})
+    model_dir: Path = Field(Path("models"), validation_alias=_env("MODEL_DIR", "model_dir"))
     # Label Studio connection (the source of truth for annotations).
-    label_studio_url: str = field(default="http://127.0.0.1:8080", metadata={"env": "LABEL_STUDIO_URL"})
-    label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY"})
+    label_studio_url: str = Field(
+        "http://127.0.0.1:8080", validation_alias=_env("LABEL_STUDIO_URL", "label_studio_url")
+    )
+    label_studio_api_key: str = Field("", validation_alias=_env("LABEL_STUDIO_API_KEY", "label_studio_api_key"))
     # Queue.
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"env": "REDIS_URL"})
-    queue_name: str = field(default="ml-backend", metadata={"env": "RQ_QUEUE"})
-    # Optional HTTP basic auth expected from Label Studio.
-    basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER"})
-    basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS"})
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL", "redis_url"))
+    queue_name: str = Field("ml-backend", validation_alias=_env("RQ_QUEUE", "queue_name"))
+    # Optional HTTP basic auth expected from Label Studio (both or neither).
+    basic_auth_user: str = Field("", validation_alias=_env("BASIC_AUTH_USER", "basic_auth_user"))
+    basic_auth_pass: str = Field("", validation_alias=_env("BASIC_AUTH_PASS", "basic_auth_pass"))
     # Active learning.
-    strategy: str = field(default="entropy", metadata={"env": "STRATEGY"})
-    aggregation: str = field(default="sum", metadata={"env": "SCORE_AGGREGATION"})
-    mc_passes: int = field(default=8, metadata={"env": "MC_PASSES", "cast": int})
-    train_batch_size: int = field(default=20, metadata={"env": "TRAIN_BATCH_SIZE", "cast": int})
+    strategy: str = Field("entropy", validation_alias=_env("STRATEGY", "strategy"))
+    aggregation: str = Field("sum", validation_alias=_env("SCORE_AGGREGATION", "aggregation"))
+    mc_passes: int = Field(8, ge=1, validation_alias=_env("MC_PASSES", "mc_passes"))
+    train_batch_size: int = Field(20, ge=1, validation_alias=_env("TRAIN_BATCH_SIZE", "train_batch_size"))
     # Model architecture (used when a project trains its first version).
-    model_width: int = field(default=16, metadata={"env": "MODEL_WIDTH", "cast": int})
-    model_depth: int = field(default=4, metadata={"env": "MODEL_DEPTH", "cast": int})
-    model_dropout: float = field(default=0.2, metadata={"env": "MODEL_DROPOUT", "cast": float})
-    model_norm: str = field(default="batch", metadata={"env": "MODEL_NORM"})  # batch | group | instance | none
+    model_width: int = Field(16, ge=1, validation_alias=_env("MODEL_WIDTH", "model_width"))
+    model_depth: int = Field(4, ge=1, validation_alias=_env("MODEL_DEPTH", "model_depth"))
+    model_dropout: float = Field(0.2, ge=0, lt=1, validation_alias=_env("MODEL_DROPOUT", "model_dropout"))
+    model_norm: str = Field("batch", validation_alias=_env("MODEL_NORM", "model_norm"))  # batch|group|instance|none
     # Training.
-    learning_rate: float = field(default=5e-4, metadata={"env": "LEARNING_RATE", "cast": float})
+    learning_rate: float = Field(5e-4, gt=0, validation_alias=_env("LEARNING_RATE", "learning_rate"))
     # A project's first version trains from scratch: the papers' initial rate (1e-3) rather than the fine-tuning one.
-    initial_learning_rate: float = field(default=1e-3, metadata={"env": "INITIAL_LEARNING_RATE", "cast": float})
-    train_steps: int = field(default=400, metadata={"env": "TRAIN_STEPS", "cast": int})
-    train_time_budget_s: float = field(default=900.0, metadata={"env": "TRAIN_TIME_BUDGET_S", "cast": float})
-    train_crop: int = field(default=128, metadata={"env": "TRAIN_CROP", "cast": int})
-    val_fraction: float = field(default=0.2, metadata={"env": "VAL_FRACTION", "cast": float})
+    initial_learning_rate: float = Field(
+        1e-3, gt=0, validation_alias=_env("INITIAL_LEARNING_RATE", "initial_learning_rate")
+    )
+    train_steps: int = Field(400, ge=1, validation_alias=_env("TRAIN_STEPS", "train_steps"))
+    train_time_budget_s: float = Field(900.0, gt=0, validation_alias=_env("TRAIN_TIME_BUDGET_S", "train_time_budget_s"))
+    train_crop: int = Field(128, ge=8, validation_alias=_env("TRAIN_CROP", "train_crop"))
+    val_fraction: float = Field(0.2, ge=0, lt=1, validation_alias=_env("VAL_FRACTION", "val_fraction"))
     # Project tiles (a seeded sample of all tasks, labelled or not) whose crops re-estimate BatchNorm statistics after
     # each training: the labelled set is biased by the strategy, the pool is not. 0 disables.
-    bn_calibration_tiles: int = field(default=64, metadata={"env": "BN_CALIBRATION_TILES", "cast": int})
-    seed: int = field(default=0, metadata={"env": "SEED", "cast": int})
-    keep_versions: int = field(default=10, metadata={"env": "KEEP_VERSIONS", "cast": int})
+    bn_calibration_tiles: int = Field(64, ge=0, validation_alias=_env("BN_CALIBRATION_TILES", "bn_calibration_tiles"))
+    seed: int = Field(0, validation_alias=_env("SEED", "seed"))
+    keep_versions: int = Field(10, ge=1, validation_alias=_env("KEEP_VERSIONS", "keep_versions"))
     # Inference.
-    device: str = field(default="auto", metadata={"env": "DEVICE"})
-    tile_size: int = field(default=256, metadata={"env": "TILE_SIZE", "cast": int})
-    tile_overlap: int = field(default=32, metadata={"env": "TILE_OVERLAP", "cast": int})
-    inference_batch: int = field(default=4, metadata={"env": "INFERENCE_BATCH", "cast": int})
-    max_image_pixels: int = field(default=120_000_000, metadata={"env": "MAX_IMAGE_PIXELS", "cast": int})
-    rescore_chunk: int = field(default=50, metadata={"env": "RESCORE_CHUNK", "cast": int})
+    device: str = Field("auto", validation_alias=_env("DEVICE", "device"))
+    tile_size: int = Field(256, ge=16, validation_alias=_env("TILE_SIZE", "tile_size"))
+    tile_overlap: int = Field(32, ge=0, validation_alias=_env("TILE_OVERLAP", "tile_overlap"))
+    inference_batch: int = Field(4, ge=1, validation_alias=_env("INFERENCE_BATCH", "inference_batch"))
+    max_image_pixels: int = Field(120_000_000, ge=1, validation_alias=_env("MAX_IMAGE_PIXELS", "max_image_pixels"))
+    rescore_chunk: int = Field(50, ge=1, validation_alias=_env("RESCORE_CHUNK", "rescore_chunk"))
     # Where relative /data/local-files/?d= paths resolve when the backend shares a disk with Label Studio.
-    local_files_root: str = field(default="", metadata={"env": "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"})
+    local_files_root: str = Field(
+        "", validation_alias=_env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "local_files_root")
+    )
+    # Media fetching (what the backend downloads, from where, how much, how long).
+    # Comma-separated hosts (host or host:port) whose http(s) URLs may be fetched besides LABEL_STUDIO_URL's host;
+    # "*" allows every host. The API token is only ever sent to LABEL_STUDIO_URL's scheme, host and port.
+    media_allowed_hosts: str = Field("", validation_alias=_env("MEDIA_ALLOWED_HOSTS", "media_allowed_hosts"))
+    # Largest image file downloaded (bytes), streamed to disk; larger answers are cut off with a per-task error.
+    max_download_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, validation_alias=_env("MAX_DOWNLOAD_BYTES", "max_download_bytes")
+    )
+    # Size bound of the on-disk media cache (bytes); least recently used images are evicted beyond it.
+    media_cache_bytes: int = Field(2 * 1024**3, ge=0, validation_alias=_env("MEDIA_CACHE_BYTES", "media_cache_bytes"))
+    # Overall deadline of one image fetch (connect + all reads + retries), seconds.
+    fetch_deadline_s: float = Field(20.0, gt=0, validation_alias=_env("FETCH_DEADLINE_S", "fetch_deadline_s"))
+    # Overall deadline of one /predict request (well inside Label Studio's 100 s ML_TIMEOUT_PREDICT); tasks not done
+    # by then are answered with an empty prediction and a per-task error.
+    predict_deadline_s: float = Field(60.0, gt=0, validation_alias=_env("PREDICT_DEADLINE_S", "predict_deadline_s"))
+    # Largest accepted request body (bytes).
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, validation_alias=_env("MAX_REQUEST_BYTES", "max_request_bytes")
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError(
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (a user without a password would turn "
+                "basic auth on with an empty password)"
+            )
+        if self.tile_overlap >= self.tile_size:
+            raise ValueError(f"TILE_OVERLAP={self.tile_overlap} must be less than TILE_SIZE={self.tile_size}")
+        return self
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in overrides:
-                values[f.name] = overrides[f.name]
-                continue
-            values[f.name] = _env(f.metadata["env"], f.default, f.metadata.get("cast", str))
-        return cls(**values)
+        """Settings from the environment, ``overrides`` (field names) winning; ConfigError names what is wrong."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_variable(err['loc'])}: {err['msg']}" if err["loc"] else err["msg"] for err in exc.errors()
+            )
+            raise ConfigError(f"invalid configuration: {problems}") from None
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (field names), validated like the original."""
+        return type(self).from_env(**{**self.model_dump(), **changes})
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -90,7 +131,14 @@ class Settings:
     @staticmethod
     def documented() -> list[tuple[str, str]]:
         """(environment variable, default) pairs, for the README table."""
-        return [(f.metadata["env"], str(f.default)) for f in fields(Settings)]
+        return [(_variable((name,)), str(f.default)) for name, f in Settings.model_fields.items()]
+
+
+def _variable(loc: tuple) -> str:
+    field = Settings.model_fields.get(str(loc[0])) if loc else None
+    alias = getattr(field, "validation_alias", None) if field else None
+    choices = getattr(alias, "choices", None)
+    return str(choices[0]) if choices else str(loc[0] if loc else "")
 
 
 @lru_cache(maxsize=1)

@@ -58,12 +58,11 @@ def settings(tmp_path, doc_root):
 @pytest.fixture
 def make_client(settings):
     """make_client(**overrides) -> Flask test client of a fresh app."""
-    from dataclasses import replace
 
     from ml_backend.server.app import create_app
 
     def make(**overrides):
-        app = create_app(replace(settings, **overrides))
+        app = create_app(settings.replace(**overrides))
         app.testing = True
         return app.test_client()
 

@@ -1,10 +1,10 @@
 """label-studio-sdk helpers: connect, read tasks and annotations, push predictions, set up projects.
 
 Every call to Label Studio goes through ``call``: connection errors, timeouts and 502/503/504/429 answers are
-retried with exponential backoff (0.5 s, 1 s, 2 s, ...), then surface as ``LabelStudioUnavailable`` naming the URL
-and what was being done, so an RQ job or a script fails with a message a person can act on. A rejected token is
-``LabelStudioAuthError`` at once (retrying cannot fix it). The SDK's own retries are turned off so the backoff
-policy lives in one place.
+retried with exponential backoff (0.5 s, 1 s, 2 s, ...; one tenacity policy, ``retry_policy``), then surface as
+``LabelStudioUnavailable`` naming the URL and what was being done, so an RQ job or a script fails with a message a
+person can act on. A rejected token is ``LabelStudioAuthError`` at once (retrying cannot fix it). The SDK's own
+retries are turned off so the backoff policy lives in one place.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 __all__ = [
     "LabelStudioAuthError",
@@ -30,6 +38,7 @@ __all__ = [
     "paged",
     "push_predictions",
     "retrieve_predictions",
+    "retry_policy",
     "set_project_model_version",
 ]
 
@@ -70,6 +79,39 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
 
 
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)  # looked up at call time, so tests can replace time.sleep
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth another try: the connection failed or timed out, or Label Studio answered 429/502/503/504."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(exc, ApiError):
+        return (exc.status_code or 0) in RETRYABLE_STATUS
+    return isinstance(exc, _transport_errors())
+
+
+def retry_policy(*, attempts: int, base_delay: float, what: str, url: str) -> Retrying:
+    """The project's one retry policy for Label Studio: ``attempts`` tries with exponential backoff
+    (``base_delay`` x 1, 2, 4, ... capped at RETRY_MAX_DELAY_S) on transient failures only (``_transient``)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning("Label Studio at %s: %s failed (%s); retry %d/%d in %.1f s",
+                    url, what, _short(exc), state.attempt_number, attempts - 1, delay)  # fmt: skip
+
+    return Retrying(
+        stop=stop_after_attempt(max(1, attempts)),
+        wait=wait_exponential(multiplier=base_delay, max=RETRY_MAX_DELAY_S),
+        retry=retry_if_exception(_transient),
+        before_sleep=before_sleep,
+        sleep=_sleep,
+        reraise=True,
+    )
+
+
 def call(
     ls: Any,
     fn: Callable[..., T],
@@ -79,35 +121,32 @@ def call(
     base_delay: float = RETRY_BASE_DELAY_S,
     **kwargs: Any,
 ) -> T:
-    """``fn(*args, **kwargs)`` with retries and backoff on transient failures; errors name ``what`` was done."""
+    """``fn(*args, **kwargs)`` under ``retry_policy``; errors name the URL and ``what`` was being done.
+
+    Annotations are never held only here: a job that fails with ``LabelStudioUnavailable`` re-reads everything from
+    Label Studio on its next run.
+    """
     from label_studio_sdk.core.api_error import ApiError
 
-    transport = _transport_errors()
     url = _base_url(ls)
-    last: BaseException | None = None
-    for attempt in range(max(1, attempts)):
-        try:
-            return fn(*args, **kwargs)
-        except ApiError as exc:
-            status = exc.status_code or 0
-            if status in (401, 403):
-                raise LabelStudioAuthError(
-                    f"Label Studio at {url} refused the API token while {what} (HTTP {status}): check "
-                    "LABEL_STUDIO_API_KEY (a legacy token also needs LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on "
-                    "the server)"
-                ) from exc
-            if status not in RETRYABLE_STATUS:
-                raise LabelStudioError(
-                    f"Label Studio at {url} answered HTTP {status} while {what}: {_body(exc)}"
-                ) from exc
-            last = exc
-        except transport as exc:
-            last = exc
-        if attempt + 1 < attempts:
-            delay = min(base_delay * 2**attempt, RETRY_MAX_DELAY_S)
-            log.warning("Label Studio at %s: %s failed (%s); retry %d/%d in %.1f s",
-                        url, what, _short(last), attempt + 1, attempts - 1, delay)  # fmt: skip
-            time.sleep(delay)
+    attempts = max(1, attempts)
+    try:
+        return retry_policy(attempts=attempts, base_delay=base_delay, what=what, url=url)(fn, *args, **kwargs)
+    except ApiError as exc:
+        status = exc.status_code or 0
+        if status in (401, 403):
+            raise LabelStudioAuthError(
+                f"Label Studio at {url} refused the API token while {what} (HTTP {status}): check "
+                "LABEL_STUDIO_API_KEY (a legacy token also needs LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on "
+                "the server)"
+            ) from exc
+        if status not in RETRYABLE_STATUS:
+            raise LabelStudioError(f"Label Studio at {url} answered HTTP {status} while {what}: {_body(exc)}") from exc
+        last: BaseException = exc
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+        last = exc
     raise LabelStudioUnavailable(
         f"Label Studio at {url} is unavailable: {what} failed {attempts} times ({_short(last)}); is the server "
         "running and LABEL_STUDIO_URL right?"

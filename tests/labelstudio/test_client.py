@@ -78,6 +78,22 @@ def test_connect_to_nothing_is_unavailable_quickly():
     assert time.monotonic() - t0 < 10
 
 
+def test_closed_port_is_retried_with_growing_delays_then_names_the_url(caplog):
+    """A real refused connection (nothing listens): tenacity's backoff doubles, and the error names the URL."""
+    url = f"http://127.0.0.1:{_closed_port()}"
+    s = Settings.from_env(label_studio_url=url, label_studio_api_key="k" * 40)
+    t0 = time.monotonic()
+    with (
+        caplog.at_level("WARNING", logger="ml_backend.labelstudio.client"),
+        pytest.raises(LabelStudioUnavailable, match=f"Label Studio at {url}.* failed 4 times"),
+    ):
+        connect(s, attempts=4)
+    elapsed = time.monotonic() - t0
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert [m.split(" in ")[-1] for m in retries] == ["0.5 s", "1.0 s", "2.0 s"]
+    assert 3.5 <= elapsed < 15
+
+
 def test_connect_without_token_says_where_to_get_one():
     with pytest.raises(LabelStudioAuthError, match="LABEL_STUDIO_API_KEY is not set"):
         connect(Settings.from_env(label_studio_url="http://127.0.0.1:8080", label_studio_api_key=""))

@@ -12,11 +12,16 @@ both files are complete and fsync'ed; ``CURRENT`` is replaced with ``os.replace`
 therefore leaves either the old current model or the new one, never a half-written one, and a leftover temporary
 directory is ignored (and cleaned by ``prune``). Serving processes notice a new ``CURRENT`` by its inode/mtime
 (``ModelCache``) and reload without a restart.
+
+When the disk is full or ``MODEL_DIR`` is read-only, ``publish`` raises ``RegistryWriteError`` saying so: the
+temporary directory is removed, a version that was written but could not be promoted is removed too, and the
+previous version stays current and loadable (tests/faults/test_registry_faults.py, on real tmpfs mounts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -42,6 +47,34 @@ _STALE_TMP_S = 3600.0
 
 class RegistryError(RuntimeError):
     """The registry is asked for something it does not hold (unknown version, dangling CURRENT pointer)."""
+
+
+class RegistryWriteError(RegistryError):
+    """A new version could not be stored or promoted (disk full, read-only MODEL_DIR, ...): nothing changed."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS}
+_DENIED = {errno.EACCES, errno.EPERM}
+
+
+def _write_failure_reason(exc: BaseException, where: Path) -> str:
+    """Why a write under ``where`` failed, in words an operator can act on (free space included)."""
+    free = ""
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(where)
+        free = f"; {usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB"
+    code = getattr(exc, "errno", None)
+    if code in _NO_SPACE:
+        return f"no space left on the disk holding {where}{free}"
+    if code in _READ_ONLY:
+        return f"{where} is on a read-only file system"
+    if code in _DENIED:
+        return f"permission denied writing under {where}"
+    text = str(exc)
+    if "file write failed" in text or "No space" in text:  # torch's zip writer reports ENOSPC as a RuntimeError
+        return f"writing the checkpoint failed, probably no space left on the disk holding {where}{free}"
+    return f"{type(exc).__name__}: {exc}{free}"
 
 
 def _json_default(value: Any) -> Any:
@@ -137,7 +170,15 @@ class ModelRegistry:
         """Promotion/rollback events, oldest first."""
         if not self.history_file.is_file():
             return []
-        return [json.loads(line) for line in self.history_file.read_text().splitlines() if line.strip()]
+        events = []
+        for line in self.history_file.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a full disk: the rest of the history still counts
+                log.warning("project %s: skipping a damaged history line: %.80r", self.project_id, line)
+        return events
 
     # ---------------------------------------------------------------- writing
     def publish(
@@ -148,8 +189,22 @@ class ModelRegistry:
         The version becomes visible only once complete (temporary directory renamed into ``versions/``) and is
         promoted only after that, so a crash at any point leaves the previous current version untouched.
         ``extra_models`` (e.g. the bootstrap ensemble of the ``suggestive`` strategy) are stored beside the model as
-        ``<name>.pt`` and read back with ``load_extra``.
+        ``<name>.pt`` and read back with ``load_extra``. A failed write (disk full, read-only ``MODEL_DIR``) raises
+        ``RegistryWriteError`` after removing everything this call wrote; the current version is unchanged.
         """
+        try:
+            return self._publish(model, meta, promote=promote, extra_models=extra_models)
+        except RegistryError:
+            raise
+        except (OSError, RuntimeError) as exc:
+            previous = self._current_or_none()
+            raise RegistryWriteError(
+                f"project {self.project_id}: could not publish a new model version: "
+                f"{_write_failure_reason(exc, self.root if self.root.exists() else self.root.parent)}; "
+                f"the current version ({previous or 'none'}) stays current"
+            ) from exc
+
+    def _publish(self, model: Any, meta: dict, *, promote: bool, extra_models: dict[str, Any] | None) -> str:
         from ml_backend.model import save_checkpoint
 
         self.versions_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +240,12 @@ class ModelRegistry:
                 raise
             log.info("project %s: published %s (parent %s)", self.project_id, version, parent)
             if promote:
-                self._promote_locked(version, action="promote")
+                try:
+                    self._promote_locked(version, action="promote")
+                except BaseException:
+                    if self._current_or_none() != version:  # never promoted: do not leave an orphan behind
+                        self._discard(version)
+                    raise
         return version
 
     def promote(self, version: str) -> None:
@@ -258,9 +318,25 @@ class ModelRegistry:
         previous = self._current_or_none()
         write_atomic(self.current_file, f"{version}\n", durable=True)
         event = {"time": _utc_now().isoformat(), "action": action, "version": version, "previous": previous}
-        with open(self.history_file, "a") as fh:
-            fh.write(json.dumps(event) + "\n")
+        try:  # CURRENT is the truth; the history is a log, and a full disk must not undo a done promotion
+            with open(self.history_file, "a") as fh:
+                fh.write(json.dumps(event) + "\n")
+        except OSError as exc:
+            log.error("project %s: %s %s done, but the history could not be appended: %s",
+                      self.project_id, action, version, _write_failure_reason(exc, self.root))  # fmt: skip
         log.info("project %s: %s %s -> %s", self.project_id, action, previous, version)
+
+    def _discard(self, version: str) -> None:
+        """Remove a published-but-never-promoted version (best effort: its space is what a full disk needs)."""
+        vdir = self._version_dir(version)
+        trash = self.versions_dir / f".trash-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(vdir, trash)
+        except OSError as exc:
+            log.error("project %s: could not remove the unpromoted version %s: %s", self.project_id, version, exc)
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+        log.warning("project %s: removed %s, which could not be promoted", self.project_id, version)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

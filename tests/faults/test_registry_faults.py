@@ -1,0 +1,135 @@
+"""Registry faults on real file systems: a full disk and a read-only MODEL_DIR while a version is published.
+
+Tests run as root, and root ignores permission bits, so ``chmod`` cannot make a directory read-only here: each test
+mounts a small tmpfs (``mount -t tmpfs -o size=...``), then remounts it read-only or fills it. Skipped with the
+reason when mounting is not permitted (no CAP_SYS_ADMIN, e.g. an unprivileged container).
+
+What each shows: the error names the cause (read-only / no space), the previous version stays current and loadable
+(also by a fresh ModelCache, as a serving worker would), no half-written or unpromoted version is left in
+``versions/``, no temporary file remains, and publishing works again once the fault is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_backend.model import build_model
+from ml_backend.registry import ModelCache, ModelRegistry, RegistryWriteError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[callable]:
+    """tmpfs(size, nr_inodes=None) -> mounted directory; unmounted at the end (lazily if still busy)."""
+    mounted: list[Path] = []
+
+    def mount(size: str, nr_inodes: int | None = None) -> Path:
+        target = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
+        target.mkdir()
+        opts = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
+        done = _mount("-t", "tmpfs", "-o", opts, "tmpfs", str(target))
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        with contextlib.suppress(Exception):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
+
+
+def remount(target: Path, opts: str) -> None:
+    done = _mount("-o", f"remount,{opts}", str(target))
+    assert done.returncode == 0, f"remount {opts} failed: {done.stderr}"
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("unet", width=8, depth=2).eval()
+
+
+def _weights(model: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_previous_intact(model_dir: Path, version: str, weights: dict) -> None:
+    """``version`` is still current, complete, alone in versions/, and loads with the same weights."""
+    reg = ModelRegistry(model_dir, 1)
+    assert reg.current_version() == version
+    names = sorted(p.name for p in reg.versions_dir.iterdir())
+    assert names == [version], f"left in versions/: {names}"  # no .tmp-*, no orphaned unpromoted version
+    stray = [p.name for p in reg.root.rglob("*") if p.name.endswith(".tmp") or p.name.startswith((".tmp", ".trash"))]
+    assert stray == [], f"temporary files left: {stray}"
+    model, meta = ModelCache(model_dir, device="cpu").get(1)  # a serving worker starting now
+    assert meta["version"] == version
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert [e["version"] for e in reg.history()] == [version]
+
+
+def test_read_only_model_dir_keeps_the_previous_version(tmpfs):
+    model_dir = tmpfs("4m")
+    reg = ModelRegistry(model_dir, 1)
+    first = _model(1)
+    v1 = reg.publish(first, {"n": 1})
+    remount(model_dir, "ro")
+    with pytest.raises(RegistryWriteError, match="read-only file system.*the current version \\(v0001-.*\\) stays"):
+        reg.publish(_model(2), {"n": 2})
+    _assert_previous_intact(model_dir, v1, _weights(first))
+    remount(model_dir, "rw")  # the operator fixes the mount: the next job publishes normally
+    v2 = reg.publish(_model(2), {"n": 2})
+    assert reg.current_version() == v2 and reg.meta(v2)["parent"] == v1
+
+
+def test_full_disk_while_writing_the_checkpoint_keeps_the_previous_version(tmpfs):
+    model_dir = tmpfs("1m")
+    reg = ModelRegistry(model_dir, 1)
+    first = _model(1)
+    v1 = reg.publish(first, {"n": 1})
+    filler = model_dir / "filler"
+    with open(filler, "wb") as fh, contextlib.suppress(OSError):  # fill what is left, up to ENOSPC
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    free = os.statvfs(model_dir)
+    assert free.f_bavail * free.f_frsize < 64 * 1024, "the tmpfs is not full"
+    with pytest.raises(RegistryWriteError, match="no space left|probably no space left") as info:
+        reg.publish(_model(2), {"n": 2})
+    assert "stays current" in str(info.value) and v1 in str(info.value)
+    filler.unlink()
+    _assert_previous_intact(model_dir, v1, _weights(first))
+    v2 = reg.publish(_model(2), {"n": 2})
+    assert reg.current_version() == v2
+
+
+def test_no_inode_left_for_the_pointer_removes_the_unpromoted_version(tmpfs, caplog):
+    """The version directory is written completely but CURRENT cannot be replaced (no inode left for its
+    temporary file): the new version must not become current and must not be left behind."""
+    model_dir = tmpfs("4m", nr_inodes=64)
+    reg = ModelRegistry(model_dir, 1)
+    first = _model(1)
+    v1 = reg.publish(first, {"n": 1})
+    st = os.statvfs(model_dir)
+    used = st.f_files - st.f_ffree
+    # a publish needs 3 new inodes for the version (temporary directory, model.pt, meta.json), then 1 for CURRENT
+    remount(model_dir, f"nr_inodes={used + 3}")
+    with caplog.at_level("INFO", logger="ml_backend.registry"), pytest.raises(RegistryWriteError, match="no space"):
+        reg.publish(_model(2), {"n": 2})
+    assert "which could not be promoted" in caplog.text  # the failure hit the pointer, after the version was written
+    remount(model_dir, "nr_inodes=64")
+    _assert_previous_intact(model_dir, v1, _weights(first))
+    assert reg.publish(_model(2), {"n": 2}).startswith("v0002-")

@@ -5,7 +5,9 @@
     python -m ml_backend.cli status   --project 1 --plot learning_curve.png
     python -m ml_backend.cli train    --project 1          # enqueue a training now (like "Start training")
     python -m ml_backend.cli worker                         # = rq worker --serializer rq.serializers.JSONSerializer
-                                                            #   --with-scheduler -u $REDIS_URL $RQ_QUEUE
+                                                            #   --with-scheduler --worker-class
+                                                            #   ml_backend.worker.RecoveringWorker (+ intervals)
+                                                            #   -u $REDIS_URL $RQ_QUEUE
 
 Every command reads the same environment as the backend (MODEL_DIR, REDIS_URL, RQ_QUEUE, ...; see README).
 """
@@ -20,16 +22,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ml_backend.config import Settings, get_settings
+from ml_backend.config import ConfigError, Settings, get_settings
 from ml_backend.registry import ModelRegistry, RegistryError
+
+WORKER_CLASS = "ml_backend.worker.RecoveringWorker"
 
 
 def worker_command(settings: Settings, *, burst: bool = False, name: str | None = None, extra: list[str] | None = None):
-    """The `rq worker` command line for this backend: JSON serializer (no pickles), the backend's queue, and the
-    scheduler (needed for retries with backoff intervals)."""
+    """The `rq worker` command line for this backend: JSON serializer (no pickles), the backend's queue, the
+    scheduler (needed for retries with backoff intervals) and the crash-recovery timing of ``ml_backend.worker``.
+
+    An idle RQ worker wakes every ``worker_ttl - 15`` s and then cleans the registries (re-queues abandoned jobs) if
+    ``maintenance_interval`` has passed: both are derived from WORKER_MAINTENANCE_S so a dead worker's job is found
+    within WORKER_ABANDONED_AFTER_S + WORKER_MAINTENANCE_S.
+    """
+    heartbeat, abandoned, maintenance = (
+        settings.worker_heartbeat_s,
+        settings.worker_abandoned_after_s,
+        settings.worker_maintenance_s,
+    )
+    if abandoned <= heartbeat:
+        raise ConfigError(
+            f"WORKER_ABANDONED_AFTER_S={abandoned} must exceed WORKER_HEARTBEAT_S={heartbeat} (a healthy job would "
+            "look abandoned between two heartbeats)"
+        )
     rq_bin = shutil.which("rq", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     base = [rq_bin] if rq_bin else [sys.executable, "-m", "rq.cli"]
     cmd = [*base, "worker", "--serializer", "rq.serializers.JSONSerializer", "--with-scheduler"]
+    cmd += ["--worker-class", WORKER_CLASS, "--job-monitoring-interval", str(heartbeat)]
+    cmd += ["--maintenance-interval", str(max(1, maintenance - 1)), "--worker-ttl", str(maintenance + 15)]
     cmd += ["-u", settings.redis_url]
     if burst:
         cmd.append("--burst")
@@ -199,7 +220,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         out = q.schedule_training(int(args.project), settings, reason="cli", force=True)
-    except q.QueueUnavailable as exc:
+    except (q.QueueUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(out))
@@ -248,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "worker",
         help="start an RQ worker for the training jobs",
-        description="Runs: rq worker --serializer rq.serializers.JSONSerializer --with-scheduler -u $REDIS_URL "
-        "$RQ_QUEUE (start one per CPU/GPU you want to train or re-score on).",
+        description="Runs: rq worker --serializer rq.serializers.JSONSerializer --with-scheduler --worker-class "
+        "ml_backend.worker.RecoveringWorker with the WORKER_* recovery intervals, -u $REDIS_URL $RQ_QUEUE (start one "
+        "per CPU/GPU you want to train or re-score on).",
     )
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--name", help="worker name")

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     # Queue.
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL", "redis_url"))
     queue_name: str = Field("ml-backend", validation_alias=_env("RQ_QUEUE", "queue_name"))
+    # Worker crash recovery (RQ): a running job's heartbeat is refreshed every WORKER_HEARTBEAT_S; a job whose heartbeat
+    # is older than WORKER_ABANDONED_AFTER_S (its worker died) is re-queued by an idle worker, which looks for such
+    # jobs every WORKER_MAINTENANCE_S. Worst case from a kill to the re-queue: ABANDONED_AFTER + MAINTENANCE.
+    worker_heartbeat_s: int = Field(10, ge=1, validation_alias=_env("WORKER_HEARTBEAT_S", "worker_heartbeat_s"))
+    worker_abandoned_after_s: int = Field(
+        30, ge=2, validation_alias=_env("WORKER_ABANDONED_AFTER_S", "worker_abandoned_after_s")
+    )
+    worker_maintenance_s: int = Field(15, ge=1, validation_alias=_env("WORKER_MAINTENANCE_S", "worker_maintenance_s"))
     # Optional HTTP basic auth expected from Label Studio (both or neither).
     basic_auth_user: str = Field("", validation_alias=_env("BASIC_AUTH_USER", "basic_auth_user"))
     basic_auth_pass: str = Field("", validation_alias=_env("BASIC_AUTH_PASS", "basic_auth_pass"))

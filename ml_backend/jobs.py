@@ -52,6 +52,20 @@ class TrainingError(RuntimeError):
     """The job cannot train (no usable annotation, no label config): reported in the failed job, not retried blindly."""
 
 
+class ProjectNotFound(TrainingError):
+    """Label Studio answers 404 for the project (or the id is out of range): no retry can help, so the job fails at
+    once instead of being retried (``run_exclusive`` sets ``retries_left = 0``)."""
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind a Label Studio error (the SDK's ApiError is its cause)."""
+    for err in (exc, exc.__cause__):
+        status = getattr(err, "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
 @dataclass
 class LabelledTile:
     task_id: int
@@ -356,6 +370,8 @@ def project_label_config(ls: Any, project_id: int, settings: Settings) -> tuple[
         project = call(ls, ls.projects.get, id=int(project_id), what=f"reading project {project_id}")
         xml = getattr(project, "label_config", None)
     except LabelStudioError as exc:  # e.g. no permission on the project: fall back to the stored /setup config
+        if _http_status(exc) == 404:
+            raise ProjectNotFound(f"project {project_id} does not exist in Label Studio (HTTP 404): {exc}") from exc
         log.warning("project %s: cannot read the label config from Label Studio: %s", project_id, exc)
     stored = Path(settings.model_dir) / "projects" / str(project_id) / "label_config.xml"  # written by /setup
     if not xml and stored.is_file():
@@ -510,6 +526,10 @@ def run_exclusive(
     from the training itself so the protocol is tested with a real Redis and no Label Studio.
     """
     job_id = job_id or (job.id if job is not None else f"local-{uuid.uuid4().hex[:12]}")
+    if not q.valid_id(pid):
+        if job is not None:
+            job.retries_left = 0
+        raise ProjectNotFound(f"project id must be an integer in 1..{q.MAX_ID}, got {pid!r}")
     conn = conn if conn is not None else _redis_for_job(job, settings)
     q.release_queued_slot(conn, pid, job_id)
     force = force or q.take_force_flag(conn, pid, job_id)
@@ -530,6 +550,8 @@ def run_exclusive(
         return summary
     except Exception as exc:
         summary.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=progress.timings)
+        if isinstance(exc, ProjectNotFound) and job is not None:
+            job.retries_left = 0  # RQ reads this when the job raises: straight to the failed registry, no retry
         with contextlib.suppress(Exception):
             q.record_job(conn, pid, {**summary, "finished": time.time()})
             if job is not None and (job.retries_left or 0) > 0:

@@ -5,7 +5,9 @@ a few Redis round trips (no Label Studio calls, no torch import) and never train
 
 ``pending``  set of task ids submitted since the last training job started reading annotations (the batch counter;
              a set so re-saving one task many times counts once)
-``queued``   id of the training job waiting in the queue (at most one per project; SET under WATCH)
+``queued``   id of the training job waiting in the queue (at most one per project): SET in the same MULTI/EXEC that
+             creates and enqueues the RQ job, under WATCH of this key, so a concurrent webhook either sees the job
+             or retries; it never sees a claimed slot without its job
 ``lock``     id of the training job running now (SET NX + TTL refreshed by a heartbeat, so a killed worker frees it)
 ``dirty``    set by a job that found another one running: the running job schedules exactly one follow-up when
              it finishes
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 import uuid
@@ -44,11 +47,14 @@ TRAIN_FUNC = "ml_backend.jobs.train_project"
 RESCORE_FUNC = "ml_backend.jobs.rescore_chunk"
 JOB_RETRY = {"max": 3, "interval": [10, 30, 60]}
 QUEUED_TTL_S = 7 * 24 * 3600  # a forgotten slot (job deleted by hand) frees itself; also checked against RQ's status
-LOCK_TTL_S = 120  # training lock lifetime without heartbeat: a killed worker blocks its project at most this long
+LOCK_TTL_S = 60  # training lock lifetime without heartbeat: a killed worker blocks its project at most this long
+# (its own re-run, same job id, re-enters at once; other jobs of the project wait at most this long)
 RESULT_TTL_S = 7 * 24 * 3600
 FAILURE_TTL_S = 30 * 24 * 3600
 WAITING_STATUSES = {"queued", "deferred", "scheduled"}
+CLAIM_ATTEMPTS = 50  # WATCH retries under contention (each a few ms); 1,000 webhooks from 8 threads need a handful
 SOCKET_TIMEOUT_S = 0.5  # the webhook must answer within Label Studio's 1 s even when Redis is gone
+MAX_ID = 2**31 - 1  # Label Studio's ids are positive 32-bit integers: anything else cannot name a project or task
 
 
 class QueueUnavailable(RuntimeError):
@@ -120,17 +126,34 @@ def _decode(value: bytes | str | None) -> str | None:
 
 # ---------------------------------------------------------------------- payload parsing
 def _as_int(value: Any) -> int | None:
-    """Project/task ids arrive as ints, strings or '<id>.<timestamp>' (the /setup form)."""
+    """Project/task ids arrive as ints, strings or '<id>.<timestamp>' (the /setup form); None unless 1..MAX_ID."""
     if isinstance(value, bool) or value is None:
         return None
+    number: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        head = value.strip().split(".", 1)[0]
-        return int(head) if head.isdigit() else None
-    return None
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
+        head = value.strip()[:32].split(".", 1)[0]  # bounded before int(): a 5,000-digit string is not an id
+        number = int(head) if head.isascii() and head.isdigit() and len(head) <= 10 else None
+    return number if number is not None and valid_id(number) else None
+
+
+def valid_id(value: Any) -> bool:
+    """A Label Studio id: an int (not bool) in 1..MAX_ID."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
+def _raw_project_given(payload: dict) -> bool:
+    """Whether the payload names a project at all (so an invalid one is reported as such, not as missing)."""
+    project = payload.get("project")
+    if isinstance(project, dict):
+        return project.get("id") is not None
+    if project is not None:
+        return True
+    holders = (payload.get("annotation"), payload.get("task"))
+    return any(isinstance(h, dict) and h.get("project") is not None for h in holders)
 
 
 def project_id_from_payload(payload: dict) -> int | None:
@@ -182,6 +205,8 @@ def handle_webhook(payload: Any, settings: Any) -> dict:
         return {"status": "ignored", "action": action or None, "reason": "event not used by this backend"}
     pid = project_id_from_payload(payload)
     if pid is None:
+        if _raw_project_given(payload):  # negative, zero, huge or not a number: no Redis key is ever created for it
+            return {"status": "ignored", "action": action, "reason": f"project id is not an integer in 1..{MAX_ID}"}
         return {"status": "ignored", "action": action, "reason": "no project id in the payload"}
     conn = get_connection(settings.redis_url)
     result: dict[str, Any] = {"action": action, "project": pid}
@@ -225,30 +250,33 @@ def schedule_training(
     ``force`` (START_TRAINING) trains even when Label Studio holds nothing new. A waiting job that is not forced is
     upgraded to forced, so a click on "Start training" is never swallowed by a coalesced annotation trigger.
     """
+    if not valid_id(project_id):
+        raise ValueError(f"project id must be an integer in 1..{MAX_ID}, got {project_id!r}")
     conn = connection if connection is not None else get_connection(settings.redis_url)
     qkey = key(project_id, "queued")
     with _redis_errors(settings):
-        for _attempt in range(5):
+        for _attempt in range(CLAIM_ATTEMPTS):
             with conn.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(qkey)
                     existing = _decode(pipe.get(qkey))
                     if existing and _job_status(pipe, existing) in WAITING_STATUSES:
-                        pipe.unwatch()
-                        if force:
-                            conn.set(key(project_id, "force"), existing, ex=QUEUED_TTL_S)
+                        if force:  # only while the slot still names that job (it may start meanwhile)
+                            pipe.multi()
+                            pipe.set(key(project_id, "force"), existing, ex=QUEUED_TTL_S)
+                            pipe.execute()
+                        else:
+                            pipe.unwatch()
                         return {"status": "coalesced", "job_id": existing}
+                    # Claim and enqueue in ONE transaction: the slot is never visible without its RQ job.
                     job_id = f"train-p{project_id}-{uuid.uuid4().hex[:12]}"
                     pipe.multi()
+                    _enqueue_train(project_id, job_id, settings, conn, pipe, reason=reason, force=force)
                     pipe.set(qkey, job_id, ex=QUEUED_TTL_S)
                     pipe.execute()
                 except redis.exceptions.WatchError:
-                    continue  # another webhook took the slot at the same moment: look again
-            try:
-                _enqueue_train(project_id, job_id, settings, conn, reason=reason, force=force)
-            except BaseException:
-                conn.delete(qkey)
-                raise
+                    time.sleep(random.uniform(0, 0.002))  # another webhook changed the slot: look again
+                    continue
             log.info("project %s: queued training job %s (%s)", project_id, job_id, reason)
             return {"status": "queued", "job_id": job_id}
     raise QueueUnavailable(f"project {project_id}: could not take the training slot (Redis contention)")
@@ -261,11 +289,15 @@ def _job_status(conn: Any, job_id: str) -> str | None:
     return _decode(conn.hget(Job.key_for(job_id), "status"))
 
 
-def _enqueue_train(project_id: int, job_id: str, settings: Any, conn: redis.Redis, *, reason: str, force: bool):
+def _enqueue_train(
+    project_id: int, job_id: str, settings: Any, conn: redis.Redis, pipe: Any, *, reason: str, force: bool
+) -> Any:
+    """Buffer the creation and enqueueing of the RQ job on ``pipe`` (a MULTI pipeline: nothing runs until EXEC)."""
     queue = get_queue(settings, conn)
     timeout = int(2 * float(settings.train_time_budget_s) + 3600)  # training budget + reading + re-scoring
     return queue.enqueue_call(
         TRAIN_FUNC,
+        pipeline=pipe,
         kwargs={"project_id": int(project_id), "force": bool(force), "reason": str(reason)},
         job_id=job_id,
         timeout=timeout,

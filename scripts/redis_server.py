@@ -23,6 +23,9 @@ from pathlib import Path
 log = logging.getLogger("redis_server")
 
 
+PERSIST_ARGS = ["--appendonly", "yes", "--appendfsync", "everysec"]  # same as docker-compose.yml's redis command
+
+
 class RedisServerError(RuntimeError):
     """Redis could not be found or did not start."""
 
@@ -71,9 +74,11 @@ def start_redis(
 ) -> subprocess.Popen:
     """Start redis-server on host:port with its files in `workdir`; return once it answers PING.
 
-    persist=False disables RDB/AOF (tests, benchmarks); True keeps Redis' default snapshots in `workdir` so queued
-    jobs survive a restart. The caller owns the process (terminate() it). Raises RedisServerError with the log tail
-    when the server does not come up.
+    persist=False disables RDB/AOF (tests, benchmarks). persist=True runs with the append-only file
+    (``appendonly yes``, ``appendfsync everysec``) plus Redis' default snapshots in `workdir`: queued jobs, the
+    pending-annotation sets and the training slots survive a restart and even a ``kill -9`` of Redis, losing at
+    most the last second of writes (snapshots alone lost everything since the last snapshot). The caller owns the
+    process (terminate() it). Raises RedisServerError with the log tail when the server does not come up.
     """
     binary = binary or find_redis_server()
     if not binary:
@@ -87,7 +92,9 @@ def start_redis(
     logfile = workdir / f"redis-{port}.log"
     args = [binary, "--port", str(port), "--bind", host, "--dir", str(workdir.resolve()), "--daemonize", "no"]
     args += ["--logfile", str(logfile.resolve()), "--protected-mode", "yes"]
-    if not persist:
+    if persist:
+        args += PERSIST_ARGS
+    else:
         args += ["--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=6379, help="TCP port (default 6379)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--dir", default=".cache/redis", help="working directory for logs/snapshots")
-    parser.add_argument("--no-persist", action="store_true", help="disable RDB/AOF snapshots")
+    parser.add_argument("--no-persist", action="store_true", help="disable persistence (default: AOF everysec + RDB)")
     parser.add_argument("--which", action="store_true", help="print the redis-server binary that would be used")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

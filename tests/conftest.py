@@ -1,11 +1,32 @@
 """Shared fixtures: one real redis-server per test session (not fakeredis: the queue logic relies on real
-SET NX / TTL / pipeline semantics and on RQ talking to a real server)."""
+SET NX / TTL / pipeline semantics and on RQ talking to a real server), and the real-server fixtures used by
+tests/integration and tests/faults (moved here unchanged so both share ONE Label Studio per session):
+
+* ``label_studio`` (session): ``scripts/label_studio_server.py`` installs label-studio==1.23.2 into LABEL_STUDIO_VENV
+  (default ``<repo>/.cache/label-studio-venv``) if missing and starts it on 127.0.0.1 with a fresh database. The
+  first start migrates an empty SQLite database (30-100 s); that migrated database is kept as a template in
+  ``<repo>/.cache/label-studio-template-<version>`` so later sessions start in seconds.
+* ``ls``: an SDK client connected as the admin (``ml_backend.labelstudio.client.connect``).
+* ``start_backend(model_dir, **env)``: gunicorn serving ``ml_backend.server.app:create_app()`` on a free port, as in
+  production (separate process, real HTTP); stopped at the end of the session.
+* ``load_script(name)``: a module from ``scripts/`` (they are not a package).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -85,3 +106,143 @@ def train_tiny_unet():
         return model.eval(), result.metrics
 
     return train
+
+
+# ---------------------------------------------------------------------- real servers (integration, faults)
+REPO = REPO_ROOT
+_SCRIPTS: dict[str, ModuleType] = {}
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (cached)."""
+    if name not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        sys.modules[spec.name] = module  # dataclasses in the script need their module registered
+        spec.loader.exec_module(module)
+        _SCRIPTS[name] = module
+    return _SCRIPTS[name]
+
+
+@pytest.fixture(scope="session")
+def scripts():
+    """Access to scripts/*.py as modules: ``scripts("import_tiles").import_tiles(...)``."""
+    return load_script
+
+
+def _template_dir(version: str) -> Path:
+    return REPO / ".cache" / f"label-studio-template-{version}"
+
+
+def _make_template(lss: ModuleType, template: Path) -> None:
+    """Start Label Studio once on an empty data dir (migrations + admin user), stop it, keep the dir."""
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with open(template.parent / f".{template.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (template / "label_studio.sqlite3").is_file():
+            return
+        building = template.with_name(template.name + f".building-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        server = lss.start_label_studio(data_dir=building, document_root=building / "files", timeout=600)
+        server.stop()
+        shutil.rmtree(building / "files", ignore_errors=True)
+        (building / "server.log").unlink(missing_ok=True)
+        os.replace(building, template)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio 1.23.2 on 127.0.0.1 with a fresh database (LabelStudioServer: url, api_key, ...)."""
+    lss = load_script("label_studio_server")
+    template = _template_dir(lss.LABEL_STUDIO_VERSION)
+    try:
+        lss.ensure_venv()
+        if not (template / "label_studio.sqlite3").is_file():
+            _make_template(lss, template)
+    except lss.LabelStudioServerError as exc:
+        pytest.fail(f"cannot install/start Label Studio for the integration tests: {exc}")
+    base = tmp_path_factory.mktemp("label-studio")
+    data_dir = base / "data"
+    shutil.copytree(template, data_dir)
+    server = lss.start_label_studio(data_dir=data_dir, document_root=base / "files", timeout=600)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ls(label_studio):
+    """SDK client of the session's Label Studio (token verified)."""
+    from ml_backend.config import Settings
+    from ml_backend.labelstudio.client import connect
+
+    return connect(Settings.from_env(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key))
+
+
+@dataclass
+class Backend:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    model_dir: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
+
+
+@pytest.fixture(scope="session")
+def start_backend(label_studio, tmp_path_factory):
+    """start_backend(model_dir, **env) -> Backend: gunicorn with the real app on a free 127.0.0.1 port."""
+    lss = load_script("label_studio_server")
+    started: list[Backend] = []
+
+    def start(model_dir: Path, **env_overrides: str) -> Backend:
+        port = lss.free_port()
+        log_path = tmp_path_factory.mktemp("backend") / "gunicorn.log"
+        env = {k: v for k, v in os.environ.items() if k != "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"}
+        env.update(
+            PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+            MODEL_DIR=str(model_dir),
+            LABEL_STUDIO_URL=label_studio.url,
+            LABEL_STUDIO_API_KEY=label_studio.api_key,
+            REDIS_URL=env_overrides.pop("REDIS_URL", f"redis://127.0.0.1:{lss.free_port()}/0"),
+            OMP_NUM_THREADS="2",
+            DEVICE="auto",
+        )
+        env.update(env_overrides)
+        cmd = [
+            sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4",
+            "--timeout", "300", "--graceful-timeout", "5", "ml_backend.server.app:create_app()",
+        ]  # fmt: skip
+        with open(log_path, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        backend = Backend(f"http://127.0.0.1:{port}", proc, log_path, Path(model_dir))
+        started.append(backend)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"gunicorn exited with {proc.returncode}:\n{backend.log_tail()}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(backend.url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return backend
+            time.sleep(0.5)
+        backend.stop()
+        pytest.fail(f"backend did not answer /health within 120 s:\n{backend.log_tail()}")
+
+    try:
+        yield start
+    finally:
+        for backend in started:
+            backend.stop()

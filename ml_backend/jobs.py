@@ -605,9 +605,17 @@ def _train_and_rescore(
         if not annotations:
             log.warning("project %s: no submitted annotation in Label Studio: nothing to train", pid)
             return {"status": "no-annotations", "tasks": len(tasks)}
+        resume = False
         if not force and current is not None and current.get("annotation_signature") == signature:
-            log.info("project %s: annotations unchanged since %s: nothing to train", pid, current["version"])
-            return {"status": "up-to-date", "version": current["version"]}
+            if _delivered(ls, pid, current["version"], tasks, annotations):
+                log.info("project %s: annotations unchanged since %s: nothing to train", pid, current["version"])
+                return {"status": "up-to-date", "version": current["version"]}
+            resume = True  # the job that made it died or failed after publishing: deliver its predictions now
+            log.warning(
+                "project %s: %s is current but its predictions were not all delivered to Label Studio (the job that "
+                "trained it died or failed while re-scoring or uploading): finishing that instead of training",
+                pid, current["version"],
+            )  # fmt: skip
         strategy = project_strategy(pid, settings)
         t0 = time.monotonic()
         tiles, skipped = decode_annotations(tasks, annotations, config, lambda t: load_task_image(t, config, settings))
@@ -619,22 +627,25 @@ def _train_and_rescore(
             first = "; ".join(f"task {s['task']}: {s['error']}" for s in skipped[:3])
             raise TrainingError(f"project {pid}: none of the {len(annotations)} annotations is usable ({first})")
     with progress.phase("train"):
-        outcome = train_version(
-            registry,
-            tiles,
-            config,
-            settings,
-            strategy=strategy,
-            progress=progress.train_step,
-            calibration=lambda: calibration_crops(tasks, config, settings),
-            extra_meta={
-                "annotation_signature": signature,
-                "skipped": skipped,
-                "trigger": reason,
-                "job": job_id,
-                "project": pid,
-            },
-        )
+        if resume:
+            outcome = _published_outcome(registry, current["version"], settings)
+        else:
+            outcome = train_version(
+                registry,
+                tiles,
+                config,
+                settings,
+                strategy=strategy,
+                progress=progress.train_step,
+                calibration=lambda: calibration_crops(tasks, config, settings),
+                extra_meta={
+                    "annotation_signature": signature,
+                    "skipped": skipped,
+                    "trigger": reason,
+                    "job": job_id,
+                    "project": pid,
+                },
+            )
     version = outcome.version
     progress.update(version=version, metrics=outcome.meta.get("metrics"))
     log.info("project %s: promoted %s, val IoU %s", pid, version, outcome.meta["metrics"].get("val_iou"))
@@ -650,8 +661,13 @@ def _train_and_rescore(
                 ensemble=outcome.ensemble, labelled_embeddings=labelled_emb,
             )  # fmt: skip
     with progress.phase("upload"):
-        if predictions:
-            push_predictions(ls, pid, predictions)
+        held = {tid for tid, task in tasks.items() if _holds_prediction(task, version)}
+        fresh = [p for p in predictions if int(p["task"]) not in held]  # a re-run never duplicates a prediction
+        if len(fresh) < len(predictions):
+            log.info("project %s: %d tasks already hold a prediction of %s (uploaded by an earlier run of this job)",
+                     pid, len(predictions) - len(fresh), version)  # fmt: skip
+        if fresh:
+            push_predictions(ls, pid, fresh)
         try:
             set_project_model_version(ls, pid, version)
         except LabelStudioError as exc:
@@ -661,7 +677,7 @@ def _train_and_rescore(
             log.warning("project %s: every task is labelled; model_version %s not set (%s)", pid, version, exc)
     log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, len(predictions), version)
     return {
-        "status": "trained",
+        "status": "delivered" if resume else "trained",
         "version": version,
         "metrics": outcome.meta.get("metrics"),
         "n_annotations": len(tiles),
@@ -669,6 +685,29 @@ def _train_and_rescore(
         "predictions": len(predictions),
         "train_tiles_per_s": (outcome.meta.get("metrics") or {}).get("tiles_per_s"),
     }
+
+
+def _holds_prediction(task: dict, version: str) -> bool:
+    return any(isinstance(p, dict) and p.get("model_version") == version for p in task.get("predictions") or [])
+
+
+def _delivered(ls: Any, pid: int, version: str, tasks: dict[int, dict], annotations: dict[int, dict]) -> bool:
+    """Whether the job that published ``version`` finished its upload: the project's ``model_version`` names it
+    (set last, after every prediction), or there is no unlabelled task to predict."""
+    from ml_backend.labelstudio.client import as_dict, call
+
+    if all(tid in annotations for tid in tasks):
+        return True
+    project = as_dict(call(ls, ls.projects.get, id=int(pid), what=f"reading project {pid}"))
+    return project.get("model_version") == version
+
+
+def _published_outcome(registry: ModelRegistry, version: str, settings: Settings) -> TrainOutcome:
+    """The current version (model and stored ensemble) as a TrainOutcome, to re-score and deliver without training."""
+    device = torch_device(settings.device)
+    model, meta = registry.load(version, map_location=device)
+    ensemble = [registry.load_extra(version, name, map_location=device) for name in meta.get("extra_models", [])]
+    return TrainOutcome(version, meta, model, ensemble)
 
 
 # ---------------------------------------------------------------------- chunked re-scoring

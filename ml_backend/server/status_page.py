@@ -1,0 +1,380 @@
+"""The backend's status page: server-rendered HTML (no web framework, no JavaScript) from a plain dict.
+
+Why: without a shell nobody on the team can tell whether training runs, which model version is live, or whether
+the labels pay off (issue 12). The page shows per project the live version, a running job's progress (step, loss,
+validation IoU, ETA), the queue (labelled / unlabelled tasks, tasks holding a prediction of the live version,
+annotations waiting for the next training), the learning curve across versions as inline SVG (IoU and Dice), whether
+the last trained version was promoted or held back and why, recent per-task errors, and every stored version with
+the command that rolls back to it.
+
+Everything that comes from outside (project titles, version ids, error messages, task data) is HTML-escaped; the
+page has no script and no external resource, so it can be served behind the backend's auth as is.
+
+Input: ``render_status_page({"title": ..., "generated_at": ..., "projects": [project, ...]})`` where a project is::
+
+    {"id": 3, "title": "...", "label_studio_url": "http://ls/projects/3",      # all keys optional except "id"
+     "live_version": "v0004-...",
+     "job": {"phase": "train", "step": 120, "steps": 400, "loss": 0.31, "val_iou": 0.61, "seconds": 40.0,
+             "eta_s": 93.0, "version": None}          # or the RQ job meta {"phase", "progress": {...}}; None = idle
+     "queue": {"labelled": 12, "unlabelled": 488, "with_live_prediction": 480, "total": 500,
+               "pending_annotations": 3, "threshold": 5, "queued": [...], "failed": [...]},
+     "versions": [registry meta, ...],                 # ModelRegistry.versions(): version, created, n_annotations,
+                                                       # metrics {val_iou, val_dice}, parent, ...
+     "promotion": {"version": "v0005-...", "promoted": False, "reason": "val IoU 0.58 < live 0.61"},
+     "errors": [{"task": 17, "reason": "...", "time": "..."}]}
+
+``collect_project_status`` builds such a dict from a ``ModelRegistry`` and ``queue.queue_state`` output.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ROLLBACK_CLI",
+    "collect_project_status",
+    "learning_curve_svg",
+    "render_not_found",
+    "render_status_page",
+]
+
+ROLLBACK_CLI = "python -m ml_backend.cli"
+MAX_ERRORS = 20
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:0 0 8px}h3{font-size:14px;margin:14px 0 6px}
+.meta{color:#666;font-size:12px}.project{background:#fff;border:1px solid #ddd;border-radius:8px;padding:16px;
+margin:16px 0}table{border-collapse:collapse;font-size:13px}td,th{padding:3px 10px 3px 0;text-align:left;
+vertical-align:top}th{color:#555;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#0a7d32}.warn{color:#b25b00}.err{color:#b00020}code{background:#f0f0f0;padding:1px 4px;border-radius:3px;
+font-size:12px}.bar{display:inline-block;width:200px;height:10px;background:#eee;border-radius:5px;vertical-align:middle}
+.bar span{display:block;height:10px;background:#3d7bff;border-radius:5px}.live{font-weight:700}
+.grid{display:flex;flex-wrap:wrap;gap:24px}
+"""
+
+
+def _e(value: Any) -> str:
+    """HTML-escaped text of any value (None -> '-')."""
+    return "-" if value is None else html.escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    """A finite number formatted, anything else escaped (a hostile 'metric' string stays text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _e(value)
+    if not math.isfinite(float(value)):
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def _duration(seconds: Any) -> str:
+    s = _finite(seconds)
+    if s is None or s < 0:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def _metric(meta: Mapping, name: str) -> float | None:
+    metrics = meta.get("metrics")
+    return _finite(metrics.get(name)) if isinstance(metrics, Mapping) else None
+
+
+# --------------------------------------------------------------------------------------------------- learning curve
+def learning_curve_svg(versions: Sequence[Mapping], live_version: str | None = None, *, width: int = 560) -> str:
+    """Inline SVG: validation IoU and Dice per version (x = version order), one marker per version and metric.
+
+    Markers carry a <title> (version, annotations, value) so hovering shows the numbers; the live version's markers
+    are ringed. A version without a metric gets no marker for it (the line skips it).
+    """
+    height, left, right, top, bottom = 240, 44, 16, 14, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+    metas = [v for v in versions if isinstance(v, Mapping)]
+    n = len(metas)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="learning-curve" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="learning curve: validation IoU and Dice per version">',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
+    ]
+
+    def y_of(value: float) -> float:
+        return top + plot_h * (1.0 - min(1.0, max(0.0, value)))
+
+    def x_of(i: int) -> float:
+        return left + (plot_w / 2 if n <= 1 else plot_w * i / (n - 1))
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = y_of(tick)
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick:.2f}</text>')
+    if n == 0:
+        out.append(
+            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" text-anchor="middle" '
+            'fill="#888">no trained version yet</text>'
+        )
+    series = (("val_iou", "IoU", "#3d7bff", "pt-iou"), ("val_dice", "Dice", "#e8590c", "pt-dice"))
+    for key, label, colour, css in series:
+        points = [
+            (x_of(i), y_of(value), i, value) for i, m in enumerate(metas) if (value := _metric(m, key)) is not None
+        ]
+        if len(points) > 1:
+            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in points)
+            out.append(
+                f'<polyline class="line-{css[3:]}" points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>'
+            )
+        for x, y, i, value in points:
+            meta = metas[i]
+            live = meta.get("version") == live_version and live_version is not None
+            tip = f"{meta.get('version')}: {label} {value:.3f}, {meta.get('n_annotations', '?')} annotations"
+            ring = ' stroke="#000" stroke-width="2"' if live else ""
+            out.append(
+                f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="{5 if live else 3.5}" fill="{colour}"{ring}>'
+                f"<title>{_e(tip)}</title></circle>"
+            )
+    for i, meta in enumerate(metas):  # x labels: version number and annotations used
+        version = str(meta.get("version", ""))
+        short = version.split("-")[0] or f"#{i + 1}"
+        n_ann = meta.get("n_annotations")
+        out.append(
+            f'<text x="{x_of(i):.1f}" y="{top + plot_h + 14}" font-size="10" text-anchor="middle">{_e(short)}</text>'
+        )
+        if n_ann is not None:
+            out.append(
+                f'<text x="{x_of(i):.1f}" y="{top + plot_h + 26}" font-size="9" fill="#666" '
+                f'text-anchor="middle">{_e(n_ann)} ann.</text>'
+            )
+    legend_y = height - 6
+    out.append(f'<rect x="{left}" y="{legend_y - 8}" width="10" height="3" fill="#3d7bff"/>')
+    out.append(f'<text x="{left + 14}" y="{legend_y}" font-size="11">validation IoU</text>')
+    out.append(f'<rect x="{left + 110}" y="{legend_y - 8}" width="10" height="3" fill="#e8590c"/>')
+    out.append(f'<text x="{left + 124}" y="{legend_y}" font-size="11">validation Dice</text>')
+    out.append(f'<text x="{left + 230}" y="{legend_y}" font-size="11" fill="#666">ringed = live version</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------------- sections
+def _job_section(job: Any) -> str:
+    if not isinstance(job, Mapping) or not job:
+        return '<p class="meta job-idle">No training job running.</p>'
+    info = dict(job)
+    if isinstance(job.get("progress"), Mapping):  # RQ job meta: {"phase", "progress": {...}}
+        info = {**info, **job["progress"]}
+    step, steps, seconds = _finite(info.get("step")), _finite(info.get("steps")), _finite(info.get("seconds"))
+    eta = _finite(info.get("eta_s"))
+    if eta is None and step and steps and seconds is not None and steps >= step:
+        eta = seconds / step * (steps - step)
+    fraction = (step / steps) if step is not None and steps else None
+    bar = ""
+    if fraction is not None:
+        pct = max(0.0, min(1.0, fraction)) * 100
+        bar = f' <span class="bar"><span style="width:{pct:.0f}%"></span></span> {pct:.0f}%'
+    rows = [
+        ("phase", _e(info.get("phase") or "running")),
+        ("step", f"{_num(info.get('step'))} / {_num(info.get('steps'))}{bar}"),
+        ("loss", _num(info.get("loss"), 4)),
+        ("validation IoU", _num(info.get("val_iou"))),
+        ("elapsed", _duration(seconds)),
+        ("ETA", _duration(eta)),
+    ]
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="job-running">{body}</table>'
+
+
+def _queue_section(queue: Any) -> str:
+    if not isinstance(queue, Mapping) or not queue:
+        return '<p class="meta">Queue state unavailable.</p>'
+    labelled, unlabelled = queue.get("labelled"), queue.get("unlabelled")
+    rows = [
+        ("labelled tasks", _num(labelled)),
+        ("unlabelled tasks", _num(unlabelled)),
+        ("tasks with a prediction of the live version", _num(queue.get("with_live_prediction"))),
+    ]
+    if queue.get("pending_annotations") is not None:
+        rows.append(
+            (
+                "new annotations since the last training",
+                f"{_num(queue.get('pending_annotations'))} / {_num(queue.get('threshold'))} (training starts at the "
+                "threshold)",
+            )
+        )
+    for key, label in (("queued", "training jobs queued"), ("failed", "failed training jobs")):
+        value = queue.get(key)
+        if isinstance(value, (list, tuple)):
+            rows.append((label, _num(len(value))))
+    if queue.get("error"):
+        rows.append(("queue error", f'<span class="err">{_e(queue.get("error"))}</span>'))
+    body = "".join(f'<tr><th>{k}</th><td class="num">{v}</td></tr>' for k, v in rows)
+    return f'<table class="queue">{body}</table>'
+
+
+def _promotion_section(promotion: Any) -> str:
+    if not isinstance(promotion, Mapping) or not promotion:
+        return '<p class="meta">No training finished yet.</p>'
+    version = _e(promotion.get("version"))
+    reason = promotion.get("reason")
+    if promotion.get("promoted"):
+        text = f'<span class="ok">promoted</span>: {version} is live'
+    else:
+        text = f'<span class="warn">held back</span>: {version} was not promoted'
+    if reason:
+        text += f" — {_e(reason)}"
+    return f'<p class="promotion">Last trained version {text}.</p>'
+
+
+def _errors_section(errors: Any) -> str:
+    items = [e for e in errors if isinstance(e, Mapping)] if isinstance(errors, (list, tuple)) else []
+    if not items:
+        return '<p class="meta">No recent per-task errors.</p>'
+    rows = "".join(
+        f"<tr><td>{_e(e.get('time'))}</td><td class='num'>{_e(e.get('task'))}</td>"
+        f"<td class='err'>{_e(e.get('reason') or e.get('error'))}</td></tr>"
+        for e in items[-MAX_ERRORS:][::-1]
+    )
+    more = f'<p class="meta">{len(items) - MAX_ERRORS} older error(s) not shown.</p>' if len(items) > MAX_ERRORS else ""
+    return f'<table class="errors"><tr><th>time</th><th>task</th><th>reason</th></tr>{rows}</table>{more}'
+
+
+def _versions_section(project_id: Any, versions: Sequence[Mapping], live: str | None, cli: str) -> str:
+    if not versions:
+        return '<p class="meta">No stored version.</p>'
+    rows = []
+    for meta in reversed(versions):  # newest first
+        version = meta.get("version")
+        is_live = version == live and live is not None
+        hint = (
+            "live" if is_live else f"<code>{_e(cli)} rollback --project {_e(project_id)} --version {_e(version)}</code>"
+        )
+        row_class = ' class="live"' if is_live else ""
+        iou, dice = _num(_metric(meta, "val_iou")), _num(_metric(meta, "val_dice"))
+        rows.append(
+            f"<tr{row_class}><td>{_e(version)}</td><td>{_e(meta.get('created'))}</td>"
+            f"<td class='num'>{_num(meta.get('n_annotations'))}</td><td class='num'>{iou}</td>"
+            f"<td class='num'>{dice}</td><td>{hint}</td></tr>"
+        )
+    head = "".join(f"<th>{h}</th>" for h in ("version", "created", "annotations", "val IoU", "val Dice", "rollback"))
+    head = f"<tr>{head}</tr>"
+    return f'<table class="versions">{head}{"".join(rows)}</table>'
+
+
+def _project_section(project: Mapping, cli: str) -> str:
+    pid = project.get("id")
+    title = project.get("title")
+    live = project.get("live_version")
+    live = str(live) if live is not None else None
+    versions = [v for v in project.get("versions") or [] if isinstance(v, Mapping)]
+    heading = f"Project {_e(pid)}" + (f" — {_e(title)}" if title else "")
+    link = project.get("label_studio_url")
+    link_html = ""
+    if isinstance(link, str) and link.lower().startswith(("http://", "https://", "/")):
+        link_html = f' <a class="meta" href="{_e(link)}">open in Label Studio</a>'
+    live_html = f'<span class="live live-version">{_e(live)}</span>' if live else "none (not trained yet)"
+    return (
+        f'<section class="project" id="project-{_e(pid)}"><h2>{heading}{link_html}</h2>'
+        f"<p>Live version: {live_html}</p>"
+        f'<div class="grid"><div><h3>Training job</h3>{_job_section(project.get("job"))}</div>'
+        f"<div><h3>Queue</h3>{_queue_section(project.get('queue'))}</div></div>"
+        f"<h3>Learning curve</h3>{learning_curve_svg(versions, live)}"
+        f"<h3>Last training</h3>{_promotion_section(project.get('promotion'))}"
+        f"<h3>Recent errors</h3>{_errors_section(project.get('errors'))}"
+        f"<h3>Versions</h3>{_versions_section(pid, versions, live, cli)}</section>"
+    )
+
+
+def _document(title: str, body: str, generated_at: Any = None, refresh_s: int | None = None) -> str:
+    refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}">' if refresh_s else ""
+    stamp = f'<p class="meta">Generated {_e(generated_at)}</p>' if generated_at else ""
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"{refresh}<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{_e(title)}</h1>{stamp}{body}</body></html>"
+    )
+
+
+def render_status_page(status: Mapping, *, cli: str = ROLLBACK_CLI, refresh_s: int | None = 15) -> str:
+    """The whole page (one section per project); missing keys render as '-' or a short note, never fail.
+
+    ``refresh_s`` adds a meta refresh so an open page follows a running job (None: no refresh).
+    """
+    if not isinstance(status, Mapping):
+        raise TypeError(f"status must be a mapping, got {type(status).__name__}")
+    projects = [p for p in status.get("projects") or [] if isinstance(p, Mapping)]
+    title = str(status.get("title") or "ML backend status")
+    body = "".join(_project_section(p, cli) for p in projects) or '<p class="meta">No project set up yet.</p>'
+    return _document(title, body, status.get("generated_at"), refresh_s)
+
+
+def render_not_found(project_id: Any, known: Iterable[Any] = ()) -> str:
+    """Body of the 404 answer for an unknown project: says which projects exist."""
+    known_ids = ", ".join(_e(k) for k in known) or "none"
+    body = (
+        f'<p class="err">No project {_e(project_id)} on this backend: it has no model version and no queue state.</p>'
+        f"<p>Known projects: {known_ids}.</p>"
+    )
+    return _document("Unknown project", body, refresh_s=None)
+
+
+# --------------------------------------------------------------------------------------------------- data
+def collect_project_status(
+    registry: Any,
+    *,
+    queue_state: Mapping | None = None,
+    counts: Mapping | None = None,
+    errors: Sequence[Mapping] | None = None,
+    title: str | None = None,
+    label_studio_url: str | None = None,
+) -> dict:
+    """A project dict for ``render_status_page`` from a ``ModelRegistry`` and ``queue.queue_state`` output.
+
+    ``counts``: {"labelled", "unlabelled", "with_live_prediction", ...} from Label Studio (the caller asks it).
+    The last trained version is "held back" when it is not the live one; the reason comes from its metadata
+    (``meta["promotion"]["reason"]`` or ``meta["held_back_reason"]``) when the training job recorded one.
+    """
+    versions = list(registry.versions())
+    live = registry.current_version()
+    queue: dict[str, Any] = dict(counts or {})
+    job = None
+    if queue_state:
+        queue.update(
+            pending_annotations=queue_state.get("pending_annotations"),
+            threshold=queue_state.get("threshold"),
+            queued=list(queue_state.get("queued") or []),
+            failed=list(queue_state.get("failed") or []),
+        )
+        if queue_state.get("running"):
+            job = dict(queue_state.get("running_progress") or {"phase": "starting"})
+    promotion = None
+    if versions:
+        last = versions[-1]
+        recorded = last.get("promotion") if isinstance(last.get("promotion"), Mapping) else {}
+        promoted = last.get("version") == live
+        reason = recorded.get("reason") or last.get("held_back_reason")
+        if not promoted and not reason:
+            reason = "not the live version (rolled back or not promoted; no reason recorded)"
+        promotion = {"version": last.get("version"), "promoted": promoted, "reason": reason}
+    return {
+        "id": registry.project_id,
+        "title": title,
+        "label_studio_url": label_studio_url,
+        "live_version": live,
+        "job": job,
+        "queue": queue,
+        "versions": versions,
+        "promotion": promotion,
+        "errors": list(errors or []),
+    }

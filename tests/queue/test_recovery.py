@@ -176,7 +176,7 @@ def test_production_defaults_bound_recovery_to_a_minute():
         worker_command(settings.replace(worker_heartbeat_s=30, worker_abandoned_after_s=30))
 
 
-def test_pending_set_survives_redis_kill_9(tmp_path, redis_tools):
+def test_pending_set_and_queued_job_survive_redis_kill_9(tmp_path, redis_tools):
     """scripts/redis_server.py with persistence (the default of the command): AOF, fsync every second."""
     port = redis_tools.free_port()
     workdir = tmp_path / "redis"
@@ -189,6 +189,7 @@ def test_pending_set_survives_redis_kill_9(tmp_path, redis_tools):
         for task in range(1, 8):
             payload = {"action": "ANNOTATION_CREATED", "project": {"id": 7}, "task": {"id": task, "project": 7}}
             assert q.handle_webhook(payload, settings)["status"] == "counted"
+        queued = q.handle_webhook({"action": "START_TRAINING", "project": {"id": 8}}, settings)["job_id"]
         time.sleep(1.5)  # appendfsync everysec: at most the last second of writes is at risk
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -200,6 +201,10 @@ def test_pending_set_survives_redis_kill_9(tmp_path, redis_tools):
         conn = redis.Redis(port=port)
         assert conn.scard(q.key(7, "pending")) == 7
         assert conn.sismember(q.PROJECTS_KEY, 7)
+        # the queued training job and its slot survive too: a worker started now runs it, no webhook is needed
+        queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
+        assert queue.get_job_ids() == [queued] and conn.get(q.key(8, "queued")).decode() == queued
+        assert Job.fetch(queued, connection=conn, serializer=JSONSerializer).kwargs["project_id"] == 8
     finally:
         redis_tools.stop_redis(proc)
 

@@ -13,15 +13,16 @@
    whole pool (batch strategies need it), push predictions (mask, score, model_version) in bulk, and set the
    project's ``model_version`` so Label Studio orders its queue by the new scores.
 
-The pure part (annotations -> masks -> fine_tune -> publish) is ``decode_annotations`` + ``train_version``: they take
+Steps 3-5 are ``ml_backend.active_learning.run_round`` (the benchmark runs the same round with a ground-truth
+oracle) with this module's plug-ins: ``AnnotatedTasks`` (labels), ``RegistryPublisher``, ``RedisPoolScorer``
+and ``LabelStudioSink``. The pure part (annotations -> masks -> fine_tune -> publish) is
+``decode_annotations`` + ``train_version``: they take
 plain data and a registry, so they are tested without Label Studio or Redis.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import hashlib
 import io
 import json
@@ -37,19 +38,46 @@ from typing import Any
 import numpy as np
 
 from ml_backend import queue as q
+from ml_backend.active_learning import (
+    Evaluation,
+    LabelledSet,
+    LabelledTile,
+    QueueOrder,
+    Ranking,
+    RoundPlan,
+    ScoredPool,
+    TrainingError,
+    run_round,
+)
 from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.inference.scoring import PoolScores, ScoringConfig, embed_images, score_images
 from ml_backend.registry import ModelRegistry
+from ml_backend.training.recipe import (
+    ENSEMBLE_MEMBERS,
+    EnsembleSpec,
+    ModelState,
+    TrainedModel,
+    initial_model,
+    product_train_config,
+    train_config,
+    train_ensemble,
+)
+
+__all__ = [  # the training recipe, scoring and round types live in their packages; re-exported for callers of jobs
+    "ENSEMBLE_MEMBERS",
+    "LabelledTile",
+    "TrainingError",
+    "embed_images",
+    "initial_model",
+    "train_config",
+    "train_ensemble",
+]
 
 log = logging.getLogger(__name__)
 
-ENSEMBLE_MEMBERS = 4  # suggestive annotation (Yang et al. 2017) uses 4 bootstrap members
 CHUNK_CLAIM_TTL_S = 300  # a helper killed mid-chunk frees its chunk after this long; the coordinator redoes it
 RESCORE_TTL_S = 24 * 3600
 RESCORE_WAIT_S = 3600.0
-
-
-class TrainingError(RuntimeError):
-    """The job cannot train (no usable annotation, no label config): reported in the failed job, not retried blindly."""
 
 
 class ProjectNotFound(TrainingError):
@@ -64,14 +92,6 @@ def _http_status(exc: BaseException) -> int | None:
         if isinstance(status, int):
             return status
     return None
-
-
-@dataclass
-class LabelledTile:
-    task_id: int
-    annotation_id: int | None
-    image: np.ndarray  # float32 (H, W) normalised
-    mask: np.ndarray  # int64 (H, W) class index or IGNORE
 
 
 @dataclass
@@ -141,52 +161,113 @@ def decode_annotations(
     return tiles, skipped
 
 
-def train_config(settings: Settings, **overrides: Any):
-    """The fine-tuning recipe from Settings (papers' lr 5e-4, time budget, seed)."""
-    from ml_backend.training import TrainConfig
+def product_plan(
+    registry: ModelRegistry,
+    config: Any,
+    settings: Settings,
+    strategy: Any,
+    *,
+    train_overrides: dict | None = None,
+    calibration: Callable[[], list[np.ndarray]] | None = None,
+    progress: Callable[[dict], None] | None = None,
+    score: bool = True,
+) -> RoundPlan:
+    """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds."""
+    model, parent, how = initial_model(registry, config, settings)
+    tcfg = product_train_config(settings, parent, train_overrides)
+    return RoundPlan(
+        strategy,
+        ModelState(model, parent, how),
+        train=tcfg,
+        ensemble=EnsembleSpec.from_train_config(tcfg),
+        calibration=calibration,
+        progress=progress,
+        scoring=ScoringConfig.from_settings(settings),
+        score_seed=settings.seed,
+        select_seed=settings.seed,
+        score=score,
+    )
 
-    values = {
-        "steps": settings.train_steps,
-        "lr": settings.learning_rate,
-        "crop": settings.train_crop,
-        "val_fraction": settings.val_fraction,
-        "time_budget_s": settings.train_time_budget_s,
-        "seed": settings.seed,
-        "device": settings.device,
-    }
-    values.update(overrides)
-    return TrainConfig(**values)
+
+def _log_plan(registry: ModelRegistry, plan: RoundPlan, n_tiles: int) -> None:
+    tcfg = plan.train
+    log.info(
+        "project %s: training (%s, parent %s) on %d tiles, %d steps, lr %g, budget %.0f s, device %s",
+        registry.project_id, plan.model.how, plan.model.parent, n_tiles, tcfg.steps, tcfg.lr, tcfg.time_budget_s,
+        torch_device(tcfg.device),
+    )  # fmt: skip
 
 
-def initial_model(registry: ModelRegistry, config: Any, settings: Settings) -> tuple[Any, str | None, str]:
-    """(model, parent version, how): the current version to fine-tune, or a new U-Net when there is none or its
-    classes no longer match the label config."""
-    from ml_backend.model import build_model
+@dataclass
+class RegistryPublisher:
+    """The product's publisher: the version goes into the project's registry with its full metadata (and bootstrap
+    members), is promoted unless the evaluation says otherwise, and old versions are pruned."""
 
-    current = registry.load_current()
-    if current is not None:
-        model, meta = current
-        hp = getattr(model, "hparams", {})
-        if int(hp.get("num_classes", -1)) == config.num_classes and int(hp.get("in_channels", 1)) == 1:
-            return model, meta["version"], "fine-tuned"
-        log.warning(
-            "project %s: current %s predicts %s classes, label config has %d: training a new model from scratch",
-            registry.project_id, meta["version"], hp.get("num_classes"), config.num_classes,
-        )  # fmt: skip
-    import torch
+    registry: ModelRegistry
+    config: Any
+    settings: Settings
+    strategy: Any = None
+    extra_meta: dict | None = None
+    announce: Callable[[str, dict], None] | None = None  # called with (version, meta) once published
+    meta: dict = field(default_factory=dict)  # the published version's metadata, after ``publish``
 
-    with torch.random.fork_rng(devices=[]):  # the initial weights depend on SEED only, not on earlier RNG use
-        torch.manual_seed(settings.seed)
-        model = build_model(
-            "unet",
-            in_channels=1,
-            num_classes=config.num_classes,
-            width=settings.model_width,
-            depth=settings.model_depth,
-            dropout=settings.model_dropout,
-            norm=settings.model_norm,
-        )
-    return model, None, "from scratch"
+    def publish(self, trained: TrainedModel, labelled: LabelledSet, evaluation: Evaluation) -> str:
+        result, model, tiles = trained.result, trained.model, labelled.tiles
+        strategy, config = self.strategy, self.config
+        meta = {
+            "parent": trained.state.parent,
+            "initialised": trained.state.how,
+            "device": result.device,
+            "n_annotations": len(tiles),
+            "annotation_ids": [t.annotation_id for t in tiles],
+            "task_ids": [t.task_id for t in tiles],
+            "metrics": result.metrics,
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+            "steps": result.steps,
+            "training_seconds": round(trained.seconds, 3),
+            "fine_tune_seconds": round(result.seconds, 3),
+            "strategy": None if strategy is None else {"name": strategy.name, "params": strategy.params()},
+            "hyper_parameters": {"train": trained.train_config.to_dict(), "model": dict(getattr(model, "hparams", {}))},
+            "label_config": {"mode": config.mode, "labels": list(config.labels), "from_name": config.from_name},
+            **({"evaluation": evaluation.metrics} if evaluation.metrics else {}),
+            **(self.extra_meta or {}),
+        }
+        extras = {f"ensemble_{i}": m for i, m in enumerate(trained.ensemble)}
+        version = self.registry.publish(model, meta, promote=evaluation.promote, extra_models=extras)
+        self.registry.prune(self.settings.keep_versions)
+        self.meta = self.registry.meta(version)
+        if self.announce is not None:
+            self.announce(version, self.meta)
+        return version
+
+
+@dataclass
+class KeepVersion:
+    """Publisher of a round that re-delivers an already published version (nothing trained)."""
+
+    version: str
+    meta: dict
+    announce: Callable[[str, dict], None] | None = None
+
+    def publish(self, trained: TrainedModel, labelled: LabelledSet, evaluation: Evaluation) -> str:
+        if self.announce is not None:
+            self.announce(self.version, self.meta)
+        return self.version
+
+
+@dataclass
+class AnnotatedTasks:
+    """The product's label source: the decoded latest annotations, and the project's tasks without one."""
+
+    labelled_set: LabelledSet
+    pool: list[int]
+
+    def labelled(self) -> LabelledSet:
+        return self.labelled_set
+
+    def unlabelled(self) -> list[int]:
+        return list(self.pool)
 
 
 def train_version(
@@ -203,89 +284,21 @@ def train_version(
 ) -> TrainOutcome:
     """Fine-tune on ``tiles``, publish + promote the version with full metadata, prune old versions.
 
-    Pure with respect to Label Studio and Redis (the tested core of the training job). When the strategy needs a
-    bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are fine-tuned on resamples and stored with
-    the version. ``calibration()`` returns unlabelled crops of the project that re-estimate BatchNorm statistics; it
-    is called only for a model that has BatchNorm layers (the images are fetched for nothing otherwise).
+    Pure with respect to Label Studio and Redis (the tested core of the training job): ``run_round`` without the
+    scoring half. When the strategy needs a bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are
+    fine-tuned on resamples and stored with the version. ``calibration()`` returns unlabelled crops of the project
+    that re-estimate BatchNorm statistics; it is called only for a model that has BatchNorm layers.
     """
-    from ml_backend.training import fine_tune
-    from ml_backend.training.trainer import batchnorm_layers
-
     if not tiles:
         raise TrainingError("no usable annotated tile to train on")
-    model, parent, how = initial_model(registry, config, settings)
-    overrides = {"lr": settings.initial_learning_rate} if parent is None else {}
-    tcfg = train_config(settings, **{**overrides, **(train_overrides or {})})
-    images = [t.image for t in tiles]
-    masks = [t.mask for t in tiles]
-    log.info(
-        "project %s: training (%s, parent %s) on %d tiles, %d steps, lr %g, budget %.0f s, device %s",
-        registry.project_id, how, parent, len(tiles), tcfg.steps, tcfg.lr, tcfg.time_budget_s,
-        torch_device(tcfg.device),
+    plan = product_plan(
+        registry, config, settings, strategy, train_overrides=train_overrides, calibration=calibration,
+        progress=progress, score=False,
     )  # fmt: skip
-    t0 = time.monotonic()
-    calibration_images = calibration() if calibration is not None and batchnorm_layers(model) else None
-    result = fine_tune(model, images, masks, tcfg, progress=progress, calibration_images=calibration_images)
-    ensemble: list[Any] = []
-    if strategy is not None and "ensemble_probs" in strategy.needs:
-        ensemble = train_ensemble(model, images, masks, tcfg, calibration_images)
-    seconds = time.monotonic() - t0
-    meta = {
-        "parent": parent,
-        "initialised": how,
-        "device": result.device,
-        "n_annotations": len(tiles),
-        "annotation_ids": [t.annotation_id for t in tiles],
-        "task_ids": [t.task_id for t in tiles],
-        "metrics": result.metrics,
-        "n_train": result.n_train,
-        "n_val": result.n_val,
-        "steps": result.steps,
-        "training_seconds": round(seconds, 3),
-        "fine_tune_seconds": round(result.seconds, 3),
-        "strategy": None if strategy is None else {"name": strategy.name, "params": strategy.params()},
-        "hyper_parameters": {"train": tcfg.to_dict(), "model": dict(getattr(model, "hparams", {}))},
-        "label_config": {"mode": config.mode, "labels": list(config.labels), "from_name": config.from_name},
-        **(extra_meta or {}),
-    }
-    extras = {f"ensemble_{i}": m for i, m in enumerate(ensemble)}
-    version = registry.publish(model, meta, promote=True, extra_models=extras)
-    registry.prune(settings.keep_versions)
-    return TrainOutcome(version, registry.meta(version), model, ensemble)
-
-
-def train_ensemble(
-    model: Any,
-    images: list[np.ndarray],
-    masks: list[np.ndarray],
-    tcfg: Any,
-    calibration_images: list[np.ndarray] | None = None,
-) -> list[Any]:
-    """Bootstrap members for suggestive annotation: copies of the trained model, briefly fine-tuned on resamples."""
-    from ml_backend.strategies import bootstrap_indices
-    from ml_backend.training import fine_tune
-
-    members = []
-    steps = max(10, tcfg.steps // 4)
-    for i, idx in enumerate(bootstrap_indices(len(images), ENSEMBLE_MEMBERS, seed=tcfg.seed)):
-        member = copy.deepcopy(model)
-        cfg = dataclasses.replace(tcfg, steps=steps, seed=tcfg.seed + i + 1)
-        fine_tune(member, [images[j] for j in idx], [masks[j] for j in idx], cfg, calibration_images=calibration_images)
-        members.append(member.eval())
-    return members
-
-
-def embed_images(model: Any, images: list[np.ndarray], device: Any, batch_size: int = 8) -> np.ndarray:
-    """(n, D) bottleneck embeddings (for coreset/kmeans: the labelled set's position in feature space)."""
-    import torch
-
-    out = []
-    model.to(device).eval()
-    with torch.inference_mode():
-        for img in images:  # tiles may differ in size: one at a time keeps it simple and bounded
-            x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None].to(device)
-            out.append(model.embed(x).float().cpu().numpy())
-    return np.concatenate(out, axis=0) if out else np.zeros((0, 1), dtype=np.float32)
+    _log_plan(registry, plan, len(tiles))
+    publisher = RegistryPublisher(registry, config, settings, strategy, extra_meta)
+    outcome = run_round(plan, AnnotatedTasks(LabelledSet(tiles), []), publisher=publisher)
+    return TrainOutcome(outcome.version, publisher.meta, outcome.trained.model, outcome.trained.ensemble)
 
 
 def score_tiles(
@@ -300,50 +313,19 @@ def score_tiles(
 ) -> tuple[dict[str, np.ndarray], list[list[dict]], np.ndarray]:
     """(summary in input order, Label Studio results per tile, pixels per tile) for one chunk of the pool.
 
-    One set of forward passes per tile: ``score_pool``'s ``on_batch`` hook turns the same probabilities into the
-    pre-annotation masks. Tiles of different sizes are scored in groups of equal shape.
+    ``inference.scoring.score_images`` (tiled for large images) gives the summary; the same probabilities become the
+    pre-annotation masks.
     """
     from ml_backend.labelstudio.rle import mask_to_results
-    from ml_backend.strategies import score_pool
 
-    device = torch_device(settings.device)
-    n = len(images)
-    results: list[list[dict]] = [[] for _ in range(n)]
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(tuple(img.shape), []).append(i)
-    for shape, idx in groups.items():
-        stack = np.stack([images[i] for i in idx]).astype(np.float32)
+    results: list[list[dict]] = [[] for _ in images]
 
-        def on_batch(start: int, batch: Any, idx: list[int] = idx) -> None:
-            labels = np.asarray(batch.probs).argmax(axis=1)
-            for j in range(labels.shape[0]):
-                results[idx[start + j]] = mask_to_results(labels[j], config)
+    def on_probs(i: int, probs: np.ndarray) -> None:
+        results[i] = mask_to_results(probs.argmax(axis=0), config)
 
-        summary = score_pool(
-            model,
-            stack,
-            strategy,
-            device=device,
-            batch_size=max(1, settings.inference_batch),
-            mc_passes=settings.mc_passes,
-            ensemble=ensemble or None,
-            seed=seed,
-            on_batch=on_batch,
-        )
-        for k, arr in summary.items():
-            parts.setdefault(k, []).append((np.asarray(idx), np.asarray(arr)))
-        log.debug("scored %d tiles of shape %s", len(idx), shape)
-    summary_out: dict[str, np.ndarray] = {}
-    for k, pieces in parts.items():
-        first = pieces[0][1]
-        arr = np.zeros((n, *first.shape[1:]), dtype=first.dtype)
-        for idx, values in pieces:
-            arr[idx] = values
-        summary_out[k] = arr
-    pixels = np.array([img.shape[0] * img.shape[1] for img in images], dtype=np.int64)
-    return summary_out, results, pixels
+    cfg = ScoringConfig.from_settings(settings)
+    scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
+    return scored.summary, results, scored.pixels
 
 
 def _pack_summary(summary: dict[str, np.ndarray], pixels: np.ndarray) -> bytes:
@@ -450,6 +432,13 @@ class _Progress:
         self.job.meta.update(fields)
         with contextlib.suppress(Exception):  # progress must never kill the training
             self.job.save_meta()
+
+    def published(self, version: str, meta: dict) -> None:
+        """The round's version is live: `cli status` shows it (and its metrics) while the pool is re-scored."""
+        self.update(version=version, metrics=meta.get("metrics"))
+        log.info(
+            "project %s: serving %s, val IoU %s", self.project_id, version, (meta.get("metrics") or {}).get("val_iou")
+        )
 
     def train_step(self, info: dict) -> None:
         self.update(phase="train", progress=info)
@@ -576,13 +565,9 @@ def _train_and_rescore(
     pid: int, settings: Settings, conn: Any, progress: _Progress, *, force: bool, reason: str, job_id: str
 ) -> dict:
     from ml_backend.labelstudio.client import (
-        LabelStudioError,
-        LabelStudioUnavailable,
         connect,
         latest_annotations,
         list_tasks,
-        push_predictions,
-        set_project_model_version,
     )
 
     registry = ModelRegistry(settings.model_dir, pid)
@@ -626,65 +611,117 @@ def _train_and_rescore(
         if not tiles:
             first = "; ".join(f"task {s['task']}: {s['error']}" for s in skipped[:3])
             raise TrainingError(f"project {pid}: none of the {len(annotations)} annotations is usable ({first})")
-    with progress.phase("train"):
-        if resume:
-            outcome = _published_outcome(registry, current["version"], settings)
-        else:
-            outcome = train_version(
-                registry,
-                tiles,
-                config,
-                settings,
-                strategy=strategy,
-                progress=progress.train_step,
-                calibration=lambda: calibration_crops(tasks, config, settings),
-                extra_meta={
-                    "annotation_signature": signature,
-                    "skipped": skipped,
-                    "trigger": reason,
-                    "job": job_id,
-                    "project": pid,
-                },
-            )
-    version = outcome.version
-    progress.update(version=version, metrics=outcome.meta.get("metrics"))
-    log.info("project %s: promoted %s, val IoU %s", pid, version, outcome.meta["metrics"].get("val_iou"))
+    if resume:
+        model, meta = registry.load(current["version"], map_location=torch_device(settings.device))
+        stored = [registry.load_extra(meta["version"], n, map_location=torch_device(settings.device))
+                  for n in meta.get("extra_models", [])]  # fmt: skip
+        plan = RoundPlan(
+            strategy, ModelState(model, meta["version"], "kept", stored), scoring=ScoringConfig.from_settings(settings),
+            score_seed=settings.seed, select_seed=settings.seed,
+        )  # fmt: skip
+        publisher: Any = KeepVersion(meta["version"], meta, announce=progress.published)
+    else:
+        calibration = lambda: calibration_crops(tasks, config, settings)  # noqa: E731
+        plan = product_plan(registry, config, settings, strategy, calibration=calibration, progress=progress.train_step)
+        _log_plan(registry, plan, len(tiles))
+        extra = {"annotation_signature": signature, "skipped": skipped, "trigger": reason, "job": job_id}
+        publisher = RegistryPublisher(
+            registry, config, settings, strategy, {**extra, "project": pid}, announce=progress.published
+        )
+
     unlabelled = sorted(tid for tid in tasks if tid not in annotations)
-    predictions: list[dict] = []
-    if unlabelled:
-        with progress.phase("score"):
-            labelled_emb = None
-            if "embeddings" in strategy.needs:
-                labelled_emb = embed_images(outcome.model, [t.image for t in tiles], torch_device(settings.device))
-            predictions = rescore_pool(
-                pid, version, outcome.model, config, label_xml, strategy, tasks, unlabelled, settings, conn,
-                ensemble=outcome.ensemble, labelled_embeddings=labelled_emb,
-            )  # fmt: skip
-    with progress.phase("upload"):
-        held = {tid for tid, task in tasks.items() if _holds_prediction(task, version)}
+    outcome = run_round(
+        plan,
+        AnnotatedTasks(LabelledSet(tiles, skipped), unlabelled),
+        publisher=publisher,
+        scorer=RedisPoolScorer(pid, config, label_xml, tasks, settings, conn),
+        select=QueueOrder(config.num_classes),
+        sink=LabelStudioSink(ls, pid, tasks),
+        phase=progress.phase,
+    )
+    version, meta = outcome.version, publisher.meta
+    log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, outcome.delivered, version)
+    return {
+        "status": "delivered" if resume else "trained",
+        "version": version,
+        "metrics": meta.get("metrics"),
+        "n_annotations": len(tiles),
+        "skipped": len(skipped),
+        "predictions": outcome.delivered,
+        "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
+    }
+
+
+@dataclass
+class RedisPoolScorer:
+    """The product's pool scorer: chunks of the pool shared with idle workers through Redis (``rescore_chunk``).
+
+    The chunk seeds derive from SEED and each chunk's task ids (stable however the chunks are spread), so the
+    round's ``score_seed`` is not used here.
+    """
+
+    pid: int
+    config: Any
+    label_xml: str
+    tasks: dict[int, dict]
+    settings: Settings
+    conn: Any
+    helpers: bool = True
+
+    def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
+        rnd = start_rescore(
+            self.pid, version, self.config, self.label_xml, strategy, self.tasks, ids, self.settings, self.conn,
+            n_ensemble=len(trained.ensemble), helpers=self.helpers,
+        )  # fmt: skip
+        if rnd is None:
+            return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
+        return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)
+
+
+@dataclass
+class LabelStudioSink:
+    """The product's prediction sink: every scored task's mask and queue score in bulk (never twice for a version),
+    then the project's ``model_version`` so Label Studio orders its queue by the new scores."""
+
+    ls: Any
+    pid: int
+    tasks: dict[int, dict]
+
+    def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
+        from ml_backend.labelstudio.client import (
+            LabelStudioError,
+            LabelStudioUnavailable,
+            push_predictions,
+            set_project_model_version,
+        )
+
+        pid = self.pid
+        predictions = predictions_for(version, scored, ranking)
+        held = {tid for tid, task in self.tasks.items() if _holds_prediction(task, version)}
         fresh = [p for p in predictions if int(p["task"]) not in held]  # a re-run never duplicates a prediction
         if len(fresh) < len(predictions):
             log.info("project %s: %d tasks already hold a prediction of %s (uploaded by an earlier run of this job)",
                      pid, len(predictions) - len(fresh), version)  # fmt: skip
         if fresh:
-            push_predictions(ls, pid, fresh)
+            push_predictions(self.ls, pid, fresh)
         try:
-            set_project_model_version(ls, pid, version)
+            set_project_model_version(self.ls, pid, version)
         except LabelStudioError as exc:
             if isinstance(exc, LabelStudioUnavailable) or predictions:
                 raise
             # Label Studio accepts a model_version only once predictions of it exist: nothing left to predict
             log.warning("project %s: every task is labelled; model_version %s not set (%s)", pid, version, exc)
-    log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, len(predictions), version)
-    return {
-        "status": "delivered" if resume else "trained",
-        "version": version,
-        "metrics": outcome.meta.get("metrics"),
-        "n_annotations": len(tiles),
-        "skipped": len(skipped),
-        "predictions": len(predictions),
-        "train_tiles_per_s": (outcome.meta.get("metrics") or {}).get("tiles_per_s"),
-    }
+        return len(predictions)
+
+
+def predictions_for(version: str, scored: ScoredPool | None, ranking: Ranking | None) -> list[dict]:
+    """``[{task, result, score, model_version}]`` for Label Studio (score: lower = served first)."""
+    if scored is None or ranking is None or not scored.ids:
+        return []
+    return [
+        {"task": int(tid), "result": res, "score": float(score), "model_version": version}
+        for tid, res, score in zip(scored.ids, scored.results, ranking.scores, strict=True)
+    ]
 
 
 def _holds_prediction(task: dict, version: str) -> bool:
@@ -700,14 +737,6 @@ def _delivered(ls: Any, pid: int, version: str, tasks: dict[int, dict], annotati
         return True
     project = as_dict(call(ls, ls.projects.get, id=int(pid), what=f"reading project {pid}"))
     return project.get("model_version") == version
-
-
-def _published_outcome(registry: ModelRegistry, version: str, settings: Settings) -> TrainOutcome:
-    """The current version (model and stored ensemble) as a TrainOutcome, to re-score and deliver without training."""
-    device = torch_device(settings.device)
-    model, meta = registry.load(version, map_location=device)
-    ensemble = [registry.load_extra(version, name, map_location=device) for name in meta.get("extra_models", [])]
-    return TrainOutcome(version, meta, model, ensemble)
 
 
 # ---------------------------------------------------------------------- chunked re-scoring
@@ -857,21 +886,17 @@ def start_rescore(
     return rnd
 
 
-def finish_rescore(
+def collect_rescore(
     rnd: RescoreRound,
     model: Any,
     config: Any,
-    strategy: Any,
     settings: Settings,
     conn: Any,
     *,
     ensemble: list[Any] | None = None,
-    labelled_embeddings: np.ndarray | None = None,
-) -> list[dict]:
+) -> ScoredPool:
     """Work through the chunks nobody has claimed, wait for the ones helpers hold (redoing any whose helper died),
-    then select over the whole pool and return ``[{task, result, score, model_version}]`` (lower = served first)."""
-    from ml_backend.strategies import pool_queue_scores
-
+    and return the whole pool's scores and masks (task order = chunk order)."""
     pid, version = rnd.pid, rnd.version
     owner = f"coordinator-{uuid.uuid4().hex[:8]}"
     done_local = 0
@@ -918,20 +943,30 @@ def finish_rescore(
     keys = ["ctx"] + [f"result:{_chunk_id(c)}" for c in rnd.chunks] + [f"claim:{_chunk_id(c)}" for c in rnd.chunks]
     conn.delete(*[_rescore_key(pid, version, k) for k in keys])
     if not all_ids:
-        return []
+        return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
     summary = {k: np.concatenate([s[k] for s in summaries], axis=0) for k in summaries[0]}
-    scores = pool_queue_scores(
-        strategy,
-        summary,
-        num_classes=config.num_classes,
-        num_pixels=np.concatenate(pixels),
-        labelled_embeddings=labelled_embeddings,
-        seed=settings.seed,
+    return ScoredPool(all_ids, PoolScores(summary, np.concatenate(pixels)), results)
+
+
+def finish_rescore(
+    rnd: RescoreRound,
+    model: Any,
+    config: Any,
+    strategy: Any,
+    settings: Settings,
+    conn: Any,
+    *,
+    ensemble: list[Any] | None = None,
+    labelled_embeddings: np.ndarray | None = None,
+) -> list[dict]:
+    """``collect_rescore``, then select over the whole pool and return ``[{task, result, score, model_version}]``."""
+    scored = collect_rescore(rnd, model, config, settings, conn, ensemble=ensemble)
+    if not scored.ids:
+        return []
+    ranking = QueueOrder(config.num_classes)(
+        strategy, scored.ids, scored.scores, labelled_embeddings=labelled_embeddings, seed=settings.seed
     )
-    return [
-        {"task": int(tid), "result": res, "score": float(score), "model_version": version}
-        for tid, res, score in zip(all_ids, results, scores, strict=True)
-    ]
+    return predictions_for(rnd.version, scored, ranking)
 
 
 def rescore_pool(

@@ -1,0 +1,142 @@
+"""``ml-backend benchmark``: simulated active learning on a labelled EM volume, learning curves of every strategy.
+
+    ml-backend benchmark --quick                      # <= 5 min smoke run (VNC if present, else synthetic)
+    ml-backend benchmark --workers 2 --seeds 0,1,2    # CPU comparison of all strategies (background!)
+    ml-backend benchmark --preset full                # the papers' full-size protocol (GPU)
+    ml-backend benchmark --report-only --out DIR      # re-aggregate saved runs into tables and plots
+
+The protocol is ``ml_backend.benchmarks.protocol``, the data ``.data``, the loop ``.run`` (the product's round with a
+ground-truth oracle), the tables and plots ``.report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ml_backend.benchmarks.data import REPO, default_vnc_dir
+from ml_backend.benchmarks.protocol import PRESETS, Protocol
+from ml_backend.benchmarks.report import load_runs, print_summary, write_json, write_outputs
+from ml_backend.benchmarks.run import run_all
+
+log = logging.getLogger("al_benchmark")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", help="folder of image slices or multi-page TIFF (default: VNC stack1/raw if present)")
+    ap.add_argument("--masks", help="matching masks (default: VNC stack1/mitochondria)")
+    ap.add_argument("--synthetic", action="store_true", help="use generated EM-like data instead of files")
+    ap.add_argument("--synthetic-n", type=int, help="generated slices")
+    ap.add_argument("--synthetic-size", type=int, help="generated slice size")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="protocol size (default: full on GPU, cpu otherwise)")
+    ap.add_argument("--quick", action="store_true", help="same as --preset quick, strategies random,entropy, 1 seed")
+    ap.add_argument("--strategies", help="comma-separated (default: all registered)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
+    ap.add_argument("--out", type=Path, help="output dir (default benchmarks/active_learning/<preset>)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes (1 torch thread each by default)")
+    ap.add_argument("--max-runs", type=int, help="stop after this many new runs (the rest resumes later)")
+    ap.add_argument("--report-only", action="store_true", help="only aggregate the saved runs")
+    ap.add_argument("--force", action="store_true", help="allow a different protocol in an existing output dir")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    for f in Protocol.__dataclass_fields__.values():  # every protocol field can be overridden
+        if f.name in {"data", "images", "masks", "synthetic_n", "synthetic_size"}:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "full_seeds":
+            ap.add_argument(flag, help="comma-separated seeds that get a full-supervision reference run")
+        else:
+            ap.add_argument(flag, type=type(f.default) if f.default is not None else str, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
+    import torch
+
+    preset = "quick" if a.quick else a.preset or ("full" if torch.cuda.is_available() else "cpu")
+    p = replace(Protocol(), **PRESETS[preset])
+    if a.synthetic:
+        p = replace(p, data="synthetic")
+        if a.synthetic_n:
+            p.synthetic_n = a.synthetic_n
+        if a.synthetic_size:
+            p.synthetic_size = a.synthetic_size
+    elif a.images or a.masks:
+        if not (a.images and a.masks):
+            raise SystemExit("--images and --masks go together")
+        p = replace(p, data="folder", images=str(Path(a.images).resolve()), masks=str(Path(a.masks).resolve()))
+    else:
+        vnc = default_vnc_dir() / "stack1"
+        if (vnc / "raw").is_dir() and (vnc / "mitochondria").is_dir():
+            p = replace(p, data="vnc", images=str((vnc / "raw").resolve()), masks=str((vnc / "mitochondria").resolve()))
+        elif a.quick or a.report_only:  # report-only reads the saved protocol; it needs no data
+            if a.quick:
+                log.warning("VNC data not found at %s: quick mode uses generated data", vnc)
+            p = replace(p, data="synthetic")
+        else:
+            raise SystemExit(
+                f"VNC data not found at {vnc} (set VNC_DATA_DIR, or give --images/--masks, or --synthetic)"
+            )
+    for name in Protocol.__dataclass_fields__:
+        v = getattr(a, name, None)
+        if v is None or name in {"data", "images", "masks", "synthetic_n", "synthetic_size"}:
+            continue
+        if name == "full_seeds":
+            v = [int(s) for s in str(v).split(",") if s.strip() != ""]
+        setattr(p, name, v)
+    if p.m < 1 or p.k < 1 or p.rounds < 0 or p.pool_size < p.m:
+        raise SystemExit(f"invalid protocol: m={p.m} k={p.k} rounds={p.rounds} pool_size={p.pool_size}")
+    return p, preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(processName)s %(message)s"
+    )
+    p, preset = build_protocol(a)
+    out: Path = a.out or REPO / "benchmarks" / "active_learning" / (
+        preset + ("-synthetic" if p.data == "synthetic" else "")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        saved = out / "protocol.json"
+        rep = write_outputs(out, load_runs(out), Protocol(**json.loads(saved.read_text())) if saved.exists() else None)
+        print_summary(rep)
+        return 0
+    from ml_backend.strategies import available_strategies
+
+    names = available_strategies()
+    if a.strategies is not None:  # "" = none (e.g. only the full-supervision reference)
+        strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
+    else:
+        strategies = ["random", "entropy"] if a.quick else names
+    unknown = [s for s in strategies if s not in names]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; available: {', '.join(names)}")
+    seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
+    saved = out / "protocol.json"
+    if saved.exists() and not a.force:
+        old = json.loads(saved.read_text())
+        if old != json.loads(json.dumps(asdict(p))):
+            diff = {k: (old.get(k), v) for k, v in asdict(p).items() if old.get(k) != v}
+            raise SystemExit(f"{out} holds runs of a different protocol {diff}; use another --out or --force")
+    write_json(saved, asdict(p))
+    log.info("protocol (%s): %s", preset, asdict(p))
+    log.info("strategies %s, seeds %s, output %s", strategies, seeds, out)
+    t0 = time.monotonic()
+    done = run_all(out, p, strategies, seeds, a.workers, a.max_runs)
+    log.info("%d runs finished in %.0fs", done, time.monotonic() - t0)
+    rep = write_outputs(
+        out, [r for r in load_runs(out) if r["strategy"] in strategies + ["full"] and r["seed"] in seeds], p
+    )
+    print_summary(rep)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The benchmark's protocol: every number that determines a run (stored with the runs; resuming requires equality).
+
+Presets scale the papers' protocol (Roels & Saeys 2019) to the machine. ``Protocol.train_config`` turns a protocol
+into the ``TrainConfig`` of one training; the training itself is the product's (``ml_backend.training.recipe``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Protocol:
+    """Everything that determines the numbers of a run (stored in the output dir; resuming requires equality)."""
+
+    data: str = "vnc"  # "vnc" | "folder" | "synthetic"
+    images: str = ""
+    masks: str = ""
+    synthetic_n: int = 8
+    synthetic_size: int = 256
+    downsample: int = 1  # bin the volume by this factor first (CPU: 2 keeps each tile's physical area at tile 64)
+    tile: int = 128
+    pool_size: int = 2000
+    m: int = 20
+    k: int = 20
+    rounds: int = 25
+    test_every: int = 1  # use every n-th slice of the test region
+    width: int = 16
+    depth: int = 4
+    dropout: float = 0.2
+    norm: str = "batch"  # the U-Net's normalisation (ml_backend.model.NORMS)
+    bn_calibration: str = "pool"  # "pool": BatchNorm statistics re-estimated on the (unlabelled) pool after training
+    init_steps: int = 1500
+    init_lr: float = 1e-3
+    steps: int = 600
+    lr: float = 5e-4
+    batch_size: int = 8
+    val_fraction: float = 0.2
+    ema_decay: float = 0.99
+    select: str = "best"
+    eval_every: int = 0  # 0: automatic (steps // 5)
+    full_steps: int = 6000
+    full_batch_size: int = 32  # the reference sees every pool tile many times: larger batches, fewer steps
+    full_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ensemble: int = 3
+    ensemble_steps: int = 200
+    mc_passes: int = 8
+    infer_tile: int = 256
+    infer_overlap: int = 32
+    device: str = "auto"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The papers' protocol (Roels & Saeys: 128x128 tiles, pool 2000, m = k = 20, T = 25, lr 1e-3 then 5e-4).
+    "full": {},
+    # 2-core CPU: same shape, scaled down (smaller pool, fewer rounds, narrower net, fewer steps, every 4th test slice).
+    "cpu": {
+        "downsample": 2,
+        "tile": 64,
+        "pool_size": 400,
+        "m": 20,
+        "k": 20,
+        "rounds": 5,
+        "test_every": 4,
+        "width": 8,
+        "depth": 4,
+        "init_steps": 900,
+        "init_lr": 4e-3,  # ~10x fewer steps than the papers: a higher rate leaves the all-background plateau sooner
+        "steps": 400,  # per round, from the previous round's weights (120 gave jumpy curves: active_learning.md)
+        "lr": 2e-3,
+        "full_steps": 2000,  # x 32 tiles per batch (BatchNorm U-Net, seed 0: test IoU 0.73; see active_learning.md)
+        "full_seeds": [0, 1, 2],
+        "ensemble": 3,
+        "ensemble_steps": 100,  # a quarter of a round's steps, as the product's train_ensemble
+        "mc_passes": 4,
+    },
+    # Smoke run: minutes on CPU.
+    "quick": {
+        "downsample": 2,
+        "tile": 64,
+        "pool_size": 120,
+        "m": 10,
+        "k": 10,
+        "rounds": 3,
+        "test_every": 10,
+        "width": 8,
+        "depth": 4,
+        "init_steps": 300,
+        "init_lr": 4e-3,
+        "steps": 60,
+        "lr": 2e-3,
+        "full_steps": 400,
+        "full_seeds": [0],
+        "ensemble": 2,
+        "ensemble_steps": 10,
+        "mc_passes": 2,
+    },
+}
+
+
+def train_config(
+    p: Protocol,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    split_seed: int,
+    select: str | None = None,
+    val: float | None = None,
+    batch_size: int | None = None,
+):
+    from ml_backend.training import TrainConfig
+
+    return TrainConfig(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size or p.batch_size,
+        crop=p.tile,
+        val_fraction=p.val_fraction if val is None else val,
+        ema_decay=p.ema_decay,
+        select=select or p.select,
+        eval_every=p.eval_every or max(10, steps // 5),
+        time_budget_s=1e9,  # the benchmark is bounded by steps, not by wall time (deterministic)
+        seed=seed,
+        split_seed=split_seed,  # the same held-out tiles in every round of a seed: no train/val leakage
+        device=p.device,
+    )

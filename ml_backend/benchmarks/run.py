@@ -1,0 +1,420 @@
+"""Simulated active learning: the product's round (``active_learning.run_round``) with a ground-truth oracle.
+
+Protocol (Roels & Saeys 2019): train an initial model on m random pool tiles; then for T rounds let the strategy pick
+k tiles from the unlabelled pool, "annotate" them with the ground truth (the oracle), fine-tune from the previous
+round's weights and measure IoU/Dice on the whole test region (tiled inference). Full supervision (every pool tile
+labelled) is the upper reference.
+
+Where the product plugs in Label Studio, the benchmark plugs in ``OracleLabels`` (labels), ``KeepInMemory``
+(versions), ``LocalScorer`` (the pool, scored in process by ``inference.scoring``) and ``NextBatch`` (the picked
+tiles). One call of ``run_round`` trains round r, measures it on the test region (the evaluator) and picks the tiles
+of round r + 1, so the order of operations on the model is the same as in the product.
+
+Fairness and reproducibility: for every seed, the pool, the initial labelled set and the initial model are shared by
+all strategies (the initial model is trained once per seed and cached); round r of every strategy trains with the
+same training seed. Each (strategy, seed) run is saved as a JSON file when it finishes, so an interrupted benchmark
+resumes where it stopped. Runs execute in worker processes with one torch thread each (deterministic on a machine).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_backend.active_learning import (
+    Evaluation,
+    LabelledSet,
+    LabelledTile,
+    Ranking,
+    RoundPlan,
+    ScoredPool,
+    TopK,
+    run_round,
+)
+from ml_backend.benchmarks.data import Dataset, dataset_for
+from ml_backend.benchmarks.protocol import Protocol, train_config
+from ml_backend.benchmarks.report import write_json
+from ml_backend.inference.scoring import ScoringConfig, score_images
+from ml_backend.training.recipe import EnsembleSpec, ModelState, TrainedModel, train_model
+
+log = logging.getLogger("al_benchmark")
+
+POOL_BATCH = 16  # pool tiles per forward pass (the MC-dropout seeds depend on it: part of the protocol's numbers)
+EMBED_BATCH = 32
+
+
+# ------------------------------------------------------------------------------------------------ the plug-ins
+
+
+@dataclass
+class OracleLabels:
+    """The label source of the benchmark: ground truth for the tiles selected so far, in selection order."""
+
+    ds: Dataset
+    labelled_ids: list[int]
+
+    def labelled(self) -> LabelledSet:
+        tiles = [LabelledTile(i, None, self.ds.pool_images[i], self.ds.pool_masks[i]) for i in self.labelled_ids]
+        return LabelledSet(tiles)
+
+    def unlabelled(self) -> list[int]:
+        return sorted(set(range(len(self.ds.pool_images))) - set(self.labelled_ids))
+
+
+@dataclass
+class KeepInMemory:
+    """The benchmark's publisher: the model stays in memory for the next round; the version is the round's name."""
+
+    name: str
+
+    def publish(self, trained: TrainedModel, labelled: LabelledSet, evaluation: Evaluation) -> str:
+        return self.name
+
+
+@dataclass
+class LocalScorer:
+    """Scores pool tiles in this process with the product's scoring pipeline (no masks needed)."""
+
+    images: np.ndarray
+    cfg: ScoringConfig
+
+    def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
+        imgs = [self.images[i] for i in ids]
+        scores = score_images(trained.model, imgs, strategy, self.cfg, ensemble=trained.ensemble or None, seed=seed)
+        return ScoredPool(list(ids), scores)
+
+
+@dataclass
+class NextBatch:
+    """The benchmark's prediction sink: remembers the tiles the oracle annotates next."""
+
+    picked: list[int] = field(default_factory=list)
+
+    def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
+        self.picked = [] if ranking is None else list(ranking.picked)
+        return len(self.picked)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _log_progress(tag: str):
+    """fine_tune progress callback: one log line per 100 steps (long CPU runs must show they are alive)."""
+
+    def cb(d: dict) -> None:
+        if d["step"] % 100 == 0 and d["step"] < d["steps"]:
+            val = d.get("val_iou")
+            log.info("%s: step %d/%d loss %.3f val IoU %s", tag, d["step"], d["steps"], d["loss"] or 0.0, val)
+
+    return cb
+
+
+def calibration(ds: Dataset, p: Protocol) -> list[np.ndarray] | None:
+    """The unlabelled images BatchNorm statistics are re-estimated on after each training (the product does the
+    same with a sample of the project's tasks)."""
+    if p.bn_calibration == "pool":
+        return list(ds.pool_images)
+    if p.bn_calibration == "none":
+        return None
+    raise ValueError(f"bn_calibration must be 'pool' or 'none', got {p.bn_calibration!r}")
+
+
+def evaluate_test(model, ds: Dataset, p: Protocol) -> dict[str, float]:
+    """IoU / Dice over all pixels of the test slices (tiled inference, counts summed over slices)."""
+    from ml_backend.config import torch_device
+    from ml_backend.inference.tiling import predict_tiled
+    from ml_backend.training.metrics import confusion_counts, dice_from_counts, iou_from_counts
+
+    tp = fp = fn = 0
+    dev = torch_device(p.device)
+    for img, msk in zip(ds.test_images, ds.test_masks, strict=True):
+        probs = predict_tiled(model, img, tile=p.infer_tile, overlap=p.infer_overlap, device=dev)
+        a, b, c = confusion_counts(probs.argmax(axis=0), msk, ignore=None)
+        tp, fp, fn = tp + a, fp + b, fn + c
+    return {"iou": iou_from_counts(tp, fp, fn), "dice": dice_from_counts(tp, fp, fn)}
+
+
+def _fresh_model(p: Protocol, seed: int):
+    import torch
+
+    from ml_backend.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model("unet", width=p.width, depth=p.depth, dropout=p.dropout, norm=p.norm)
+
+
+def initial_labelled(ds: Dataset, p: Protocol, seed: int) -> list[int]:
+    rng = np.random.default_rng([seed, 2])
+    return sorted(rng.permutation(len(ds.pool_images))[: p.m].tolist())
+
+
+def scoring_config(p: Protocol) -> ScoringConfig:
+    return ScoringConfig(
+        tile_size=p.infer_tile,
+        tile_overlap=p.infer_overlap,
+        batch_size=POOL_BATCH,
+        mc_passes=p.mc_passes,
+        device=p.device,
+        embed_batch=EMBED_BATCH,
+    )
+
+
+def ensemble_spec(p: Protocol, seed: int, rnd: int) -> EnsembleSpec:
+    """The bootstrap members that score the pool for round ``rnd``'s pick (bounded by ``ensemble_steps`` each)."""
+    base = train_config(
+        p, steps=p.ensemble_steps, lr=p.lr, seed=seed * 1000 + rnd, split_seed=seed, select="last", val=0.0
+    )
+    seeds = tuple(seed * 1000 + rnd * 10 + e for e in range(p.ensemble))
+    return EnsembleSpec(p.ensemble, p.ensemble_steps, seed * 1000 + rnd, seeds, base=base)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def ensure_initial(out: Path, p: Protocol, seed: int) -> Path:
+    """Train (once) and cache the initial model of a seed: m random tiles, from scratch, lr ``init_lr``."""
+    ckpt = out / "initial" / f"seed{seed}.pt"
+    if ckpt.exists():
+        return ckpt
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    # One trainer per seed: a worker that needs a seed's model while another trains it waits for it (file lock).
+    with open(ckpt.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ckpt.exists():
+            return ckpt
+        return _train_initial(ckpt, p, seed)
+
+
+def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
+    from ml_backend.model import save_checkpoint
+
+    ds = dataset_for(p, seed)
+    lab = initial_labelled(ds, p, seed)
+    t0 = time.monotonic()
+    trained = train_model(
+        ModelState(_fresh_model(p, seed)),
+        list(ds.pool_images[lab]),
+        list(ds.pool_masks[lab]),
+        train_config(p, steps=p.init_steps, lr=p.init_lr, seed=seed * 1000, split_seed=seed),
+        progress=_log_progress(f"initial seed {seed}"),
+        calibration=lambda: calibration(ds, p),
+    )
+    test = evaluate_test(trained.model, ds, p)
+    log.info(
+        "seed %d: initial model on %d tiles, test IoU %.3f (%.0fs)", seed, len(lab), test["iou"], time.monotonic() - t0
+    )
+    res = trained.result
+    extra = {"labelled": lab, "test": test, "train": res.metrics, "seconds": res.seconds}
+    save_checkpoint(trained.model, ckpt, extra=extra)
+    return ckpt
+
+
+def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | None, seconds: dict) -> dict:
+    from ml_backend.training.metrics import boundary_length
+
+    masks = ds.pool_masks[lab]
+    return {
+        "round": rnd,
+        "labelled": len(lab),
+        "pixels": int(masks.size),
+        "foreground_pixels": int(np.count_nonzero(masks)),
+        "boundary": float(sum(boundary_length(m) for m in masks)),
+        "iou": test["iou"],
+        "dice": test["dice"],
+        "val_iou": None if train is None else train.get("val_iou"),
+        "best_step": None if train is None else train.get("best_step"),
+        "seconds": seconds,
+    }
+
+
+def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
+    """One (strategy, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round."""
+    from ml_backend.config import torch_device
+    from ml_backend.model import load_checkpoint
+    from ml_backend.strategies import get_strategy
+
+    path = out / "runs" / f"{strategy_name}__seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t_run = time.monotonic()
+    ds = dataset_for(p, seed)
+    model, extra = load_checkpoint(ensure_initial(out, p, seed))
+    dev = torch_device(p.device)
+    model.to(dev)
+    strategy = get_strategy(strategy_name)
+    lab = list(extra["labelled"])
+    rounds = [_record(ds, lab, 0, extra["test"], extra["train"], {"train": extra["seconds"]})]
+    state = ModelState(model, how="kept")
+    scoring = scoring_config(p)
+    scorer = LocalScorer(ds.pool_images, scoring)
+    select = TopK(p.k)
+    picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
+    for rnd in range(p.rounds + 1):
+        tests: dict[str, float] = {}
+
+        def evaluate(trained: TrainedModel, tests: dict[str, float] = tests) -> Evaluation:
+            t0 = time.monotonic()
+            metrics = evaluate_test(trained.model.to(dev), ds, p)
+            tests["test"] = time.monotonic() - t0
+            return Evaluation(metrics)
+
+        last = rnd == p.rounds
+        tcfg = train_config(p, steps=p.steps, lr=p.lr, seed=seed * 1000 + rnd, split_seed=seed)
+        plan = RoundPlan(
+            strategy,
+            state,
+            train=None if rnd == 0 else tcfg,
+            ensemble=None if last else ensemble_spec(p, seed, rnd + 1),
+            calibration=lambda: calibration(ds, p),
+            progress=_log_progress(f"{strategy_name} seed {seed} round {rnd}"),
+            scoring=scoring,
+            score_seed=seed * 1000 + rnd + 1,
+            select_seed=seed * 1000 + rnd + 1,
+            score=not last,
+        )
+        sink = NextBatch()
+        outcome = run_round(
+            plan,
+            OracleLabels(ds, lab),
+            publisher=KeepInMemory(f"round-{rnd}"),
+            scorer=scorer,
+            select=select,
+            sink=sink,
+            evaluate=None if rnd == 0 else evaluate,
+        )
+        trained = outcome.trained
+        if rnd > 0:
+            t_train = outcome.timings["train"] - tests["test"] - trained.ensemble_seconds
+            times = {**picking, "train": t_train, "test": tests["test"]}
+            test = outcome.evaluation.metrics
+            rounds.append(_record(ds, lab, rnd, test, trained.result.metrics, times))
+            val = trained.result.metrics["val_iou"]
+            log.info(
+                "%s seed %d round %d/%d: %d tiles, test IoU %.3f (val %s) [ens %.0fs score %.0fs train %.0fs "
+                "test %.0fs]",
+                strategy_name, seed, rnd, p.rounds, len(lab), test["iou"], "-" if val is None else f"{val:.3f}",
+                times["ensemble"], times["score"], t_train, times["test"],
+            )  # fmt: skip
+        picking = {"ensemble": trained.ensemble_seconds, "score": outcome.timings.get("score", 0.0)}
+        if not sink.picked:
+            break
+        lab = lab + sink.picked
+    record = {
+        "strategy": strategy_name,
+        "seed": seed,
+        "params": strategy.params(),
+        "rounds": rounds,
+        "labelled_order": lab,
+        "seconds": time.monotonic() - t_run,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return record
+
+
+def run_full(out: Path, p: Protocol, seed: int) -> dict:
+    """Full supervision: every pool tile labelled, trained from scratch (the upper reference)."""
+    path = out / "runs" / f"full__seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.monotonic()
+    ds = dataset_for(p, seed)
+    tcfg = train_config(
+        p, steps=p.full_steps, lr=p.init_lr, seed=seed * 1000, split_seed=seed, batch_size=p.full_batch_size
+    )
+    trained = train_model(
+        ModelState(_fresh_model(p, seed)),
+        list(ds.pool_images),
+        list(ds.pool_masks),
+        tcfg,
+        progress=_log_progress(f"full supervision seed {seed}"),
+        calibration=lambda: calibration(ds, p),
+    )
+    test = evaluate_test(trained.model, ds, p)
+    lab = list(range(len(ds.pool_images)))
+    res = trained.result
+    record = {
+        "strategy": "full",
+        "seed": seed,
+        "rounds": [_record(ds, lab, 0, test, res.metrics, {"train": res.seconds})],
+        "seconds": time.monotonic() - t0,
+    }
+    log.info(
+        "seed %d: full supervision on %d tiles, test IoU %.3f (%.0fs)", seed, len(lab), test["iou"], record["seconds"]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(message)s")
+
+
+def _job(args: tuple[str, str, dict, str, int]) -> tuple[str, int, float]:
+    kind, out, pdict, strategy, seed = args
+    p = Protocol(**pdict)
+    t0 = time.monotonic()
+    if kind == "initial":
+        ensure_initial(Path(out), p, seed)
+    elif kind == "full":
+        run_full(Path(out), p, seed)
+    else:
+        run_strategy(Path(out), p, strategy, seed)
+    return f"{kind}:{strategy}", seed, time.monotonic() - t0
+
+
+PRIORITY = ("random", "entropy", "effort_aware")
+
+
+def run_all(out: Path, p: Protocol, strategies: list[str], seeds: list[int], workers: int, max_runs: int | None) -> int:
+    """Initial models first (one per seed), then full supervision and (strategy, seed) runs. Returns runs done now."""
+    from tqdm.auto import tqdm
+
+    # Order: the strategies the published claims are about first (all seeds), then the reference, then the rest, so
+    # that an interrupted benchmark has complete seeds for the comparisons that matter most.
+    first = [st for st in PRIORITY if st in strategies]
+    rest = [st for st in strategies if st not in first]
+    runs = [("run", str(out), asdict(p), st, s) for st in first for s in seeds]
+    runs += [("full", str(out), asdict(p), "full", s) for s in p.full_seeds if s in seeds]
+    runs += [("run", str(out), asdict(p), st, s) for st in rest for s in seeds]
+    runs = [r for r in runs if not (out / "runs" / f"{r[3]}__seed{r[4]}.json").exists()]
+    if max_runs is not None:
+        runs = runs[:max_runs]
+    need = sorted({r[4] for r in runs if r[0] == "run"})  # initial models only for seeds with strategy runs to do
+    todo_init = [
+        ("initial", str(out), asdict(p), "", s) for s in need if not (out / "initial" / f"seed{s}.pt").exists()
+    ]
+    log.info("%d initial models and %d runs to do (%d workers)", len(todo_init), len(runs), workers)
+    level = log.getEffectiveLevel()
+    if workers <= 1:
+        _worker_init(torch_threads(), level)
+        for job in tqdm(todo_init + runs, desc="benchmark"):
+            _job(job)
+        return len(runs)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(torch_threads(), level)) as pool:
+        # One queue: a run whose seed's initial model is still training waits on its lock, no worker idles early.
+        jobs = todo_init + runs
+        for name, seed, secs in tqdm(pool.imap_unordered(_job, jobs), total=len(jobs), desc="benchmark"):
+            log.info("done %s seed %d in %.0fs", name, seed, secs)
+    return len(runs)
+
+
+def torch_threads() -> int:
+    return int(os.environ.get("AL_TORCH_THREADS", "1"))

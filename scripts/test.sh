@@ -6,4 +6,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/bootstrap.sh
 "$VENV/bin/ruff" check ml_backend scripts tests
+bash scripts/install_chromium.sh  # Debian chromium for tests/browser (skipped with a message where missing)
 exec "$VENV/bin/python" -m pytest -ra "$@"

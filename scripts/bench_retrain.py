@@ -27,8 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("bench_retrain")
 
@@ -43,7 +41,7 @@ def _load_script(name: str):
 
 
 def machine() -> dict:
-    from machine_info import describe
+    from ml_backend.benchmarks.machine import describe
 
     return describe()
 
@@ -99,7 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     from ml_backend.labelstudio.rle import mask_to_results
 
     redis_script = _load_script("redis_server")
-    ls_script = _load_script("label_studio_server")
+    from ml_backend.services import label_studio as ls_script
+
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     info: dict = {"machine": machine(), "args": vars(args), "started": datetime.now(timezone.utc).isoformat()}

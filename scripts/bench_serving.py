@@ -34,8 +34,6 @@ import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # runnable from a checkout without installation
-    sys.path.insert(0, str(REPO))
 
 PROJECT_ID = 1
 
@@ -73,7 +71,7 @@ def _set_threads(n: int) -> None:
 
 
 def _machine() -> str:
-    from machine_info import describe_text
+    from ml_backend.benchmarks.machine import describe_text
 
     return describe_text() + " (shared machine)"
 

@@ -200,7 +200,7 @@ def phase_model(args, names) -> dict[str, dict[str, float]]:
 
 
 def machine_description(device: str) -> str:
-    from machine_info import describe_text
+    from ml_backend.benchmarks.machine import describe_text
 
     return describe_text() + ("" if device != "cpu" else " (run on the CPU)")
 

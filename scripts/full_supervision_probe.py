@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Probe the training recipe: full supervision on the benchmark's pool, with the test region's IoU printed as it trains.
 
-A diagnostic for `al_benchmark.py`'s full-supervision reference: it trains the product's U-Net with the product's
+A diagnostic for the AL benchmark's
+(``ml_backend.benchmarks``) full-supervision reference: it trains the product's U-Net with the product's
 `fine_tune` on every pool tile of the CPU preset (VNC stack1, 2x binned, 64 px tiles, 400 tiles) and reports test
 IoU every tenth of the run, plus the final IoU on the training tiles (under- or over-fitting?). The test slices are
 only watched here, never used for a decision (the last weights are kept), so the numbers are the ones a fixed
@@ -14,15 +15,8 @@ number of steps gives. Example (the figures in benchmarks/active_learning.md, 'W
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "scripts"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
 
-    import al_benchmark as bench
     import numpy as np
     import torch
 
+    from ml_backend.benchmarks import data, protocol, run
     from ml_backend.model import build_model
     from ml_backend.training import TrainConfig, evaluate, fine_tune
     from ml_backend.training.augment import AugmentConfig
 
     torch.set_num_threads(a.threads)
-    vnc = bench.default_vnc_dir() / "stack1"
+    vnc = data.default_vnc_dir() / "stack1"
     if not (vnc / "raw").is_dir():
         raise SystemExit(f"VNC data not found at {vnc} (set VNC_DATA_DIR)")
-    p = replace(bench.Protocol(), **bench.PRESETS["cpu"], images=str(vnc / "raw"), masks=str(vnc / "mitochondria"))
+    p = replace(
+        protocol.Protocol(), **protocol.PRESETS["cpu"], images=str(vnc / "raw"), masks=str(vnc / "mitochondria")
+    )
     p = replace(p, width=a.width, dropout=a.dropout, norm=a.norm)
-    ds = bench.dataset_for(p, a.seed)
+    ds = data.dataset_for(p, a.seed)
     torch.manual_seed(a.seed)
     model = build_model("unet", width=p.width, depth=p.depth, dropout=p.dropout, norm=p.norm)
     augment = (
@@ -89,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         progress=show,
         val_images=ds.test_images,
         val_masks=test_masks,
-        calibration_images=bench.calibration(ds, p),
+        calibration_images=run.calibration(ds, p),
     )
-    test = bench.evaluate_test(model, ds, p)
+    test = run.evaluate_test(model, ds, p)
     train = evaluate(model, list(ds.pool_images), list(ds.pool_masks), torch.device("cpu"))
     print(
         f"norm {a.norm} batch {a.batch_size} steps {a.steps} lr {a.lr:g} width {a.width} dropout {a.dropout} "

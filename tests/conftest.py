@@ -9,13 +9,15 @@ tests/integration and tests/faults (moved here unchanged so both share ONE Label
 * ``ls``: an SDK client connected as the admin (``ml_backend.labelstudio.client.connect``).
 * ``start_backend(model_dir, **env)``: gunicorn serving ``ml_backend.server.app:create_app()`` on a free port, as in
   production (separate process, real HTTP); stopped at the end of the session.
-* ``load_script(name)``: a module from ``scripts/`` (they are not a package).
+* ``load_script(name)``: the module behind a script of ``scripts/`` (the logic lives in the package; the scripts not
+  moved yet are loaded by path).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import importlib.util
 import os
 import shutil
@@ -111,10 +113,17 @@ def train_tiny_unet():
 # ---------------------------------------------------------------------- real servers (integration, faults)
 REPO = REPO_ROOT
 _SCRIPTS: dict[str, ModuleType] = {}
+PACKAGED = {  # script name -> the module that holds its logic
+    "import_tiles": "ml_backend.labelstudio.importing",
+    "setup_project": "ml_backend.labelstudio.setup",
+    "label_studio_server": "ml_backend.services.label_studio",
+}
 
 
 def load_script(name: str) -> ModuleType:
-    """scripts/<name>.py as a module (cached)."""
+    """The module behind scripts/<name>.py (cached): the package module, or the script by path if not moved yet."""
+    if name in PACKAGED:
+        return importlib.import_module(PACKAGED[name])
     if name not in _SCRIPTS:
         spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -127,7 +136,7 @@ def load_script(name: str) -> ModuleType:
 
 @pytest.fixture(scope="session")
 def scripts():
-    """Access to scripts/*.py as modules: ``scripts("import_tiles").import_tiles(...)``."""
+    """The modules behind scripts/*.py: ``scripts("import_tiles").import_tiles(...)``."""
     return load_script
 
 
@@ -154,7 +163,8 @@ def _make_template(lss: ModuleType, template: Path) -> None:
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """A real Label Studio 1.23.2 on 127.0.0.1 with a fresh database (LabelStudioServer: url, api_key, ...)."""
-    lss = load_script("label_studio_server")
+    from ml_backend.services import label_studio as lss
+
     template = _template_dir(lss.LABEL_STUDIO_VERSION)
     try:
         lss.ensure_venv()
@@ -205,7 +215,8 @@ class Backend:
 @pytest.fixture(scope="session")
 def start_backend(label_studio, tmp_path_factory):
     """start_backend(model_dir, **env) -> Backend: gunicorn with the real app on a free 127.0.0.1 port."""
-    lss = load_script("label_studio_server")
+    from ml_backend.services import label_studio as lss
+
     started: list[Backend] = []
 
     def start(model_dir: Path, **env_overrides: str) -> Backend:

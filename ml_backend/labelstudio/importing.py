@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Import EM stacks into a Label Studio project as tiles, without duplicating tasks when run again.
 
 Input: multi-page TIFF stacks, single images, or folders of PNG/TIFF slices (8- or 16-bit; read with
@@ -12,7 +11,7 @@ so that Label Studio serves the files. Task data: the image plus ``source`` (sta
 
 Idempotent: tasks whose image URL already exists in the project are skipped, files already written are kept.
 
-    python scripts/import_tiles.py --project 1 --tile 256 path/to/stack.tif path/to/slices_folder/
+    python -m ml_backend.labelstudio.importing --project 1 --tile 256 path/to/stack.tif path/to/slices_folder/
 """
 
 from __future__ import annotations
@@ -31,12 +30,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable from a checkout before `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
-from ml_backend.config import Settings  # noqa: E402
-from ml_backend.labelstudio.client import (  # noqa: E402
+from ml_backend.config import Settings
+from ml_backend.labelstudio.client import (
     LabelStudioError,
     call,
     connect,
@@ -44,6 +39,7 @@ from ml_backend.labelstudio.client import (  # noqa: E402
     list_tasks,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("import_tiles")
 
 IMPORT_CHUNK = 500

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Set a Label Studio project up for the active-learning loop (idempotent: run it as often as you like).
 
 1. the project (found by title, else created) with a label config from ``label_config/`` and project sampling
@@ -10,7 +9,7 @@
    the backend's title, and Label Studio ignores the scores of predictions of any other version;
 5. a Data Manager tab "Active learning queue" sorted by ascending prediction score.
 
-    python scripts/setup_project.py --title "EM mitochondria" --label-config label_config/dense.xml \\
+    python -m ml_backend.labelstudio.setup --title "EM mitochondria" --label-config label_config/dense.xml \\
         --backend-url http://127.0.0.1:9090
 """
 
@@ -25,12 +24,8 @@ from typing import Any
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # runnable from a checkout before `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
-from ml_backend.config import Settings  # noqa: E402
-from ml_backend.labelstudio.client import (  # noqa: E402
+from ml_backend.config import Settings
+from ml_backend.labelstudio.client import (
     LabelStudioError,
     as_dict,
     call,
@@ -42,8 +37,9 @@ from ml_backend.labelstudio.client import (  # noqa: E402
     retrieve_predictions,
     set_project_model_version,
 )
-from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config  # noqa: E402
+from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("setup_project")
 
 QUEUE_VIEW_TITLE = "Active learning queue"

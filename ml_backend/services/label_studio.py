@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Install (once) and start a real Label Studio server on 127.0.0.1, non-interactively.
 
 Why a separate virtual environment: `label-studio` pins Django, rq, redis and many more; installing it next to the
@@ -15,7 +14,7 @@ so that an ML backend and its webhook on 127.0.0.1 can be connected. Usable as a
 
 and as a command that runs until Ctrl-C:
 
-    python scripts/label_studio_server.py --port 8080 --data-dir .cache/label-studio-data
+    python -m ml_backend.services.label_studio --port 8080 --data-dir .cache/label-studio-data
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,9 +35,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ml_backend.services.ports import free_port
+
 log = logging.getLogger("label_studio_server")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_VERSION = "1.23.2"
 DEFAULT_USERNAME = "admin@example.com"
 DEFAULT_PASSWORD = "em-active-learning"
@@ -99,13 +99,6 @@ def ensure_venv(venv: str | Path | None = None, version: str = LABEL_STUDIO_VERS
     if _installed_version(venv) != version:
         raise LabelStudioServerError(f"{venv} does not hold label-studio=={version} after installation")
     return exe
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def health(url: str, timeout: float = 2.0) -> bool:

@@ -1,4 +1,5 @@
-"""scripts/import_tiles.py tiling and scripts/label_studio_server.py helpers, without a server.
+"""Tile import (ml_backend.labelstudio.importing) and local Label Studio (ml_backend.services.label_studio) helpers,
+without a server.
 
 (Importing into a real Label Studio, idempotency against existing tasks and the project set-up are exercised in
 tests/integration/test_predict_e2e.py.)
@@ -6,8 +7,6 @@ tests/integration/test_predict_e2e.py.)
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +17,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}_test", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def importer():
-    return _script("import_tiles")
+    from ml_backend.labelstudio import importing
+
+    return importing
 
 
 @pytest.fixture(scope="module")
 def lss():
-    return _script("label_studio_server")
+    from ml_backend.services import label_studio
+
+    return label_studio
 
 
 def test_tile_origins_cover_the_slice_with_full_size_tiles(importer):

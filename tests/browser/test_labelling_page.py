@@ -151,3 +151,44 @@ def test_labelling_page_shows_mask_uncertainty_and_suggestion(label_studio, ls, 
     docs.parent.mkdir(exist_ok=True)
     shutil.copyfile(shot, docs)
     assert time.monotonic() - t0 < 150, "the browser test should stay under about two minutes"
+
+
+def test_25d_page_shows_the_neighbouring_slices(label_studio, ls, page, artifacts):
+    """dense_25d.xml: the slices above and below are shown beside the centre tile; regions belong to the centre."""
+    from PIL import Image
+
+    from ml_backend.data.synthetic import generate_em_like
+    from ml_backend.labelstudio.overlays import parse_overlay_config
+    from ml_backend.labelstudio.rle import mask_to_results
+
+    xml = (REPO / "label_config" / "dense_25d.xml").read_text()
+    cfg = parse_overlay_config(xml)
+    images, masks = generate_em_like(3, size=256, seed=4)
+    folder = Path(label_studio.document_root) / f"browser25d-{uuid.uuid4().hex[:6]}"
+    folder.mkdir(parents=True)
+    data = {}
+    for key, img in zip(("image_prev", "image", "image_next"), images, strict=True):
+        Image.fromarray(img).save(folder / f"{key}.png")
+        data[key] = f"/data/local-files/?d={folder.relative_to(label_studio.document_root)}/{key}.png"
+    project = ls.projects.create(title="issue 12: 2.5D view", label_config=xml)
+    ls.import_storage.local.create(project=project.id, path=str(folder), regex_filter=r".*\.png", use_blob_urls=True)
+    task_id = int(ls.projects.import_tasks(id=project.id, request=[{"data": data}], return_task_ids=True).task_ids[0])
+    ls.predictions.create(task=task_id, result=mask_to_results(masks[1], cfg.mask), score=0.5, model_version="v1")
+
+    login(page, label_studio)
+    page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task_id}")
+    page.wait_for_function("document.querySelectorAll('.lsf-outliner-item__title').length >= 1", timeout=60_000)
+    loaded = page.wait_for_function(
+        """() => {
+            const imgs = [...document.querySelectorAll('img')].filter(i => i.src.includes('local-files'));
+            const ok = imgs.filter(i => i.complete && i.naturalWidth === 256);
+            return ok.length >= 3 ? ok.map(i => i.src) : null;
+        }""",
+        timeout=30_000,
+    ).json_value()
+    assert {src.split("/")[-1] for src in loaded} >= {"image_prev.png", "image.png", "image_next.png"}
+    assert page.locator(".lsf-outliner-item__title").all_inner_texts()[0].strip().startswith("Mitochondria")
+    page.wait_for_timeout(1000)
+    shot = artifacts / "label-studio-25d.png"
+    page.screenshot(path=str(shot))
+    shutil.copyfile(shot, REPO / "docs" / "label-studio-25d.png")

@@ -4,6 +4,10 @@
     python -m ml_backend.cli rollback --project 1 --version v0003-20260101T120000Z
     python -m ml_backend.cli status   --project 1 --plot learning_curve.png
     python -m ml_backend.cli train    --project 1          # enqueue a training now (like "Start training")
+    ml-backend benchmark --quick                            # AL learning curves (ml_backend.benchmarks)
+    ml-backend import --project 1 STACK.tif                 # tiles into Label Studio (ml_backend.labelstudio.importing)
+    ml-backend setup --backend-url http://127.0.0.1:9090    # project + ML backend (ml_backend.labelstudio.setup)
+    ml-backend label-studio --port 8080                     # a local Label Studio (ml_backend.services.label_studio)
     python -m ml_backend.cli worker                         # = rq worker --serializer rq.serializers.JSONSerializer
                                                             #   --with-scheduler --worker-class
                                                             #   ml_backend.worker.RecoveringWorker (+ intervals)
@@ -26,6 +30,14 @@ from ml_backend.config import ConfigError, Settings, get_settings
 from ml_backend.registry import ModelRegistry, RegistryError
 
 WORKER_CLASS = "ml_backend.worker.RecoveringWorker"
+
+# Subcommands whose module has its own argument parser: `ml-backend <name> ARGS` = that module's main(ARGS).
+DELEGATED = {
+    "benchmark": ("ml_backend.benchmarks.cli", "simulated active learning: learning curves of every strategy"),
+    "import": ("ml_backend.labelstudio.importing", "import EM stacks into a Label Studio project as tiles"),
+    "setup": ("ml_backend.labelstudio.setup", "create/update the Label Studio project and connect the backend"),
+    "label-studio": ("ml_backend.services.label_studio", "install (once) and run a local Label Studio"),
+}
 
 
 def worker_command(settings: Settings, *, burst: bool = False, name: str | None = None, extra: list[str] | None = None):
@@ -278,10 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the rq command instead of running it")
     p.add_argument("rq_args", nargs=argparse.REMAINDER, help="further arguments passed to `rq worker`")
     p.set_defaults(func=cmd_worker)
+
+    for name, (_module, text) in DELEGATED.items():
+        p = sub.add_parser(name, help=f"{text} (`ml-backend {name} --help`)", add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     settings = get_settings()
     if getattr(args, "keep", "unset") is None:

@@ -252,44 +252,46 @@ def pretrain(
         )
 
     warmup = int(round(cfg.warmup_fraction * cfg.steps))
-    net.train()
-    stopped, step = "steps", start
-    recent: list[float] = []
-    for step in range(start + 1, cfg.steps + 1):
-        if time.monotonic() - t0 > cfg.time_budget_s:
-            stopped, step = "time_budget", step - 1
-            break
-        for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * _lr_factor(step - 1, cfg.steps, warmup, cfg.min_lr_ratio)
-        x, y, m = (t.to(device) for t in make_batch(data, cfg, step))
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: a function of the step too
-        loss = reconstruction_loss(net(x), y, m, cfg.visible_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        lv = float(loss.detach())
-        losses.append(lv)
-        recent.append(lv)
-        if step % cfg.checkpoint_every == 0:
+    try:
+        net.train()
+        stopped, step = "steps", start
+        recent: list[float] = []
+        for step in range(start + 1, cfg.steps + 1):
+            if time.monotonic() - t0 > cfg.time_budget_s:
+                stopped, step = "time_budget", step - 1
+                break
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * _lr_factor(step - 1, cfg.steps, warmup, cfg.min_lr_ratio)
+            x, y, m = (t.to(device) for t in make_batch(data, cfg, step))
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks: a function of the step too
+            loss = reconstruction_loss(net(x), y, m, cfg.visible_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            lv = float(loss.detach())
+            losses.append(lv)
+            recent.append(lv)
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+            if progress is not None and (step % max(1, cfg.log_every) == 0 or step == cfg.steps):
+                done = step - start
+                elapsed = time.monotonic() - t0
+                progress(
+                    {
+                        "step": step,
+                        "steps": cfg.steps,
+                        "loss": float(np.mean(recent)),
+                        "eta_s": elapsed / max(1, done) * (cfg.steps - step),
+                        "seconds": elapsed,
+                    }
+                )
+                recent = []
+        if step > start or (path is not None and not path.exists()):
             checkpoint(step)
-        if progress is not None and (step % max(1, cfg.log_every) == 0 or step == cfg.steps):
-            done = step - start
-            elapsed = time.monotonic() - t0
-            progress(
-                {
-                    "step": step,
-                    "steps": cfg.steps,
-                    "loss": float(np.mean(recent)),
-                    "eta_s": elapsed / max(1, done) * (cfg.steps - step),
-                    "seconds": elapsed,
-                }
-            )
-            recent = []
-    if step > start or (path is not None and not path.exists()):
-        checkpoint(step)
-    net.detach_hook()
+    finally:
+        net.detach_hook()
     model.to(home).eval()
     seconds = time.monotonic() - t0
     log.info("pretrain: steps %d-%d in %.1fs, stopped by %s", start, step, seconds, stopped)

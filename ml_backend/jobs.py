@@ -384,11 +384,9 @@ def project_strategy(project_id: int, settings: Settings) -> Any:
 
 def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
     """Normalised float32 (H, W) image of a task, fetched through Label Studio (cached on disk)."""
-    from ml_backend.imaging import load_image
-    from ml_backend.labelstudio.media import fetch_image_bytes
+    from ml_backend.labelstudio.media import fetch_image
 
-    data = fetch_image_bytes(task_image_url(task, config), settings)
-    return load_image(data, max_pixels=settings.max_image_pixels)
+    return fetch_image(task_image_url(task, config), settings)  # same validated, bounded route as /predict
 
 
 def calibration_crops(tasks: dict[int, dict], config: Any, settings: Settings, *, workers: int = 8) -> list[np.ndarray]:

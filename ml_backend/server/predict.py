@@ -83,13 +83,12 @@ def _image_url(task: dict, config: BrushConfig) -> str:
 
 
 def _load(task: dict, config: BrushConfig, settings: Any) -> np.ndarray:
-    from ml_backend.imaging import ImageDecodeError, load_image
-    from ml_backend.labelstudio.media import MediaError, fetch_image_bytes
+    from ml_backend.imaging import ImageDecodeError
+    from ml_backend.labelstudio.media import MediaError, fetch_image
 
     url = _image_url(task, config)
     try:
-        data = fetch_image_bytes(url, settings)
-        return load_image(data, max_pixels=settings.max_image_pixels)
+        return fetch_image(url, settings)  # validated, bounded fetch; decodes (only images are cached)
     except (MediaError, ImageDecodeError) as exc:
         raise TaskError(str(exc)) from exc
 

@@ -101,7 +101,8 @@ def test_token_is_not_sent_to_other_hosts(tmp_path, http_server):
     url, handler = http_server
     handler.files["/pub/img.png"] = b"public"
     other = url.replace("127.0.0.1", "localhost")  # same server, but not the Label Studio host by name
-    s = _settings(tmp_path, url=url)
+    # "localhost" is not Label Studio's host: it must be allow-listed (MEDIA_ALLOWED_HOSTS) to be fetched at all.
+    s = _settings(tmp_path, url=url, media_allowed_hosts=other.removeprefix("http://"))
     assert fetch_image_bytes(f"{other}/pub/img.png", s) == b"public"
     assert handler.seen[-1] == ("/pub/img.png", None)
 
@@ -138,4 +139,4 @@ def test_oversized_download_is_refused(tmp_path, http_server):
     url, handler = http_server
     handler.files["/big.png"] = b"x" * (65 * 1024 * 1024)
     with pytest.raises(MediaError, match="larger than"):
-        fetch_image_bytes(f"{url}/big.png", _settings(tmp_path, url=url, max_image_pixels=10))
+        fetch_image_bytes(f"{url}/big.png", _settings(tmp_path, url=url, max_download_bytes=1024 * 1024))

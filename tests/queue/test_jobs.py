@@ -77,6 +77,9 @@ def small_settings(tmp_path: Path, redis_url: str = "redis://127.0.0.1:1/0", **k
         "inference_batch": 4,
         "mc_passes": 2,
         "keep_versions": 3,
+        # The image servers of these tests listen on loopback ports other than LABEL_STUDIO_URL's (issue 9: only
+        # allow-listed hosts are fetched).
+        "media_allowed_hosts": "127.0.0.1",
     }
     values.update(kw)
     return Settings.from_env(**values)
@@ -333,6 +336,7 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
         "INFERENCE_BATCH": "4",
         "MC_PASSES": "2",
         "PYTHONPATH": str(REPO),
+        "MEDIA_ALLOWED_HOSTS": settings.media_allowed_hosts,
     }
     worker = subprocess.run(
         [sys.executable, "-m", "ml_backend.cli", "worker", "--burst", "--name", "helper-test"],

@@ -364,22 +364,19 @@ def project_label_config(ls: Any, project_id: int, settings: Settings) -> tuple[
 
 
 def project_strategy(project_id: int, settings: Settings) -> Any:
-    """The project's acquisition strategy: the one stored by /setup (extra_params), else STRATEGY."""
-    from ml_backend.strategies import get_strategy
+    """The project's acquisition strategy: the one stored by /setup (extra_params), else STRATEGY (one resolver and
+    one error policy for /setup, /predict and the jobs: ``strategies.resolve``)."""
+    from ml_backend.strategies.resolve import resolve_strategy
 
-    name, params = settings.strategy, {"aggregation": settings.aggregation}
+    name, params = None, None
     state = Path(settings.model_dir) / "projects" / str(project_id) / "state.json"
     if state.is_file():
         try:
             stored = json.loads(state.read_text())
-            name = stored.get("strategy") or name
-            params = stored.get("strategy_params") or params
+            name, params = stored.get("strategy"), stored.get("strategy_params")
         except (OSError, json.JSONDecodeError) as exc:
-            log.warning("project %s: unreadable %s (%s); using STRATEGY=%s", project_id, state, exc, name)
-    try:
-        return get_strategy(name, **params)
-    except ValueError:
-        return get_strategy(name)  # a strategy without an aggregation parameter
+            log.warning("project %s: unreadable %s (%s); using STRATEGY=%s", project_id, state, exc, settings.strategy)
+    return resolve_strategy(name, params, default_name=settings.strategy, default_aggregation=settings.aggregation)
 
 
 def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.atomic import write_atomic
 from ml_backend.benchmarks.machine import describe
 from ml_backend.benchmarks.protocol import Protocol
+from ml_backend.store.atomic import write_atomic
 
 
 def write_json(path: Path, obj: Any) -> None:

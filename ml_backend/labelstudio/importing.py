@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from ml_backend.labelstudio.client import (
     ensure_local_storage,
     list_tasks,
 )
+from ml_backend.store.atomic import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("import_tiles")
@@ -87,12 +87,10 @@ def _png_bytes(arr: np.ndarray) -> bytes:
 
 
 def _write_if_missing(path: Path, data: bytes) -> bool:
+    """Write a tile once (a re-run keeps the existing file); atomic, so Label Studio never serves half a PNG."""
     if path.is_file():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return True
 
 

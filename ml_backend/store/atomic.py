@@ -1,0 +1,41 @@
+"""Atomic file writes: a reader (another gunicorn worker, a crashed-and-restarted job) sees the old file or the new
+one, never half of one. Used for model pointers, per-project state and the media cache."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the directory that holds the entry."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str, *, durable: bool = False) -> None:
+    """Write to a temporary sibling, then `os.replace` it over `path`.
+
+    durable=True also fsyncs the file and its directory (the registry's CURRENT pointer must survive a power cut);
+    caches skip that cost.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)

@@ -9,19 +9,24 @@ Routes:
   before every prediction round with a 3 s timeout, so it never loads a model.
 * ``POST /predict`` {tasks, project, label_config} -> {"results": [one prediction per task, in order]} (see
   ``predict.py``); also ``model_version`` and ``errors`` (ignored by Label Studio, useful for people).
-* ``GET /health`` -> {"status": "UP", "model_class", ...}; ``GET /metrics`` -> JSON counters of this process.
+* ``GET /health`` -> {"status": "UP", "model_class": "UNet"} and nothing else (open, for Label Studio's 1 s probe and
+  liveness checks); ``GET /health?details=1`` adds model directory, device and strategy and needs basic auth when it
+  is configured. ``GET /metrics`` -> JSON counters of this process (behind basic auth when configured).
 * ``POST /webhook`` -> ``ml_backend.queue.handle_webhook``: annotation events and START_TRAINING; answers at once
   (Label Studio waits 1 s), 503 with a reason when Redis is down (the next trigger re-reads Label Studio anyway).
+  A payload with an id that cannot exist (not in 1..2**31-1) is answered 400 and never reaches Redis: Label Studio
+  ignores webhook answers and never sends such ids, so a 400 only ever informs a caller that is not Label Studio.
 * ``GET /versions`` -> the project's model versions (Label Studio's model-version picker).
 
 Every error is JSON ``{"status": "error", "reason": ...}``: 4xx when the request is at fault, 5xx otherwise; the
-server keeps serving. Models come from a per-process ``ModelCache`` (loaded once, reloaded when the project's
-current version changes).
+server keeps serving. Bodies are validated at the edge (``schemas.py``): size (MAX_REQUEST_BYTES, 413), content type
+(415), JSON nesting depth (checked before parsing), bounded ids and strings (400). /predict answers within
+PREDICT_DEADLINE_S: tasks not done by then get an empty prediction and a per-task error. Models come from a
+per-process ``ModelCache`` (loaded once, reloaded when the project's current version changes).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -35,20 +40,24 @@ from werkzeug.exceptions import HTTPException
 from ml_backend.config import Settings, torch_device
 from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 
-from .auth import check_basic_auth
+from .auth import check_basic_auth, details_requested
 from .predict import COLD_START_VERSION, ModelConfigMismatch, predict_tasks
 from .projects import ProjectError, ProjectStore, parse_project_id, strategy_from_params
+from .schemas import (
+    BadRequest,
+    PredictRequest,
+    SetupRequest,
+    UnsupportedMediaType,
+    WebhookRequest,
+    parse_json_body,
+    validate,
+)
 
-__all__ = ["BadRequest", "Metrics", "create_app"]
+__all__ = ["BadRequest", "Metrics", "create_app"]  # BadRequest re-exported from schemas
 
 log = logging.getLogger("ml_backend.server")
 
 MODEL_CLASS = "UNet"
-MAX_REQUEST_BYTES = 256 * 1024 * 1024
-
-
-class BadRequest(ValueError):
-    """The request is at fault (answered 400 with the message as reason)."""
 
 
 class Metrics:
@@ -109,17 +118,8 @@ def _error(reason: str, status: int, **extra: Any) -> tuple[Response, int]:
 
 
 def _json_body() -> dict:
-    """The request's JSON object; BadRequest for a missing, malformed or non-object body."""
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        raise BadRequest("empty request body: expected a JSON object")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequest(f"expected a JSON object, got {type(body).__name__}")
-    return body
+    """The request's JSON object (size, content type and depth checked); BadRequest/415 otherwise."""
+    return parse_json_body(request.get_data(cache=True), request.content_type)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -140,7 +140,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                             format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")  # fmt: skip
     app = Flask("ml_backend")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # Flask answers 413 beyond it
     app.json.sort_keys = False
     store = ProjectStore(settings.model_dir)
     cache = ModelCache(settings.model_dir, device=torch_device(settings.device))
@@ -163,7 +163,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(BadRequest)
     def _bad_request(exc: BadRequest) -> Any:
-        return _error(str(exc), 400)
+        return _error(str(exc), 415 if isinstance(exc, UnsupportedMediaType) else 400)
+
+    @app.errorhandler(RecursionError)
+    def _too_deep(exc: RecursionError) -> Any:  # a last line of defence; the depth scan should come first
+        return _error("request nests too deeply", 400)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -182,6 +186,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health() -> Any:
+        # Label Studio probes this unauthenticated with a 1 s timeout; it needs only a 200. Anything about the
+        # deployment (paths, device, strategy) is behind auth: ``?details=1``.
+        if not details_requested(request):
+            return jsonify(status="UP", model_class=MODEL_CLASS)
         return jsonify(
             status="UP",
             model_class=MODEL_CLASS,
@@ -199,22 +207,19 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.post("/setup")
     def setup() -> Any:
-        body = _json_body()
+        req: SetupRequest = validate(SetupRequest, _json_body())
+        pid = str(req.project)
         try:
-            pid = parse_project_id(body.get("project"))
-            xml = body.get("schema") or body.get("label_config")
-            if xml is not None and not isinstance(xml, str):
-                raise BadRequest("'schema' must be the label config XML as a string")
+            xml = req.xml
             if xml:
                 config = parse_label_config(xml)
             else:
                 config, xml = store.config(pid)  # re-setup without a schema: keep the stored config
             stored = store.state(pid)
-            extra = body.get("extra_params")
-            if extra in (None, "", {}) and stored.get("strategy"):
+            if req.extra_params is None and stored.get("strategy"):
                 name, params = stored["strategy"], stored.get("strategy_params") or {}
             else:
-                name, params = strategy_from_params(extra, settings.strategy, settings.aggregation)
+                name, params = strategy_from_params(req.extra_params, settings.strategy, settings.aggregation)
             store.save(pid, xml, config, strategy=name, strategy_params=params)
         except (LabelConfigError, ProjectError) as exc:
             return _error(str(exc), 400)
@@ -226,26 +231,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.post("/predict")
     def predict() -> Any:
         t0 = time.perf_counter()
-        body = _json_body()
-        tasks = body.get("tasks")
-        if tasks is None:
-            tasks = []
-        if not isinstance(tasks, list):
-            raise BadRequest(f"'tasks' must be a list, got {type(tasks).__name__}")
+        deadline = time.monotonic() + float(settings.predict_deadline_s)
+        req: PredictRequest = validate(PredictRequest, _json_body())
+        tasks = req.tasks
         if not tasks:
             return jsonify(results=[])
+        pid = str(req.project)
         try:
-            pid = parse_project_id(body.get("project"))
-            xml = body.get("label_config")
-            if xml is not None and not isinstance(xml, str):
-                raise BadRequest("'label_config' must be the label config XML as a string")
-            config, _xml = store.config(pid, xml or None)
+            config, _xml = store.config(pid, req.label_config or None)
             strategy = _project_strategy(store, pid, settings)
         except (LabelConfigError, ProjectError) as exc:
             return _error(str(exc), 400)
         entry = cache.get(pid)
         try:
-            outcome = predict_tasks(tasks, config, entry, strategy, settings)
+            outcome = predict_tasks(tasks, config, entry, strategy, settings, deadline=deadline)
         except ModelConfigMismatch as exc:
             return _error(str(exc), 409)
         seconds = time.perf_counter() - t0
@@ -257,6 +256,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.post("/webhook")
     def webhook() -> Any:
         body = _json_body()
+        validate(WebhookRequest, body)
+        try:
+            WebhookRequest.check_ids(body)  # before Redis: an id that cannot exist must not become a key
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         try:
             from ml_backend.queue import QueueUnavailable, handle_webhook
         except ImportError as exc:  # the queue extra is part of the package; say so instead of a 500 traceback
@@ -271,9 +275,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions() -> Any:
-        body = request.get_json(silent=True) if request.data else None
-        project = (body or {}).get("project") if isinstance(body, dict) else None
-        project = project or request.args.get("project")
+        body = _json_body() if request.method == "POST" and request.content_length else {}
+        project = body.get("project") or request.args.get("project")
         if not project:
             return jsonify(versions=[], reason="pass ?project=<id> to list a project's versions")
         try:

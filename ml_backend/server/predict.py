@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,9 @@ import numpy as np
 
 from ml_backend.labelstudio.labelconfig import BrushConfig
 
-__all__ = ["COLD_START_VERSION", "PredictionOutcome", "TaskError", "predict_tasks"]
+from .schemas import MAX_ID, MAX_IMAGE_URL_CHARS, bounded_id
+
+__all__ = ["COLD_START_VERSION", "DeadlineExceeded", "PredictionOutcome", "TaskError", "predict_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,17 @@ COLD_START_VERSION = "cold-start"
 FETCH_WORKERS = 8
 MC_MAX_PIXELS = 1024 * 1024  # BALD in /predict only up to this size (T decoder passes of the whole image in memory)
 FALLBACK_STRATEGY = "entropy"
+INFERENCE_RESERVE = 0.25  # share of PREDICT_DEADLINE_S kept for inferring the images that arrived in time
 
 _inference_lock = threading.Lock()
 
 
 class TaskError(ValueError):
     """One task cannot be predicted (its own fault: missing field, bad image); the others go on."""
+
+
+class DeadlineExceeded(TaskError):
+    """The request's overall deadline (PREDICT_DEADLINE_S) passed before this task was done."""
 
 
 class ModelConfigMismatch(RuntimeError):
@@ -62,10 +70,10 @@ class PredictionOutcome:
 def _task_id(task: Any, index: int) -> int:
     if not isinstance(task, dict):
         raise TaskError(f"task #{index} is {type(task).__name__}, expected an object with 'id' and 'data'")
-    tid = task.get("id")
-    if isinstance(tid, bool) or not isinstance(tid, (int, str)) or not str(tid).lstrip("-").isdigit():
-        raise TaskError(f"task #{index} has no integer 'id' (got {tid!r})")
-    return int(tid)
+    try:
+        return bounded_id(task.get("id"), "the id")
+    except ValueError as exc:
+        raise TaskError(f"task #{index} has no integer 'id' in 1..{MAX_ID}: {exc}") from None
 
 
 def _image_url(task: dict, config: BrushConfig) -> str:
@@ -73,8 +81,13 @@ def _image_url(task: dict, config: BrushConfig) -> str:
     if not isinstance(data, dict):
         raise TaskError("task has no 'data' object")
     url = data.get(config.image_key)
+    if isinstance(url, str) and len(url) > MAX_IMAGE_URL_CHARS:
+        raise TaskError(
+            f"image URL under {config.image_key!r} is {len(url):,} characters long (at most {MAX_IMAGE_URL_CHARS:,})"
+        )
     if not isinstance(url, str) or not url.strip():
-        keys = ", ".join(sorted(map(str, data))) or "none"
+        names = sorted(str(k)[:40] for k in list(data)[:20])
+        keys = ", ".join(names) + (", ..." if len(data) > 20 else "") if names else "none"
         raise TaskError(
             f"task data has no image under {config.image_key!r} (from the label config's "
             f'<Image value="${config.image_key}">; task data keys: {keys})'
@@ -145,12 +158,27 @@ def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: 
 
 
 def _score_members(
-    model: Any, images: dict[int, np.ndarray], members: list[int], strategy: Any, settings: Any, device: Any, seed: int
+    model: Any,
+    images: dict[int, np.ndarray],
+    members: list[int],
+    strategy: Any,
+    settings: Any,
+    device: Any,
+    seed: int,
+    deadline: float = float("inf"),
 ) -> list[tuple[int, Any]]:
-    """[(task index, (probs, score) or the exception)]: the group in one go, one by one if that fails."""
+    """[(task index, (probs, score) or the exception)]: the group in one go, one by one if that fails.
+
+    Waits for the inference lock (other requests of this process) only until ``deadline`` (``time.monotonic``).
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not _inference_lock.acquire(timeout=min(remaining, threading.TIMEOUT_MAX)):
+        return [(i, _deadline_error(settings)) for i in members]
     try:
-        with _inference_lock:
+        try:
             scored = _score_group(model, [images[i] for i in members], strategy, settings, device, seed)
+        finally:
+            _inference_lock.release()
         return list(zip(members, scored, strict=True))
     except Exception as exc:
         if len(members) == 1:
@@ -159,8 +187,15 @@ def _score_members(
         log.warning("a batch of %d images failed (%s); scoring them one by one", len(members), exc)
     out: list[tuple[int, Any]] = []
     for i in members:
-        out.extend(_score_members(model, images, [i], strategy, settings, device, seed))
+        out.extend(_score_members(model, images, [i], strategy, settings, device, seed, deadline))
     return out
+
+
+def _deadline_error(settings: Any) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"deadline exceeded: not processed within PREDICT_DEADLINE_S={float(settings.predict_deadline_s):g} s of "
+        "the request (no prediction; Label Studio asks again next time)"
+    )
 
 
 def _prediction(probs: np.ndarray, score: float, config: BrushConfig, version: str) -> dict:
@@ -182,8 +217,16 @@ def predict_tasks(
     model_entry: tuple[Any, dict] | None,
     strategy: Any,
     settings: Any,
+    *,
+    deadline: float | None = None,
 ) -> PredictionOutcome:
-    """Predictions for ``tasks`` in order (see the module docstring for the rules)."""
+    """Predictions for ``tasks`` in order (see the module docstring for the rules).
+
+    ``deadline`` (``time.monotonic()`` value; default now + PREDICT_DEADLINE_S) bounds the whole call: tasks whose
+    image has not arrived by ``deadline - INFERENCE_RESERVE * PREDICT_DEADLINE_S`` or that are not inferred by the
+    deadline fail alone with "deadline exceeded", and the call returns without waiting for their downloads (those
+    threads end with media's own per-fetch deadline, FETCH_DEADLINE_S).
+    """
     from ml_backend.config import torch_device
     from ml_backend.strategies import cold_start_scores
 
@@ -221,24 +264,38 @@ def predict_tasks(
     request_strategy = _strategy_for_request(strategy, settings)
     device = torch_device(settings.device)
 
+    if deadline is None:
+        deadline = time.monotonic() + float(settings.predict_deadline_s)
+    # Stop waiting for images a little before the deadline, so that the images that did arrive are still inferred
+    # when a few never do (a slow host must not cost the whole request its predictions).
+    fetch_cutoff = deadline - INFERENCE_RESERVE * float(settings.predict_deadline_s)
     wait_s = infer_s = 0.0
     window = 2 * max(FETCH_WORKERS, int(settings.inference_batch))  # images in memory at once: bounded
     windows = [good[k : k + window] for k in range(0, len(good), window)]
-    with ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(good))) as pool:
+    # Not a ``with`` block: leaving it would wait for downloads still running after the deadline.
+    pool = ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(good)), thread_name_prefix="predict-fetch")
+    try:
 
-        def submit(idx: list[int]) -> dict[int, Any]:
+        def submit(idx: list[int]) -> dict[int, Future]:
             return {i: pool.submit(_load, tasks[i], config, settings) for i in idx}
 
         pending = submit(windows[0])
         for w, idx in enumerate(windows):
             current = pending
             if w + 1 < len(windows):  # the next window downloads while this one is on the model
-                pending = submit(windows[w + 1])
+                pending = submit(windows[w + 1]) if time.monotonic() < fetch_cutoff else {}
             t0 = time.perf_counter()
             images: dict[int, np.ndarray] = {}
             for i in idx:
+                future = current.get(i)
                 try:
-                    images[i] = current[i].result()
+                    if future is None:
+                        raise _deadline_error(settings)
+                    try:
+                        images[i] = future.result(timeout=max(0.0, fetch_cutoff - time.monotonic()))
+                    except FutureTimeout:
+                        future.cancel()
+                        raise _deadline_error(settings) from None
                 except TaskError as exc:
                     _fail(outcome, i, tasks[i], exc)
                 except Exception as exc:  # anything unexpected in one task still fails only that task
@@ -251,12 +308,17 @@ def predict_tasks(
                 groups.setdefault(image.shape, []).append(i)
             for members in groups.values():
                 seed = settings.seed + int(ids[members[0]] or 0)
-                for i, item in _score_members(model, images, members, request_strategy, settings, device, seed):
-                    if isinstance(item, Exception):
+                scored = _score_members(model, images, members, request_strategy, settings, device, seed, deadline)
+                for i, item in scored:
+                    if isinstance(item, TaskError):
+                        _fail(outcome, i, tasks[i], item)
+                    elif isinstance(item, Exception):
                         _fail(outcome, i, tasks[i], TaskError(f"inference failed: {type(item).__name__}: {item}"))
                     else:
                         outcome.results[i] = _prediction(item[0], item[1], config, version)
             infer_s += time.perf_counter() - t1
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     outcome.timings = {"fetch_wait_s": round(wait_s, 4), "inference_s": round(infer_s, 4)}
     return outcome
 
@@ -269,6 +331,10 @@ def _model_classes(model: Any) -> int | None:
 
 def _fail(outcome: PredictionOutcome, index: int, task: Any, exc: Exception) -> None:
     tid = task.get("id") if isinstance(task, dict) else None
+    try:
+        tid = bounded_id(tid, "id")
+    except ValueError:  # echo only ids that can exist: never a 5,000-digit number back into the answer and the log
+        tid = None
     log.warning("task %s (#%d): no prediction: %s", tid, index, exc)
     outcome.results[index] = []
     outcome.errors.append({"index": index, "task": tid, "reason": str(exc)})

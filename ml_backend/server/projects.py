@@ -13,7 +13,6 @@ Writes are atomic (temporary file + ``os.replace``) so a reader never sees half 
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from ml_backend.labelstudio.labelconfig import BrushConfig, parse_label_config
 
 __all__ = ["ProjectError", "ProjectStore", "parse_project_id", "strategy_from_params"]
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 LABEL_CONFIG_FILE = "label_config.xml"
 STATE_FILE = "state.json"
 
@@ -33,45 +31,52 @@ class ProjectError(ValueError):
 
 
 def parse_project_id(value: Any) -> str:
-    """Project id from Label Studio's ``"<id>.<timestamp>"`` (or a bare id); ProjectError when unusable."""
-    if value is None or value == "":
-        raise ProjectError("missing 'project' (Label Studio sends '<project id>.<timestamp>')")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ProjectError(f"'project' must be a string like '3.1700000000', got {type(value).__name__}")
-    pid = str(value).split(".", 1)[0].strip()
-    if not _ID_RE.match(pid):
-        raise ProjectError(f"'project' {value!r} does not start with a project id")
-    return pid
+    """Project id from Label Studio's ``"<id>.<timestamp>"`` (or a bare id), in 1..2**31-1; ProjectError otherwise.
+
+    Bounded here because the id names a folder (``MODEL_DIR/projects/<id>``) and Redis keys: an id that cannot exist
+    in Label Studio must never create either.
+    """
+    from .schemas import project_id
+
+    try:
+        return str(project_id(value))
+    except ValueError as exc:
+        raise ProjectError(str(exc)) from None
 
 
 def strategy_from_params(extra_params: Any, default_name: str, default_aggregation: str) -> tuple[str, dict[str, Any]]:
     """(strategy name, params) from /setup's ``extra_params`` ({"strategy": ..., "aggregation": ..., ...}).
 
-    Label Studio sends ``extra_params`` as an object or as a JSON string (what the user typed); anything else
-    falls back to the defaults. The name and params are validated by instantiating the strategy.
+    Label Studio sends ``extra_params`` as an object or as a JSON string (what the user typed); ``None`` falls back
+    to the defaults. The shape is checked by ``schemas.ExtraParams`` (wrong types are a ProjectError, never a
+    TypeError), the name and params by instantiating the strategy.
     """
+    from pydantic import ValidationError
+
     from ml_backend.strategies import get_strategy
 
+    from .schemas import BadRequest, ExtraParams, SetupRequest, describe_validation_error
+
+    try:
+        if not isinstance(extra_params, ExtraParams):
+            checked = SetupRequest.model_validate({"project": 1, "extra_params": extra_params}).extra_params
+            extra_params = checked
+    except ValidationError as exc:
+        raise ProjectError(describe_validation_error(exc)) from None
+    except BadRequest as exc:
+        raise ProjectError(str(exc)) from None
     params: dict[str, Any] = {}
-    if isinstance(extra_params, str) and extra_params.strip():
-        try:
-            extra_params = json.loads(extra_params)
-        except json.JSONDecodeError as exc:
-            raise ProjectError(f"extra_params is not valid JSON: {exc}") from exc
-    if extra_params is not None and not isinstance(extra_params, (dict, str)):
-        raise ProjectError(f"extra_params must be an object, got {type(extra_params).__name__}")
-    if isinstance(extra_params, dict):
-        params = dict(extra_params.get("strategy_params") or {})
-        name = str(extra_params.get("strategy") or default_name)
-        if "aggregation" in extra_params:
-            params["aggregation"] = extra_params["aggregation"]
-    else:
-        name = default_name
+    name = default_name
+    if extra_params is not None:
+        params = dict(extra_params.strategy_params)
+        name = extra_params.strategy or default_name
+        if extra_params.aggregation is not None:
+            params["aggregation"] = extra_params.aggregation
     params.setdefault("aggregation", default_aggregation)
     try:
         strategy = get_strategy(name, **params)
-    except ValueError as exc:
-        raise ProjectError(str(exc)) from exc
+    except (ValueError, TypeError) as exc:  # TypeError: a parameter the strategy does not take
+        raise ProjectError(f"extra_params: strategy {name!r} {params}: {exc}") from None
     return strategy.name, strategy.params()
 
 

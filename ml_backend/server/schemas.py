@@ -1,0 +1,375 @@
+"""Request validation at the HTTP edge: body parsing with size and depth limits, pydantic models of every POST body.
+
+Why: every client mistake must be a 4xx with a reason, never a 500, and ids that cannot exist must never reach the
+disk (``MODEL_DIR/projects/<id>``) or Redis. So, before any handler code runs:
+
+* the body is refused when it is too large (``MAX_REQUEST_BYTES``, Flask answers 413), has a non-JSON content type
+  (415), or nests deeper than ``MAX_JSON_DEPTH`` -- checked by a linear scan of the raw text BEFORE ``json.loads``,
+  whose recursion (and everything downstream: pydantic, jsonify) would otherwise blow up on 100k-deep input;
+* integer literals longer than ``MAX_INT_DIGITS`` are kept as text (``BigIntLiteral``) instead of calling ``int()``
+  on them (Python refuses > 4,300 digits with a ValueError), so one huge task id fails only its own task;
+* ids are Label Studio's database ids: integers in 1..2**31-1 (``MAX_ID``); project references may carry
+  Label Studio's ``"<id>.<timestamp>"`` suffix. Strings are bounded; unknown extra fields are ignored, because Label
+  Studio sends fields this backend does not use (``hostname``, ``access_token``, ``params``...) and adds new ones
+  between versions.
+
+A bad individual task inside ``/predict`` is NOT a request error: ``tasks`` is only checked to be a bounded list here,
+and ``predict.py`` fails just that task (``task_id``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "MAX_ID",
+    "MAX_JSON_DEPTH",
+    "MAX_TASKS",
+    "BadRequest",
+    "BigIntLiteral",
+    "ExtraParams",
+    "PredictRequest",
+    "SetupRequest",
+    "UnsupportedMediaType",
+    "WebhookRequest",
+    "bounded_id",
+    "check_json_depth",
+    "describe_validation_error",
+    "json_depth",
+    "parse_json_body",
+    "project_id",
+]
+
+MAX_ID = 2**31 - 1  # Label Studio's ids are 32-bit database keys
+MAX_JSON_DEPTH = 64  # Label Studio's deepest payload (a webhook's project) nests < 10
+MAX_INT_DIGITS = 32
+MAX_TASKS = 1000  # per /predict request; the request deadline (PREDICT_DEADLINE_S) bounds the work anyway
+MAX_PROJECT_REF_CHARS = 64  # "<id>.<timestamp>"
+MAX_LABEL_CONFIG_CHARS = 1_000_000
+MAX_EXTRA_PARAMS_CHARS = 65_536
+MAX_NAME_CHARS = 64  # strategy / aggregation names, webhook actions
+MAX_IMAGE_URL_CHARS = 8192
+
+_STRING = re.compile(r'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.S)  # always matches: linear, no backtracking
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SCAN_CHUNK = 1 << 22
+
+
+class BadRequest(ValueError):
+    """The request is at fault (answered 400 with the message as reason)."""
+
+
+class UnsupportedMediaType(BadRequest):
+    """The body is not declared as JSON (answered 415)."""
+
+
+class BigIntLiteral(str):
+    """An integer literal too long to convert (kept as its digits); never a valid id."""
+
+
+def _parse_int(text: str) -> int | BigIntLiteral:
+    return int(text) if len(text) <= MAX_INT_DIGITS else BigIntLiteral(text)
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting of JSON ``text``, outside strings, in linear time without recursion.
+
+    Up to the first syntax error the scan tokenises like the parser, so it never under-counts what ``json.loads``
+    would recurse into. Unterminated strings swallow the rest of the text (the parser stops there too).
+    """
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return text.count("[") + text.count("{")  # an upper bound, cheap for ordinary bodies
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).encode("ascii")
+    deepest, level = 0, 0
+    for start in range(0, len(brackets), _SCAN_CHUNK):
+        codes = np.frombuffer(brackets, dtype=np.uint8, count=min(_SCAN_CHUNK, len(brackets) - start), offset=start)
+        steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int64)
+        levels = np.cumsum(steps) + level
+        deepest = max(deepest, int(levels.max()))
+        level = int(levels[-1])
+    return deepest
+
+
+def check_json_depth(text: str, what: str = "request body") -> None:
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise BadRequest(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+
+
+def loads_limited(text: str, what: str = "request body") -> Any:
+    """``json.loads`` after the depth check; huge integers stay text; BadRequest on anything malformed."""
+    check_json_depth(text, what)
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"malformed JSON in {what}: {exc}") from exc
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> dict:
+    """The body as a JSON object; BadRequest / UnsupportedMediaType with a reason otherwise.
+
+    A missing content type is accepted (hand-written calls); a declared non-JSON one (form data, text) is not.
+    """
+    mimetype = (content_type or "").split(";", 1)[0].strip().lower()
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(f"unsupported content type {mimetype[:80]!r}: send 'Content-Type: application/json'")
+    if not raw.strip():
+        raise BadRequest("empty request body: expected a JSON object")
+    try:
+        text = raw.decode(json.detect_encoding(raw))
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise BadRequest(f"malformed JSON: the body is not UTF-8/16/32 text ({exc.__class__.__name__})") from exc
+    try:
+        body = loads_limited(text)
+    except BadRequest as exc:
+        raise BadRequest(str(exc).replace("malformed JSON in request body", "malformed JSON")) from exc
+    if not isinstance(body, dict):
+        raise BadRequest(f"expected a JSON object, got {_kind(body)}")
+    return body
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, BigIntLiteral):
+        return f"an integer of {len(value)} digits"
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def bounded_id(value: Any, what: str) -> int:
+    """``value`` as an id in 1..MAX_ID (int, integer-valued float or digit string); ValueError saying why not."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {_kind(value)}")
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_ID + 1:
+        value = int(value)
+    if isinstance(value, str) and not isinstance(value, BigIntLiteral):
+        text = value.strip()
+        if len(text) > MAX_INT_DIGITS or not text.lstrip("-").isdigit():
+            raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {_show(value)}")
+        value = int(text)
+    if isinstance(value, BigIntLiteral):
+        raise ValueError(f"{what} is out of range 1..{MAX_ID} (an integer of {len(value)} digits)")
+    if not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {_kind(value)}")
+    if not 1 <= value <= MAX_ID:
+        raise ValueError(f"{what} {_show(value)} is out of range 1..{MAX_ID}")
+    return value
+
+
+def project_id(value: Any) -> int:
+    """The project id of Label Studio's ``"<id>.<timestamp>"`` (or a bare id); ValueError with a reason."""
+    if value is None or value == "":
+        raise ValueError("missing 'project' (Label Studio sends '<project id>.<timestamp>')")
+    if isinstance(value, str) and not isinstance(value, BigIntLiteral):
+        if len(value) > MAX_PROJECT_REF_CHARS:
+            raise ValueError(f"'project' is {len(value):,} characters long (at most {MAX_PROJECT_REF_CHARS})")
+        head = value.split(".", 1)[0].strip()
+        if not head.lstrip("-").isdigit():
+            raise ValueError(
+                f"'project' {_show(value)} does not start with a project id (expected '<project id>.<timestamp>')"
+            )
+        value = head
+    elif isinstance(value, bool) or not isinstance(value, (int, float, BigIntLiteral)):
+        raise ValueError(f"'project' must be a string like '3.1700000000', got {_kind(value)}")
+    return bounded_id(value, "'project' id")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One readable line per problem; our own validators' messages as they are, pydantic's with the field."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            parts.append(f"missing {loc!r}" if loc != "project" else project_error_text(None))
+        elif err["type"] == "value_error":
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
+        else:
+            parts.append(f"{loc!r}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def project_error_text(value: Any) -> str:
+    try:
+        project_id(value)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+
+def _optional_text(value: Any, what: str, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or isinstance(value, BigIntLiteral):
+        raise ValueError(f"{what} must be {_TEXT_KIND.get(what, 'a string')}, got {_kind(value)}")
+    if len(value) > limit:
+        raise ValueError(f"{what} is {len(value):,} characters long (at most {limit:,})")
+    return value
+
+
+_TEXT_KIND = {"'schema'": "the label config XML as a string", "'label_config'": "the label config XML as a string"}
+
+
+class ExtraParams(_Body):
+    """/setup's ``extra_params`` (what the user typed in Label Studio's model settings), validated."""
+
+    strategy: str | None = None
+    aggregation: str | None = None
+    strategy_params: dict[str, bool | int | float | str | None] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("strategy", "aggregation", mode="before")
+    @classmethod
+    def _name(cls, value: Any, info: Any) -> str | None:
+        if value in (None, ""):
+            return None
+        return _optional_text(value, f"extra_params.{info.field_name}", MAX_NAME_CHARS)
+
+    @field_validator("strategy_params", mode="before")
+    @classmethod
+    def _params(cls, value: Any) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"extra_params.strategy_params must be an object, got {_kind(value)}")
+        for key, item in value.items():
+            if len(key) > MAX_NAME_CHARS or isinstance(item, (dict, list, BigIntLiteral)):
+                raise ValueError(f"extra_params.strategy_params[{_show(key)}] must be a number, string or boolean")
+        return value
+
+
+class SetupRequest(_Body):
+    """``POST /setup`` as Label Studio sends it: {project, schema, extra_params, hostname, access_token, ...}."""
+
+    project: int
+    schema_xml: str | None = Field(None, alias="schema")
+    label_config: str | None = None
+    extra_params: ExtraParams | None = None
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project(cls, value: Any) -> int:
+        return project_id(value)
+
+    @field_validator("schema_xml", mode="before")
+    @classmethod
+    def _schema(cls, value: Any) -> str | None:
+        return _optional_text(value, "'schema'", MAX_LABEL_CONFIG_CHARS)
+
+    @field_validator("label_config", mode="before")
+    @classmethod
+    def _label_config(cls, value: Any) -> str | None:
+        return _optional_text(value, "'label_config'", MAX_LABEL_CONFIG_CHARS)
+
+    @field_validator("extra_params", mode="before")
+    @classmethod
+    def _extra(cls, value: Any) -> Any:
+        """Label Studio sends an object, or the JSON text the user typed; empty means "keep the stored strategy"."""
+        if isinstance(value, str) and not isinstance(value, BigIntLiteral):
+            if len(value) > MAX_EXTRA_PARAMS_CHARS:
+                raise ValueError(f"extra_params is {len(value):,} characters long (at most {MAX_EXTRA_PARAMS_CHARS})")
+            if not value.strip():
+                return None
+            try:
+                value = loads_limited(value, "extra_params")
+            except BadRequest as exc:
+                reason = str(exc).replace("malformed JSON in extra_params", "extra_params is not valid JSON")
+                raise ValueError(reason) from None
+        if value in (None, {}):
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"extra_params must be an object, got {_kind(value)}")
+        return value
+
+    @property
+    def xml(self) -> str | None:
+        return self.schema_xml or self.label_config
+
+
+class PredictRequest(_Body):
+    """``POST /predict``: {tasks, project, label_config, params}. Tasks are checked one by one later."""
+
+    project: int
+    tasks: list[Any] = Field(default_factory=list)
+    label_config: str | None = None
+
+    @field_validator("project", mode="before")
+    @classmethod
+    def _project(cls, value: Any) -> int:
+        return project_id(value)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, value: Any) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ValueError(f"'tasks' must be a list, got {_kind(value)}")
+        if len(value) > MAX_TASKS:
+            raise ValueError(f"'tasks' has {len(value):,} tasks, at most {MAX_TASKS} per request")
+        return value
+
+    @field_validator("label_config", mode="before")
+    @classmethod
+    def _label_config(cls, value: Any) -> str | None:
+        return _optional_text(value, "'label_config'", MAX_LABEL_CONFIG_CHARS)
+
+
+# Where a Label Studio webhook may carry ids that ml_backend.queue reads (project, then annotation/task).
+_WEBHOOK_ID_PATHS = (
+    (("project",), "project"),
+    (("project", "id"), "project"),
+    (("annotation", "project"), "project"),
+    (("task", "project"), "project"),
+    (("annotation", "id"), "annotation"),
+    (("annotation", "task"), "task"),
+    (("task", "id"), "task"),
+)
+
+
+class WebhookRequest(_Body):
+    """A Label Studio webhook: {action, project: {id, ...}, annotation, task, ...}; every id present is bounded."""
+
+    action: str | None = None
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _action(cls, value: Any) -> str | None:
+        return _optional_text(value, "'action'", MAX_NAME_CHARS)
+
+    @classmethod
+    def check_ids(cls, body: dict) -> None:
+        """ValueError unless every id the queue could read is absent/null or in 1..MAX_ID."""
+        for path, what in _WEBHOOK_ID_PATHS:
+            holder: Any = body
+            for part in path[:-1]:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if not isinstance(holder, dict):
+                continue
+            value = holder.get(path[-1])
+            if value is None or (path == ("project",) and isinstance(value, dict)):
+                continue
+            name = ".".join(path)
+            if what == "project" and isinstance(value, str) and not isinstance(value, BigIntLiteral):
+                project_id(value)  # '<id>.<timestamp>' is accepted here too
+                continue
+            bounded_id(value, f"{name!r}")
+
+
+def validate(model: type[BaseModel], body: dict) -> Any:
+    """``model`` of ``body``; BadRequest with a readable reason."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 _PAIRWISE_SAMPLE = 512  # tiles used to estimate the median pairwise embedding distance (the feature scale)
-_FULL_TRAVERSAL = 2000  # coverage_order: farthest-first for this many tiles, then by distance to the nearest pick
+_FULL_TRAVERSAL = 1000  # coverage_order: farthest-first for this many tiles, then by distance to the nearest pick
 
 
 @dataclass(frozen=True)
@@ -249,15 +249,18 @@ class _Picker:
             return ok
         return ~self.chosen
 
-    def pick(self, i: int) -> None:
+    def pick(self, i: int, sq_dist: np.ndarray | None = None) -> None:
+        """Add tile i; ``sq_dist``: its squared distances to every tile, when the caller has them already."""
         if not self.allowed()[i]:
             self.relaxed += 1
         self.order.append(int(i))
         self.chosen[i] = True
         self.stack_blocked |= stack_conflicts(self.pos, i, self.pos, self.nb)
         if self.radius2 > 0:
-            d = self.x - self.x[i]
-            self.feat_blocked |= np.einsum("ij,ij->i", d, d) < self.radius2
+            if sq_dist is None:
+                d = self.x - self.x[i]
+                sq_dist = np.einsum("ij,ij->i", d, d)
+            self.feat_blocked |= sq_dist < self.radius2
 
     def fill_by(self, key: np.ndarray, k: int) -> None:
         """Complete the batch to k tiles: highest ``key`` first among available tiles (ties: lowest index)."""
@@ -280,19 +283,23 @@ def _kmeans(
     return km.labels_.astype(np.int64), km.cluster_centers_
 
 
-def typicality(x: np.ndarray, neighbours: int = 20) -> np.ndarray:
+def typicality(x: np.ndarray, neighbours: int = 20, chunk: int = 1024) -> np.ndarray:
     """Hacohen et al. 2022, eq. 3: Typicality(x) = (mean distance to its K nearest neighbours)^-1, within ``x``.
 
-    Returns finite values (a tile with identical neighbours gets the largest finite value); one tile: 1.
+    Returns finite values (a tile with identical neighbours gets the largest finite value); one tile: 1. Rows are
+    processed in chunks, so memory stays O(chunk * n) for large clusters.
     """
     n = x.shape[0]
     if n <= 1:
         return np.ones(n)
     kk = min(neighbours, n - 1)
     sq = np.einsum("ij,ij->i", x, x)
-    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0))
-    np.fill_diagonal(d, np.inf)
-    mean_nn = np.sort(d, axis=1)[:, :kk].mean(axis=1)
+    mean_nn = np.empty(n)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(n, start + chunk))
+        d = np.sqrt(np.maximum(sq[rows, None] + sq[None, :] - 2 * x[rows] @ x.T, 0.0))
+        d[np.arange(d.shape[0]), np.arange(rows.start, rows.stop)] = np.inf  # not its own neighbour
+        mean_nn[rows] = np.partition(d, kk - 1, axis=1)[:, :kk].mean(axis=1)
     return 1.0 / (mean_nn + 1e-12)
 
 
@@ -440,9 +447,10 @@ def coverage_order(
     while len(picker.order) < head:
         ok = picker.available()
         i = int(np.argmax(np.where(ok, dist, -np.inf)))
-        picker.pick(i)
         d = x - x[i]
-        np.minimum(dist, np.einsum("ij,ij->i", d, d), out=dist)
+        d2 = np.einsum("ij,ij->i", d, d)
+        picker.pick(i, d2)
+        np.minimum(dist, d2, out=dist)
     rest = np.flatnonzero(~picker.chosen)
     rest = rest[np.argsort(-dist[rest], kind="stable")]
     return np.concatenate([np.asarray(picker.order, dtype=np.int64), rest.astype(np.int64)])

@@ -30,7 +30,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,36 +38,48 @@ import numpy as np
 
 from ml_backend import queue as q
 from ml_backend.active_learning import (
-    Evaluation,
     LabelledSet,
     LabelledTile,
     QueueOrder,
-    Ranking,
     RoundPlan,
     ScoredPool,
     TrainingError,
     run_round,
 )
+from ml_backend.active_learning.plan import log_plan, product_plan
 from ml_backend.config import Settings, get_settings, torch_device
-from ml_backend.inference.scoring import PoolScores, ScoringConfig, embed_images, score_images
+from ml_backend.inference.scoring import PoolScores, ScoringConfig, embed_images
+from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations, task_image_url
+from ml_backend.labelstudio.loop import AnnotatedTasks, LabelStudioSink, predictions_for, score_tiles
+from ml_backend.labelstudio.tasks import calibration_crops, load_task_image
 from ml_backend.registry import ModelRegistry
+from ml_backend.store.publisher import KeepVersion, RegistryPublisher
 from ml_backend.training.recipe import (
     ENSEMBLE_MEMBERS,
-    EnsembleSpec,
     ModelState,
     TrainedModel,
     initial_model,
-    product_train_config,
     train_config,
     train_ensemble,
 )
 
-__all__ = [  # the training recipe, scoring and round types live in their packages; re-exported for callers of jobs
+__all__ = [  # what lives in the packages of its concept, re-exported for callers of jobs (and queued job paths)
     "ENSEMBLE_MEMBERS",
+    "AnnotatedTasks",
+    "KeepVersion",
+    "LabelStudioSink",
     "LabelledTile",
+    "RegistryPublisher",
     "TrainingError",
+    "annotation_signature",
+    "calibration_crops",
+    "decode_annotations",
     "embed_images",
     "initial_model",
+    "load_task_image",
+    "product_plan",
+    "score_tiles",
+    "task_image_url",
     "train_config",
     "train_ensemble",
 ]
@@ -102,174 +113,6 @@ class TrainOutcome:
     ensemble: list[Any] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------- pure helpers
-def annotation_signature(annotations: dict[int, dict]) -> str:
-    """Fingerprint of the labelled set (task, annotation id, last update): equal => nothing new to learn."""
-    items = sorted(
-        (int(task_id), str(ann.get("id")), str(ann.get("updated_at") or ann.get("created_at") or ""))
-        for task_id, ann in annotations.items()
-    )
-    return hashlib.sha1(json.dumps(items).encode()).hexdigest()
-
-
-def task_image_url(task: dict, config: Any) -> str:
-    """The image reference of a task under the label config's ``$key`` (clear error when missing)."""
-    data = task.get("data") or {}
-    url = data.get(config.image_key)
-    if not url or not isinstance(url, str):
-        raise ValueError(f"task {task.get('id')} has no image under data[{config.image_key!r}] (keys: {sorted(data)})")
-    return url
-
-
-def decode_annotations(
-    tasks: dict[int, dict],
-    annotations: dict[int, dict],
-    config: Any,
-    load_image: Callable[[dict], np.ndarray],
-    *,
-    workers: int = 8,
-) -> tuple[list[LabelledTile], list[dict]]:
-    """(usable tiles, skipped) from the latest annotation per task.
-
-    ``load_image(task) -> float32 (H, W)``. Each mask is decoded at the image's size, so an RLE of the wrong size,
-    an unknown label or an undecodable RLE is an error for that task only: logged and listed in ``skipped``.
-    Sparse configs need at least one painted pixel (a tile with only unknown pixels teaches nothing).
-    """
-    from ml_backend.labelstudio.rle import results_to_mask
-    from ml_backend.training import IGNORE
-
-    def one(item: tuple[int, dict]) -> LabelledTile | dict:
-        task_id, ann = item
-        try:
-            task = tasks.get(task_id)
-            if task is None:
-                raise ValueError("task no longer exists (deleted)")
-            image = load_image(task)
-            mask = results_to_mask(ann.get("result") or [], config, image.shape[0], image.shape[1])
-            if not (mask != IGNORE).any():
-                raise ValueError("annotation has no labelled pixel (sparse config: paint background too)")
-            return LabelledTile(int(task_id), ann.get("id"), image, np.asarray(mask, dtype=np.int64))
-        except Exception as exc:  # one bad task must not sink the batch
-            log.warning("task %s annotation %s skipped: %s: %s", task_id, ann.get("id"), type(exc).__name__, exc)
-            return {"task": int(task_id), "annotation": ann.get("id"), "error": f"{type(exc).__name__}: {exc}"}
-
-    items = sorted(annotations.items())
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # image fetches are I/O bound
-        results = list(pool.map(one, items))
-    tiles = [r for r in results if isinstance(r, LabelledTile)]
-    skipped = [r for r in results if isinstance(r, dict)]
-    return tiles, skipped
-
-
-def product_plan(
-    registry: ModelRegistry,
-    config: Any,
-    settings: Settings,
-    strategy: Any,
-    *,
-    train_overrides: dict | None = None,
-    calibration: Callable[[], list[np.ndarray]] | None = None,
-    progress: Callable[[dict], None] | None = None,
-    score: bool = True,
-) -> RoundPlan:
-    """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds."""
-    model, parent, how = initial_model(registry, config, settings)
-    tcfg = product_train_config(settings, parent, train_overrides)
-    return RoundPlan(
-        strategy,
-        ModelState(model, parent, how),
-        train=tcfg,
-        ensemble=EnsembleSpec.from_train_config(tcfg),
-        calibration=calibration,
-        progress=progress,
-        scoring=ScoringConfig.from_settings(settings),
-        score_seed=settings.seed,
-        select_seed=settings.seed,
-        score=score,
-    )
-
-
-def _log_plan(registry: ModelRegistry, plan: RoundPlan, n_tiles: int) -> None:
-    tcfg = plan.train
-    log.info(
-        "project %s: training (%s, parent %s) on %d tiles, %d steps, lr %g, budget %.0f s, device %s",
-        registry.project_id, plan.model.how, plan.model.parent, n_tiles, tcfg.steps, tcfg.lr, tcfg.time_budget_s,
-        torch_device(tcfg.device),
-    )  # fmt: skip
-
-
-@dataclass
-class RegistryPublisher:
-    """The product's publisher: the version goes into the project's registry with its full metadata (and bootstrap
-    members), is promoted unless the evaluation says otherwise, and old versions are pruned."""
-
-    registry: ModelRegistry
-    config: Any
-    settings: Settings
-    strategy: Any = None
-    extra_meta: dict | None = None
-    announce: Callable[[str, dict], None] | None = None  # called with (version, meta) once published
-    meta: dict = field(default_factory=dict)  # the published version's metadata, after ``publish``
-
-    def publish(self, trained: TrainedModel, labelled: LabelledSet, evaluation: Evaluation) -> str:
-        result, model, tiles = trained.result, trained.model, labelled.tiles
-        strategy, config = self.strategy, self.config
-        meta = {
-            "parent": trained.state.parent,
-            "initialised": trained.state.how,
-            "device": result.device,
-            "n_annotations": len(tiles),
-            "annotation_ids": [t.annotation_id for t in tiles],
-            "task_ids": [t.task_id for t in tiles],
-            "metrics": result.metrics,
-            "n_train": result.n_train,
-            "n_val": result.n_val,
-            "steps": result.steps,
-            "training_seconds": round(trained.seconds, 3),
-            "fine_tune_seconds": round(result.seconds, 3),
-            "strategy": None if strategy is None else {"name": strategy.name, "params": strategy.params()},
-            "hyper_parameters": {"train": trained.train_config.to_dict(), "model": dict(getattr(model, "hparams", {}))},
-            "label_config": {"mode": config.mode, "labels": list(config.labels), "from_name": config.from_name},
-            **({"evaluation": evaluation.metrics} if evaluation.metrics else {}),
-            **(self.extra_meta or {}),
-        }
-        extras = {f"ensemble_{i}": m for i, m in enumerate(trained.ensemble)}
-        version = self.registry.publish(model, meta, promote=evaluation.promote, extra_models=extras)
-        self.registry.prune(self.settings.keep_versions)
-        self.meta = self.registry.meta(version)
-        if self.announce is not None:
-            self.announce(version, self.meta)
-        return version
-
-
-@dataclass
-class KeepVersion:
-    """Publisher of a round that re-delivers an already published version (nothing trained)."""
-
-    version: str
-    meta: dict
-    announce: Callable[[str, dict], None] | None = None
-
-    def publish(self, trained: TrainedModel, labelled: LabelledSet, evaluation: Evaluation) -> str:
-        if self.announce is not None:
-            self.announce(self.version, self.meta)
-        return self.version
-
-
-@dataclass
-class AnnotatedTasks:
-    """The product's label source: the decoded latest annotations, and the project's tasks without one."""
-
-    labelled_set: LabelledSet
-    pool: list[int]
-
-    def labelled(self) -> LabelledSet:
-        return self.labelled_set
-
-    def unlabelled(self) -> list[int]:
-        return list(self.pool)
-
-
 def train_version(
     registry: ModelRegistry,
     tiles: list[LabelledTile],
@@ -295,37 +138,10 @@ def train_version(
         registry, config, settings, strategy, train_overrides=train_overrides, calibration=calibration,
         progress=progress, score=False,
     )  # fmt: skip
-    _log_plan(registry, plan, len(tiles))
+    log_plan(registry, plan, len(tiles))
     publisher = RegistryPublisher(registry, config, settings, strategy, extra_meta)
     outcome = run_round(plan, AnnotatedTasks(LabelledSet(tiles), []), publisher=publisher)
     return TrainOutcome(outcome.version, publisher.meta, outcome.trained.model, outcome.trained.ensemble)
-
-
-def score_tiles(
-    model: Any,
-    images: list[np.ndarray],
-    strategy: Any,
-    config: Any,
-    settings: Settings,
-    *,
-    ensemble: list[Any] | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, np.ndarray], list[list[dict]], np.ndarray]:
-    """(summary in input order, Label Studio results per tile, pixels per tile) for one chunk of the pool.
-
-    ``inference.scoring.score_images`` (tiled for large images) gives the summary; the same probabilities become the
-    pre-annotation masks.
-    """
-    from ml_backend.labelstudio.rle import mask_to_results
-
-    results: list[list[dict]] = [[] for _ in images]
-
-    def on_probs(i: int, probs: np.ndarray) -> None:
-        results[i] = mask_to_results(probs.argmax(axis=0), config)
-
-    cfg = ScoringConfig.from_settings(settings)
-    scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
-    return scored.summary, results, scored.pixels
 
 
 def _pack_summary(summary: dict[str, np.ndarray], pixels: np.ndarray) -> bytes:
@@ -377,40 +193,6 @@ def project_strategy(project_id: int, settings: Settings) -> Any:
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("project %s: unreadable %s (%s); using STRATEGY=%s", project_id, state, exc, settings.strategy)
     return resolve_strategy(name, params, default_name=settings.strategy, default_aggregation=settings.aggregation)
-
-
-def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
-    """Normalised float32 (H, W) image of a task, fetched through Label Studio (cached on disk)."""
-    from ml_backend.labelstudio.media import fetch_image
-
-    return fetch_image(task_image_url(task, config), settings)  # same validated, bounded route as /predict
-
-
-def calibration_crops(tasks: dict[int, dict], config: Any, settings: Settings, *, workers: int = 8) -> list[np.ndarray]:
-    """Up to BN_CALIBRATION_TILES random TRAIN_CROP crops, one per task of a seeded sample of all the project's
-    tasks: representative images for ``recalibrate_batchnorm``. A task whose image fails is skipped (logged)."""
-    n = min(settings.bn_calibration_tiles, len(tasks))
-    if n <= 0:
-        return []
-    rng = np.random.default_rng([settings.seed, 7])
-    ids = sorted(tasks)
-    chosen = [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
-    offsets = rng.random((n, 2))
-
-    def one(k: int) -> np.ndarray | None:
-        try:
-            img = load_task_image(tasks[chosen[k]], config, settings)
-        except Exception as exc:  # calibration is best effort: a missing image must not fail the training
-            log.warning("task %s: image unavailable for BatchNorm calibration: %s", chosen[k], exc)
-            return None
-        c = settings.train_crop
-        y0 = int(offsets[k, 0] * max(0, img.shape[0] - c + 1))
-        x0 = int(offsets[k, 1] * max(0, img.shape[1] - c + 1))
-        return np.ascontiguousarray(img[y0 : y0 + c, x0 : x0 + c])
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # image fetches are I/O bound
-        crops = list(pool.map(one, range(n)))
-    return [c for c in crops if c is not None]
 
 
 # ---------------------------------------------------------------------- the RQ jobs
@@ -618,7 +400,7 @@ def _train_and_rescore(
     else:
         calibration = lambda: calibration_crops(tasks, config, settings)  # noqa: E731
         plan = product_plan(registry, config, settings, strategy, calibration=calibration, progress=progress.train_step)
-        _log_plan(registry, plan, len(tiles))
+        log_plan(registry, plan, len(tiles))
         extra = {"annotation_signature": signature, "skipped": skipped, "trigger": reason, "job": job_id}
         publisher = RegistryPublisher(
             registry, config, settings, strategy, {**extra, "project": pid}, announce=progress.published
@@ -671,56 +453,6 @@ class RedisPoolScorer:
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
         return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)
-
-
-@dataclass
-class LabelStudioSink:
-    """The product's prediction sink: every scored task's mask and queue score in bulk (never twice for a version),
-    then the project's ``model_version`` so Label Studio orders its queue by the new scores."""
-
-    ls: Any
-    pid: int
-    tasks: dict[int, dict]
-
-    def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
-        from ml_backend.labelstudio.client import (
-            LabelStudioError,
-            LabelStudioUnavailable,
-            push_predictions,
-            set_project_model_version,
-        )
-
-        pid = self.pid
-        predictions = predictions_for(version, scored, ranking)
-        held = {tid for tid, task in self.tasks.items() if _holds_prediction(task, version)}
-        fresh = [p for p in predictions if int(p["task"]) not in held]  # a re-run never duplicates a prediction
-        if len(fresh) < len(predictions):
-            log.info("project %s: %d tasks already hold a prediction of %s (uploaded by an earlier run of this job)",
-                     pid, len(predictions) - len(fresh), version)  # fmt: skip
-        if fresh:
-            push_predictions(self.ls, pid, fresh)
-        try:
-            set_project_model_version(self.ls, pid, version)
-        except LabelStudioError as exc:
-            if isinstance(exc, LabelStudioUnavailable) or predictions:
-                raise
-            # Label Studio accepts a model_version only once predictions of it exist: nothing left to predict
-            log.warning("project %s: every task is labelled; model_version %s not set (%s)", pid, version, exc)
-        return len(predictions)
-
-
-def predictions_for(version: str, scored: ScoredPool | None, ranking: Ranking | None) -> list[dict]:
-    """``[{task, result, score, model_version}]`` for Label Studio (score: lower = served first)."""
-    if scored is None or ranking is None or not scored.ids:
-        return []
-    return [
-        {"task": int(tid), "result": res, "score": float(score), "model_version": version}
-        for tid, res, score in zip(scored.ids, scored.results, ranking.scores, strict=True)
-    ]
-
-
-def _holds_prediction(task: dict, version: str) -> bool:
-    return any(isinstance(p, dict) and p.get("model_version") == version for p in task.get("predictions") or [])
 
 
 def _delivered(ls: Any, pid: int, version: str, tasks: dict[int, dict], annotations: dict[int, dict]) -> bool:

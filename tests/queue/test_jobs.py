@@ -263,7 +263,7 @@ def test_model_norm_setting_builds_the_first_version(tmp_path, monkeypatch, norm
 
 
 def test_calibration_crops_sample_the_project_and_skip_missing_images(tmp_path, monkeypatch):
-    import ml_backend.jobs as jobs
+    import ml_backend.labelstudio.tasks as tasks_module
 
     images = {i: np.full((200, 150), i, np.float32) for i in range(30)}
 
@@ -272,7 +272,7 @@ def test_calibration_crops_sample_the_project_and_skip_missing_images(tmp_path, 
             raise OSError("gone")
         return images[task["id"]]
 
-    monkeypatch.setattr(jobs, "load_task_image", fake_load)
+    monkeypatch.setattr(tasks_module, "load_task_image", fake_load)
     tasks = {i: {"id": i, "data": {}} for i in range(30)}
     settings = small_settings(tmp_path, bn_calibration_tiles=30)  # every task: exactly one (task 7) fails
     crops = calibration_crops(tasks, None, settings)

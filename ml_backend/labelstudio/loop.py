@@ -1,0 +1,113 @@
+"""Label Studio's side of the active-learning round: where labels come from (annotated tasks) and where the
+predictions go (masks + queue scores in bulk, then the project's model version).
+
+``AnnotatedTasks`` is the product's ``LabelSource`` and ``LabelStudioSink`` its ``PredictionSink`` for
+``ml_backend.active_learning.run_round``; ``score_tiles`` turns one chunk of task images into strategy summaries
+and brush-mask results with one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ml_backend.active_learning.round import LabelledSet, ScoredPool
+from ml_backend.active_learning.selection import Ranking
+from ml_backend.config import Settings
+from ml_backend.inference.scoring import ScoringConfig, score_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnnotatedTasks:
+    """The product's label source: the decoded latest annotations, and the project's tasks without one."""
+
+    labelled_set: LabelledSet
+    pool: list[int]
+
+    def labelled(self) -> LabelledSet:
+        return self.labelled_set
+
+    def unlabelled(self) -> list[int]:
+        return list(self.pool)
+
+
+def score_tiles(
+    model: Any,
+    images: list[np.ndarray],
+    strategy: Any,
+    config: Any,
+    settings: Settings,
+    *,
+    ensemble: list[Any] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], list[list[dict]], np.ndarray]:
+    """(summary in input order, Label Studio results per tile, pixels per tile) for one chunk of the pool.
+
+    ``inference.scoring.score_images`` (tiled for large images) gives the summary; the same probabilities become the
+    pre-annotation masks.
+    """
+    from ml_backend.labelstudio.rle import mask_to_results
+
+    results: list[list[dict]] = [[] for _ in images]
+
+    def on_probs(i: int, probs: np.ndarray) -> None:
+        results[i] = mask_to_results(probs.argmax(axis=0), config)
+
+    cfg = ScoringConfig.from_settings(settings)
+    scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
+    return scored.summary, results, scored.pixels
+
+
+@dataclass
+class LabelStudioSink:
+    """The product's prediction sink: every scored task's mask and queue score in bulk (never twice for a version),
+    then the project's ``model_version`` so Label Studio orders its queue by the new scores."""
+
+    ls: Any
+    pid: int
+    tasks: dict[int, dict]
+
+    def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
+        from ml_backend.labelstudio.client import (
+            LabelStudioError,
+            LabelStudioUnavailable,
+            push_predictions,
+            set_project_model_version,
+        )
+
+        pid = self.pid
+        predictions = predictions_for(version, scored, ranking)
+        held = {tid for tid, task in self.tasks.items() if _holds_prediction(task, version)}
+        fresh = [p for p in predictions if int(p["task"]) not in held]  # a re-run never duplicates a prediction
+        if len(fresh) < len(predictions):
+            log.info("project %s: %d tasks already hold a prediction of %s (uploaded by an earlier run of this job)",
+                     pid, len(predictions) - len(fresh), version)  # fmt: skip
+        if fresh:
+            push_predictions(self.ls, pid, fresh)
+        try:
+            set_project_model_version(self.ls, pid, version)
+        except LabelStudioError as exc:
+            if isinstance(exc, LabelStudioUnavailable) or predictions:
+                raise
+            # Label Studio accepts a model_version only once predictions of it exist: nothing left to predict
+            log.warning("project %s: every task is labelled; model_version %s not set (%s)", pid, version, exc)
+        return len(predictions)
+
+
+def predictions_for(version: str, scored: ScoredPool | None, ranking: Ranking | None) -> list[dict]:
+    """``[{task, result, score, model_version}]`` for Label Studio (score: lower = served first)."""
+    if scored is None or ranking is None or not scored.ids:
+        return []
+    return [
+        {"task": int(tid), "result": res, "score": float(score), "model_version": version}
+        for tid, res, score in zip(scored.ids, scored.results, ranking.scores, strict=True)
+    ]
+
+
+def _holds_prediction(task: dict, version: str) -> bool:
+    return any(isinstance(p, dict) and p.get("model_version") == version for p in task.get("predictions") or [])

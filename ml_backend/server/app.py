@@ -11,7 +11,8 @@ Routes:
   ``predict.py``); also ``model_version`` and ``errors`` (ignored by Label Studio, useful for people).
 * ``GET /health`` -> {"status": "UP", "model_class": "UNet"} and nothing else (open, for Label Studio's 1 s probe and
   liveness checks); ``GET /health?details=1`` adds model directory, device and strategy and needs basic auth when it
-  is configured. ``GET /metrics`` -> JSON counters of this process (behind basic auth when configured).
+  is configured. ``GET /metrics`` -> JSON counters of this process, ``/metrics?format=prometheus`` the same in
+  Prometheus' text format (both behind basic auth when configured).
 * ``POST /webhook`` -> ``ml_backend.queue.handle_webhook``: annotation events and START_TRAINING; answers at once
   (Label Studio waits 1 s), 503 with a reason when Redis is down (the next trigger re-reads Label Studio anyway).
   A payload with an id that cannot exist (not in 1..2**31-1) is answered 400 and never reaches Redis: Label Studio
@@ -203,6 +204,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     def metrics_route() -> Any:
         snap = metrics.snapshot()
         snap["model_loads"] = cache.loads
+        if request.args.get("format") == "prometheus":  # for a Prometheus scraper (with the basic-auth credentials)
+            return Response(_prometheus_text(snap), mimetype="text/plain; version=0.0.4; charset=utf-8")
         return jsonify(snap)
 
     @app.post("/setup")
@@ -287,6 +290,44 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(versions=[m.get("version") for m in reg.versions()], current=reg.current_version())
 
     return app
+
+
+def _prometheus_text(snap: dict) -> bytes:
+    """The JSON counters in Prometheus' text exposition format (this process only: gunicorn workers add ``pid``)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    pid = str(snap["pid"])
+
+    class _Snapshot:
+        def collect(self) -> Any:
+            requests_ = CounterMetricFamily("mlbackend_requests", "HTTP requests by route", labels=["pid", "route"])
+            for route, count in sorted(snap["requests"].items()):
+                requests_.add_metric([pid, route], count)
+            errors = CounterMetricFamily(
+                "mlbackend_errors", "HTTP error answers by route and status", labels=["pid", "route", "status"]
+            )
+            for key, count in sorted(snap["errors"].items()):
+                route, _, status = key.rpartition(" ")
+                errors.add_metric([pid, route, status], count)
+            predict = CounterMetricFamily("mlbackend_predict", "/predict requests and tasks", labels=["pid", "kind"])
+            for kind, count in snap["predict"].items():
+                predict.add_metric([pid, kind], count)
+            loads = CounterMetricFamily("mlbackend_model_loads", "models loaded by this process", labels=["pid"])
+            loads.add_metric([pid], snap["model_loads"])
+            latency = GaugeMetricFamily(
+                "mlbackend_predict_latency_seconds", "/predict latency of the last 1000 requests", labels=["pid", "q"]
+            )
+            for q, value in snap["predict_latency_s"].items():
+                if q != "count" and value is not None:
+                    latency.add_metric([pid, q], value)
+            uptime = GaugeMetricFamily("mlbackend_uptime_seconds", "seconds since this process started", labels=["pid"])
+            uptime.add_metric([pid], snap["uptime_s"])
+            yield from (requests_, errors, predict, loads, latency, uptime)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot())
+    return generate_latest(registry)
 
 
 def _project_strategy(store: ProjectStore, pid: str, settings: Settings) -> Any:

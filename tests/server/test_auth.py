@@ -110,3 +110,22 @@ def test_auth_refusal_comes_before_body_validation(auth_client, settings):
     r = auth_client.post("/setup", json={"project": "9.1", "schema": DENSE_XML})
     assert r.status_code == 401
     assert not (settings.model_dir / "projects").exists()
+
+
+def test_prometheus_metrics_behind_auth(auth_client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert auth_client.get("/metrics?format=prometheus").status_code == 401
+    creds = _basic("ls", "s3cret")
+    assert auth_client.post("/setup", json={"project": PROJECT, "schema": DENSE_XML}, headers=creds).status_code == 200
+    assert auth_client.post("/setup", json={"project": "-1.1"}, headers=creds).status_code == 400
+    r = auth_client.get("/metrics?format=prometheus", headers=creds)
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    samples = {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid"))): s.value
+        for family in text_string_to_metric_families(r.get_data(as_text=True))
+        for s in family.samples
+    }
+    assert samples[("mlbackend_requests_total", (("route", "/setup"),))] == 2
+    assert samples[("mlbackend_errors_total", (("route", "/setup"), ("status", "400")))] == 1
+    assert samples[("mlbackend_model_loads_total", ())] == 0

@@ -381,3 +381,25 @@ def test_slow_image_host_is_cut_off_by_the_request_deadline(make_client, images,
         t0 = time.monotonic()
         _good_predict(client)  # the stuck downloads do not hold up the next request
         assert time.monotonic() - t0 < deadline
+
+
+def test_request_waiting_for_a_busy_model_answers_by_its_deadline(make_client, host, publish):
+    """Another request holds the model (the inference lock) past this one's deadline: the request does not queue
+    behind it for ever, it answers in time with "deadline exceeded" per task, and serves normally afterwards."""
+    from ml_backend.server import predict as predict_module
+
+    publish(7)
+    client = make_client(label_studio_url=host.url, predict_deadline_s=1.0)
+    assert predict_module._inference_lock.acquire(timeout=5)
+    try:
+        t0 = time.monotonic()
+        r = _predict(client, [upload_task(1, "good.png"), upload_task(2, "good.png")])
+        elapsed = time.monotonic() - t0
+    finally:
+        predict_module._inference_lock.release()
+    assert r.status_code == 200 and 0.5 <= elapsed < 1.0 + 2.5, elapsed
+    body = r.get_json()
+    assert body["results"] == [[], []]
+    assert [e["index"] for e in body["errors"]] == [0, 1]
+    assert all("deadline exceeded" in e["reason"] for e in body["errors"])
+    _good_predict(client)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import tifffile
 from fault_helpers import DENSE, REPO, TILE, TRAIN_ENV
@@ -32,10 +33,16 @@ class RqWorker:
     process: subprocess.Popen
     log_path: Path
 
-    def kill9(self) -> None:
-        """SIGKILL the rq worker (its forked work horse notices and stops within about a second)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGKILL)
+    def kill9(self, *, with_horse: bool = False) -> None:
+        """SIGKILL the rq worker. Alone, its forked work horse notices and stops itself within about a second;
+        ``with_horse`` kills the horse at the same instant (an OOM kill or a lost machine), so the job stops exactly
+        where it was."""
+        victims = [self.process.pid]
+        if with_horse:
+            victims = [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)] + victims
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
     def stop(self) -> None:

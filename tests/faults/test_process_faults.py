@@ -6,9 +6,11 @@
   and the queued job survive, and the job trains on everything Label Studio holds;
 * Label Studio down during a job: the job retries with exponential backoff, then fails clearly naming the URL; once
   Label Studio is back the job's retry delivers its predictions, the next trigger trains on every annotation;
-* the `rq worker` killed (SIGKILL) mid-training and mid-upload of predictions: the current model stays intact, the
-  job is re-run by another worker within a bounded time (``WORKER_ABANDONED_AFTER_S + WORKER_MAINTENANCE_S``, 45 s
-  by default, plus the job's own time), and no task ends up with two predictions of one model version.
+* the `rq worker` killed (SIGKILL) mid-training (the worker process alone: its work horse stops itself) and
+  mid-upload of predictions (worker and work horse at once, so the upload stops where it is): the current model
+  stays intact, the job is re-run by another worker within a bounded time (``WORKER_ABANDONED_AFTER_S +
+  WORKER_MAINTENANCE_S``, 45 s by default, plus the job's own time), the re-run of the upload delivers the published
+  version without training again, and no task ends up with two predictions of one model version.
 
 In each, nothing an annotator submitted is lost: Label Studio is re-read and compared with what the model used.
 """
@@ -280,18 +282,25 @@ def test_rq_worker_killed_mid_training_and_mid_upload(
     wait_for(lambda: conn.hget(f"rq:job:{job2}", "started_at") != started, RECOVERY_BOUND_S,
              "the killed job to be re-run", poll=0.2, logs=logs)  # fmt: skip
     recovered_in = time.monotonic() - killed
-    v2 = wait_for(lambda: (v := registry.current_version()) != v1 and v, 300, "version 2", logs=logs)
-    assert registry.meta(v2)["job"] == job2 and registry.meta(v2)["parent"] == v1
-    assert sorted(registry.meta(v2)["task_ids"]) == sorted(project.annotated(ls))
 
-    # --- kill -9 mid-upload of version 2's predictions: a third worker finishes the delivery, no duplicates
-    _wait_phase(conn, job2, "upload", 300, logs)
-    w2.kill9()
-    assert registry.current_version() == v2
+    # --- kill -9 the re-run mid-upload of version 2's predictions: a third worker delivers them, no duplicates
+    _wait_phase(conn, job2, "upload", 600, logs)  # polled every 10 ms from the re-run's start
+    w2.kill9(with_horse=True)  # worker and work horse at once: the upload stops where it is
+    status_at_kill = Job.fetch(job2, connection=conn, serializer=JSONSerializer).get_status()
+    assert status_at_kill == "started", f"the kill came too late: job {job2} is {status_at_kill}"
+    v2 = registry.current_version()
+    assert v2 != v1 and registry.meta(v2)["job"] == job2 and registry.meta(v2)["parent"] == v1
+    assert sorted(registry.meta(v2)["task_ids"]) == sorted(project.annotated(ls))
+    assert ModelCache(model_dir, device="cpu").get(project.id)[1]["version"] == v2  # published before the upload
+    delivered_before_kill = as_project(ls, project.id).get("model_version") == v2  # set last in the upload
     w3 = start_worker(model_dir, redis_url)
     logs3 = lambda: logs() + "\n--- worker 3\n" + w3.log()  # noqa: E731
     wait_for(lambda: as_project(ls, project.id).get("model_version") == v2, RECOVERY_BOUND_S + 120,
              "version 2's predictions to be delivered after the kill", logs=logs3)  # fmt: skip
+    last = json.loads(conn.get(q.key(project.id, "last_job")))
+    assert last["job"] == job2
+    # killed before the upload finished: the re-run delivered v2 without training again; else it had nothing to do
+    assert last["status"] == ("up-to-date" if delivered_before_kill else "delivered"), last
     annotated = project.annotated(ls)
     assert annotated == set(project.task_ids[: 2 * BATCH])  # nothing an annotator submitted was lost
     for version in (v1, v2):
@@ -301,4 +310,5 @@ def test_rq_worker_killed_mid_training_and_mid_upload(
     counts = project.predictions_of(ls, v2)
     assert all(counts[t] == 1 for t in counts if t not in annotated), counts
     assert registry.current_version() == v2
-    print(f"re-run of the job killed mid-training started {recovered_in:.0f} s after the kill")
+    print(f"re-run of the job killed mid-training started {recovered_in:.0f} s after the kill; killed mid-upload "
+          f"{'after' if delivered_before_kill else 'before'} the project's model_version was set")  # fmt: skip

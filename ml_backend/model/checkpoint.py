@@ -8,8 +8,6 @@ sees a half-written file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from ml_backend.model.unet import UNet
+from ml_backend.store.atomic import open_atomic
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
 
@@ -84,17 +83,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, extra: dict | None = Non
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with open_atomic(path, durable=True) as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

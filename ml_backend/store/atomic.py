@@ -3,9 +3,12 @@ one, never half of one. Used for model pointers, per-project state and the media
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -17,8 +20,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | str, *, durable: bool = False) -> None:
-    """Write to a temporary sibling, then `os.replace` it over `path`.
+@contextlib.contextmanager
+def open_atomic(path: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file handle on a temporary sibling of ``path``, renamed over ``path`` when the block succeeds (removed
+    when it fails): for writers that stream (``torch.save``).
 
     durable=True also fsyncs the file and its directory (the registry's CURRENT pointer must survive a power cut);
     caches skip that cost.
@@ -26,10 +31,9 @@ def write_atomic(path: Path, data: bytes | str, *, durable: bool = False) -> Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    payload = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as fh:
-            fh.write(payload)
+            yield fh
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -39,3 +43,9 @@ def write_atomic(path: Path, data: bytes | str, *, durable: bool = False) -> Non
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str, *, durable: bool = False) -> None:
+    """Write ``data`` to a temporary sibling, then `os.replace` it over ``path`` (see ``open_atomic``)."""
+    with open_atomic(path, durable=durable) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)

@@ -11,6 +11,7 @@ Conditions per seed (the pool, the random initial set and the model initialisati
     random+ssl    the same 20 tiles, SSL-pretrained initialisation  (``ml_backend.training.pretrain``)
     coverage+ssl  the first 20 of ``coverage_order`` on the pretrained embeddings, pretrained initialisation
     coverage      the same coverage tiles, random initialisation    (ablation: selection without pretraining)
+    kcenter+ssl   farthest-first (k-center) first 20 instead of TypiClust's typical tiles (opt-in ablation)
 
     python scripts/experiments_issue11.py --data vnc --seeds 0,1,2 --workers 2 --out /tmp/issue11
     python scripts/experiments_issue11.py --data isotropic --seeds 0,1,2 --out /tmp/issue11
@@ -42,7 +43,7 @@ log = logging.getLogger("issue11")
 TILE, POOL, M, TEST_EVERY = 64, 400, 20, 4
 WIDTH, DEPTH, DROPOUT, NORM = 8, 4, 0.2, "batch"
 INIT_STEPS, INIT_LR = 900, 4e-3
-CONDITIONS = ("random", "random+ssl", "coverage+ssl", "coverage")
+CONDITIONS = ("random", "random+ssl", "coverage+ssl", "coverage", "kcenter+ssl")
 
 
 def vnc_dir(arg: str | None) -> Path:
@@ -118,8 +119,8 @@ def fresh(seed: int):
     return build_model("unet", width=WIDTH, depth=DEPTH, dropout=DROPOUT, norm=NORM)
 
 
-def run_one(args: tuple[str, int, str, str, int, int]) -> dict[str, Any]:
-    data, seed, out_s, vnc_s, pre_steps, init_steps = args
+def run_one(args: tuple[str, int, str, str, int, int, float, str, str]) -> dict[str, Any]:
+    data, seed, out_s, vnc_s, pre_steps, init_steps, ft_lr, conditions, pre_dir = args
     import torch
 
     torch.set_num_threads(1)
@@ -143,7 +144,8 @@ def run_one(args: tuple[str, int, str, str, int, int]) -> dict[str, Any]:
     pcfg = PretrainConfig(steps=pre_steps, time_budget_s=1e9, seed=seed, crop=TILE)
     t0 = time.monotonic()
     pre_model = fresh(seed)
-    pre = pretrain(pre_model, list(tiles), pcfg, checkpoint_path=out / "pretrain" / f"{data}_seed{seed}.pt")
+    ckpt = Path(pre_dir or out / "pretrain") / f"{data}_seed{seed}.pt"
+    pre = pretrain(pre_model, list(tiles), pcfg, checkpoint_path=ckpt)
     pre_seconds = time.monotonic() - t0
     chw = [t[None] for t in tiles]
     ident = float(np.mean([reconstruction_loss(*make_batch(chw, pcfg, s), 0.25) for s in range(20)]))
@@ -164,15 +166,24 @@ def run_one(args: tuple[str, int, str, str, int, int]) -> dict[str, Any]:
     order = coverage_order(emb, spos, M, config=BatchConfig(neighbourhood=Neighbourhood(z_radius=3)), seed=seed)
     cov_seconds = time.monotonic() - t1
     coverage_lab = sorted(order[:M].tolist())
+    # Ablation: pure farthest-first (k-center) from the start instead of TypiClust's typical picks.
+    kcenter_lab = sorted(coverage_order(emb, spos, 0, config=BatchConfig(), seed=seed)[:M].tolist())
 
-    record: dict[str, Any] = {"data": data, "seed": seed, "pretrain": pretrain_info, "coverage_seconds": cov_seconds}
-    for cond in CONDITIONS:
-        lab = coverage_lab if cond.startswith("coverage") else random_lab
+    record: dict[str, Any] = {
+        "data": data,
+        "seed": seed,
+        "ssl_lr": ft_lr or INIT_LR,
+        "pretrain": pretrain_info,
+        "coverage_seconds": cov_seconds,
+    }
+    for cond in conditions.split(","):
+        lab = {"coverage": coverage_lab, "kcenter": kcenter_lab}.get(cond.split("+")[0], random_lab)
         model = fresh(seed)
         if cond.endswith("+ssl"):
             model.load_state_dict(pre.state_dict)
         cfg = TrainConfig(
-            steps=init_steps, lr=INIT_LR, batch_size=8, crop=TILE, val_fraction=0.2,
+            steps=init_steps, lr=ft_lr if ft_lr > 0 and cond.endswith("+ssl") else INIT_LR, batch_size=8,
+            crop=TILE, val_fraction=0.2,
             eval_every=max(10, init_steps // 5), time_budget_s=1e9, seed=seed * 1000, split_seed=seed, device="cpu",
         )  # fmt: skip
         t2 = time.monotonic()
@@ -201,10 +212,10 @@ def summarise(records: list[dict]) -> dict:
     for data in sorted({r["data"] for r in records}):
         rs = sorted((r for r in records if r["data"] == data), key=lambda r: r["seed"])
         d: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
-        for cond in CONDITIONS:
+        for cond in [c for c in CONDITIONS if all(c in r for r in rs)]:
             v = np.array([r[cond]["test_iou"] for r in rs])
             d[cond] = {"per_seed": v.round(4).tolist(), "mean": float(v.mean()), "std": float(v.std())}
-            if cond != "random":
+            if cond != "random" and all("random" in r for r in rs):
                 diff = v - np.array([r["random"]["test_iou"] for r in rs])
                 d[cond]["paired_gain_vs_random"] = {"per_seed": diff.round(4).tolist(), "mean": float(diff.mean())}
         d["pretrain"] = [r["pretrain"] for r in rs]
@@ -219,12 +230,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--init-steps", type=int, default=INIT_STEPS, help="fine-tuning steps (smoke runs: fewer)")
+    ap.add_argument("--ssl-lr", type=float, default=0.0, help="fine-tuning rate from pretrained weights (0: same)")
+    ap.add_argument("--conditions", default=",".join(CONDITIONS[:4]))
+    ap.add_argument("--pretrain-dir", default="", help="pretraining checkpoints (default: OUT/pretrain); reused")
     ap.add_argument("--vnc", default=None)
     ap.add_argument("--out", default="/tmp/issue11")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     jobs = [
-        (d, int(s), a.out, str(vnc_dir(a.vnc)), a.pretrain_steps, a.init_steps)
+        (d, int(s), a.out, str(vnc_dir(a.vnc)), a.pretrain_steps, a.init_steps, a.ssl_lr, a.conditions, a.pretrain_dir)
         for d in a.data.split(",")
         for s in a.seeds.split(",")
     ]

@@ -12,6 +12,7 @@ Conditions per seed (the pool, the random initial set and the model initialisati
     coverage+ssl  the first 20 of ``coverage_order`` on the pretrained embeddings, pretrained initialisation
     coverage      the same coverage tiles, random initialisation    (ablation: selection without pretraining)
     kcenter+ssl   farthest-first (k-center) first 20 instead of TypiClust's typical tiles (opt-in ablation)
+    spread+ssl    random order with the stack/feature exclusions only (opt-in ablation)
 
     python scripts/experiments_issue11.py --data vnc --seeds 0,1,2 --workers 2 --out /tmp/issue11
     python scripts/experiments_issue11.py --data isotropic --seeds 0,1,2 --out /tmp/issue11
@@ -43,7 +44,7 @@ log = logging.getLogger("issue11")
 TILE, POOL, M, TEST_EVERY = 64, 400, 20, 4
 WIDTH, DEPTH, DROPOUT, NORM = 8, 4, 0.2, "batch"
 INIT_STEPS, INIT_LR = 900, 4e-3
-CONDITIONS = ("random", "random+ssl", "coverage+ssl", "coverage", "kcenter+ssl")
+CONDITIONS = ("random", "random+ssl", "coverage+ssl", "coverage", "kcenter+ssl", "spread+ssl")
 
 
 def vnc_dir(arg: str | None) -> Path:
@@ -167,7 +168,9 @@ def run_one(args: tuple[str, int, str, str, int, int, float, str, str]) -> dict[
     cov_seconds = time.monotonic() - t1
     coverage_lab = sorted(order[:M].tolist())
     # Ablation: pure farthest-first (k-center) from the start instead of TypiClust's typical picks.
-    kcenter_lab = sorted(coverage_order(emb, spos, 0, config=BatchConfig(), seed=seed)[:M].tolist())
+    kcenter_lab = sorted(coverage_order(emb, spos, M, seed=seed, method="kcenter")[:M].tolist())
+    # Ablation: random order with the stack/feature exclusions only (keeps the pool's class prior).
+    spread_lab = sorted(coverage_order(emb, spos, M, seed=seed, method="random")[:M].tolist())
 
     record: dict[str, Any] = {
         "data": data,
@@ -177,7 +180,9 @@ def run_one(args: tuple[str, int, str, str, int, int, float, str, str]) -> dict[
         "coverage_seconds": cov_seconds,
     }
     for cond in conditions.split(","):
-        lab = {"coverage": coverage_lab, "kcenter": kcenter_lab}.get(cond.split("+")[0], random_lab)
+        lab = {"coverage": coverage_lab, "kcenter": kcenter_lab, "spread": spread_lab}.get(
+            cond.split("+")[0], random_lab
+        )
         model = fresh(seed)
         if cond.endswith("+ssl"):
             model.load_state_dict(pre.state_dict)

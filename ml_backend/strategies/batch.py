@@ -423,15 +423,21 @@ def coverage_order(
     *,
     config: BatchConfig | None = None,
     seed: int = 0,
+    method: str = "typiclust",
 ) -> np.ndarray:
     """A full ordering of the pool (every index once) for the first batches, before any label.
 
-    The first ``min(k, n)`` are TypiClust picks (k clusters of the pretrained embeddings, the most typical tile of
-    each, larger clusters first); the rest follow by farthest-first traversal (greedy k-center, Sener & Savarese
-    2018) from them, both under the stack/feature rules (relaxed only when every remaining tile is excluded, so the
-    exclusion holds for as long as it can). Beyond ``_FULL_TRAVERSAL`` tiles the tail is ordered by distance to the
-    nearest tile already ordered (one pass; the model retrains long before a queue gets that far).
+    ``method="typiclust"``: the first ``min(k, n)`` are TypiClust picks (k clusters of the pretrained embeddings,
+    the most typical tile of each, larger clusters first); the rest follow by farthest-first traversal (greedy
+    k-center, Sener & Savarese 2018) from them. ``"kcenter"``: farthest-first from the start. ``"random"``: a seeded
+    random order (the class prior of the pool is kept: typical tiles of a stack with ~5% foreground are mostly
+    background, see scripts/experiments_issue11.py) with the same exclusions. All under the stack/feature rules
+    (relaxed only when every remaining tile is excluded, so the exclusion holds for as long as it can). Beyond
+    ``_FULL_TRAVERSAL`` tiles the tail follows without exclusions (by distance to the nearest ordered tile, or the
+    random order): the model retrains long before a queue gets that far.
     """
+    if method not in {"typiclust", "kcenter", "random"}:
+        raise ValueError(f"unknown coverage method {method!r}")
     cfg = config or BatchConfig()
     x = _as_embeddings(embeddings, np.shape(embeddings)[0])
     n = x.shape[0]
@@ -440,9 +446,15 @@ def coverage_order(
         return np.zeros(0, dtype=np.int64)
     k = max(0, min(k, n))
     picker = _Picker(x, pos, cfg, None, None, seed)
-    if k:
-        _typiclust(picker, x, None, k, cfg, seed)
     head = min(n, max(k, _FULL_TRAVERSAL))
+    if method == "random":
+        priority = np.random.default_rng([seed, 7]).permutation(n).astype(np.float64)
+        picker.fill_by(priority, head)
+        rest = np.flatnonzero(~picker.chosen)
+        rest = rest[np.argsort(-priority[rest], kind="stable")]
+        return np.concatenate([np.asarray(picker.order, dtype=np.int64), rest.astype(np.int64)])
+    if k and method == "typiclust":
+        _typiclust(picker, x, None, k, cfg, seed)
     dist = min_sq_dists(x, x[np.asarray(picker.order)]) if picker.order else np.full(n, np.inf)
     while len(picker.order) < head:
         ok = picker.available()

@@ -231,3 +231,14 @@ def test_properties(pool, k, seed, method):
     order = coverage_order(emb, pos, k, seed=seed)
     assert sorted(order.tolist()) == list(range(n))
     assert order.tolist() == coverage_order(emb, pos, k, seed=seed).tolist()
+
+
+@pytest.mark.parametrize("method", ["kcenter", "random"])
+def test_coverage_order_methods_respect_the_rules(method):
+    pos, emb, group = _groups(10, 4)
+    order = coverage_order(emb, pos, 5, seed=2, method=method)
+    assert sorted(order.tolist()) == list(range(40))
+    assert len(set(group[order[:10]].tolist())) == 10
+    np.testing.assert_array_equal(order, coverage_order(emb, pos, 5, seed=2, method=method))
+    with pytest.raises(ValueError, match="coverage method"):
+        coverage_order(emb, pos, 5, method="hash")

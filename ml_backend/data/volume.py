@@ -257,12 +257,12 @@ def generate_volume(
     foreground: float | None = None,
     nuclei: int = 1,
 ) -> SyntheticVolume:
-    """A seeded EM-like volume (Z, H, W) uint8 with class labels; ~2 s for 32x256x256 on one CPU core.
+    """A seeded EM-like volume (Z, H, W) uint8 with class labels; 3-5 s for 32x256x256 on one CPU core.
 
     ``setting`` picks the z/xy spacing ratio (``SETTINGS``); ``anisotropy`` overrides it. ``foreground`` is the
     target mitochondria fraction (default: drawn in [0.05, 0.09], like the 2-D generator and VNC's 5-8%).
-    ``multiclass``: labels 2 for nuclei (else nuclei are background distractors). The volume depends only on
-    (shape, anisotropy, seed, multiclass-independent content): ``multiclass`` changes only the labels.
+    ``multiclass``: labels 2 for nuclei (else nuclei are background distractors); it changes only the labels, the
+    image depends on (shape, anisotropy, seed, foreground, nuclei) alone.
     """
     if len(shape) != 3 or min(shape) < 1 or shape[1] < 16 or shape[2] < 16:
         raise ValueError(f"shape must be (Z >= 1, H >= 16, W >= 16), got {shape}")

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     bn_calibration_tiles: int = Field(64, ge=0, validation_alias=_env("BN_CALIBRATION_TILES", "bn_calibration_tiles"))
     seed: int = Field(0, validation_alias=_env("SEED", "seed"))
     keep_versions: int = Field(10, ge=1, validation_alias=_env("KEEP_VERSIONS", "keep_versions"))
+    # Prediction hygiene: model versions whose predictions stay in Label Studio after a delivery (1: only the live
+    # version's, 2: also the previous one's, 0: keep all). Older ones are deleted once the new ones are in.
+    keep_prediction_versions: int = Field(
+        1, ge=0, validation_alias=_env("KEEP_PREDICTION_VERSIONS", "keep_prediction_versions")
+    )
     # Inference.
     device: str = Field("auto", validation_alias=_env("DEVICE", "device"))
     tile_size: int = Field(256, ge=16, validation_alias=_env("TILE_SIZE", "tile_size"))
@@ -105,6 +110,51 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, validation_alias=_env("MAX_REQUEST_BYTES", "max_request_bytes")
     )
+    # What the annotator sees beside the pre-annotation (issue 12), when the project's label config has the
+    # display-only controls (label_config/*_uncertainty.xml, multiclass.xml, dense_25d.xml).
+    # Uncertainty layer: normalised entropy (0 = certain, 1 = uniform) at or above each comma-separated threshold,
+    # one level per label of the "uncertainty" control (the shipped configs have one); levels with fewer pixels than
+    # UNCERTAINTY_MIN_PIXELS are not drawn.
+    uncertainty_thresholds: str = Field(
+        "0.5", validation_alias=_env("UNCERTAINTY_THRESHOLDS", "uncertainty_thresholds")
+    )
+    uncertainty_min_pixels: int = Field(
+        16, ge=1, validation_alias=_env("UNCERTAINTY_MIN_PIXELS", "uncertainty_min_pixels")
+    )
+    # Suggested region (strategies.region, after Atzeni et al.): only on tiles with a side longer than
+    # SUGGEST_MIN_TILE pixels and at most SUGGEST_MAX_PIXELS pixels; a SUGGEST_WINDOW-pixel square searched with
+    # SUGGEST_STRIDE (0 = a quarter of the window); SUGGEST_REGION_COST is the fixed effort of one region, in pixel
+    # edges of boundary to trace.
+    suggest_min_tile: int = Field(384, ge=1, validation_alias=_env("SUGGEST_MIN_TILE", "suggest_min_tile"))
+    suggest_window: int = Field(256, ge=8, validation_alias=_env("SUGGEST_WINDOW", "suggest_window"))
+    suggest_stride: int = Field(0, ge=0, validation_alias=_env("SUGGEST_STRIDE", "suggest_stride"))
+    suggest_region_cost: float = Field(64.0, ge=0, validation_alias=_env("SUGGEST_REGION_COST", "suggest_region_cost"))
+    suggest_max_pixels: int = Field(
+        4096 * 4096, ge=1, validation_alias=_env("SUGGEST_MAX_PIXELS", "suggest_max_pixels")
+    )
+    # Status page (GET /status): how long it waits for Label Studio's task counts before rendering without them,
+    # and how many recent per-task /predict errors it keeps per project (in each worker process).
+    status_ls_timeout_s: float = Field(3.0, gt=0, validation_alias=_env("STATUS_LS_TIMEOUT_S", "status_ls_timeout_s"))
+    status_errors_kept: int = Field(50, ge=1, validation_alias=_env("STATUS_ERRORS_KEPT", "status_errors_kept"))
+    # Public URL of this backend as Label Studio's users reach it, for the status link in the project description
+    # (the set-up command falls back to its --backend-url).
+    public_url: str = Field("", validation_alias=_env("BACKEND_PUBLIC_URL", "public_url"))
+
+    @field_validator("uncertainty_thresholds")
+    @classmethod
+    def _thresholds(cls, value: str) -> str:
+        try:
+            levels = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers, got {value!r}") from None
+        if not levels or any(not 0.0 < t <= 1.0 for t in levels) or levels != sorted(set(levels)):
+            raise ValueError(f"expected strictly increasing thresholds in (0, 1], got {value!r}")
+        return value
+
+    @property
+    def uncertainty_levels(self) -> tuple[float, ...]:
+        """UNCERTAINTY_THRESHOLDS as numbers."""
+        return tuple(float(v) for v in self.uncertainty_thresholds.split(",") if v.strip())
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -1,5 +1,9 @@
 """Label Studio annotations -> labelled tiles: the latest submitted annotation per task, decoded to a mask at its
-image's size. One bad annotation is logged and skipped, never fatal to the batch."""
+image's size. One bad annotation is logged and skipped, never fatal to the batch.
+
+Decoding goes through ``overlays.annotation_training_mask``: the uncertainty layer and the suggestion rectangle that
+Label Studio copies from the prediction into the annotation are never labels, and with a sparse config the submitted
+rectangle limits the labels to the box (pixels outside it are unknown to the loss)."""
 
 from __future__ import annotations
 
@@ -49,8 +53,15 @@ def decode_annotations(
     an unknown label or an undecodable RLE is an error for that task only: logged and listed in ``skipped``.
     Sparse configs need at least one painted pixel (a tile with only unknown pixels teaches nothing).
     """
-    from ml_backend.labelstudio.rle import results_to_mask
+    from ml_backend.labelstudio.labelconfig import LabelConfigError
+    from ml_backend.labelstudio.overlays import OverlayConfig, annotation_training_mask, overlay_config_of
     from ml_backend.training import IGNORE
+
+    try:
+        overlay = overlay_config_of(config)
+    except LabelConfigError as exc:  # unusable display-only controls: decode the mask control alone
+        log.warning("label config's overlay controls ignored for training: %s", exc)
+        overlay = OverlayConfig(mask=config, controls={}, uncertainty=None, suggestion=None)
 
     def one(item: tuple[int, dict]) -> LabelledTile | dict:
         task_id, ann = item
@@ -58,8 +69,11 @@ def decode_annotations(
             task = tasks.get(task_id)
             if task is None:
                 raise ValueError("task no longer exists (deleted)")
+            result = ann.get("result") or []
+            if not isinstance(result, list):
+                raise ValueError(f"annotation result must be a list, got {type(result).__name__}")
             image = load_image(task)
-            mask = results_to_mask(ann.get("result") or [], config, image.shape[0], image.shape[1])
+            mask = annotation_training_mask(result, overlay, image.shape[0], image.shape[1])
             if not (mask != IGNORE).any():
                 raise ValueError("annotation has no labelled pixel (sparse config: paint background too)")
             return LabelledTile(int(task_id), ann.get("id"), image, np.asarray(mask, dtype=np.int64))

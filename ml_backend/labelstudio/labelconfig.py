@@ -11,13 +11,16 @@ unknown (ignored by the loss). Without it the config is *dense*: every unpainted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-__all__ = ["BACKGROUND_NAMES", "BrushConfig", "LabelConfigError", "parse_label_config"]
+__all__ = ["BACKGROUND_NAMES", "DISPLAY_ONLY_BRUSHES", "BrushConfig", "LabelConfigError", "parse_label_config"]
 
 BACKGROUND_NAMES = frozenset({"background"})
+# <BrushLabels> names that are display only (the model's uncertainty layer, ``labelstudio.overlays``): never the mask
+# control, wherever they stand in the XML.
+DISPLAY_ONLY_BRUSHES = frozenset({"uncertainty"})
 
 
 class LabelConfigError(ValueError):
@@ -34,6 +37,9 @@ class BrushConfig:
     labels: tuple[str, ...]  # every label of the control, in config order (Background included when present)
     background_label: str | None  # the explicit background brush (sparse configs), else None
     mode: Literal["dense", "sparse"]
+    # The XML this was parsed from: lets the overlay code (uncertainty layer, suggestion rectangle) find the
+    # display-only controls from a BrushConfig alone. Not part of equality or repr.
+    xml: str = field(default="", compare=False, repr=False)
 
     @property
     def foreground_labels(self) -> tuple[str, ...]:
@@ -69,7 +75,8 @@ class BrushConfig:
 
 
 def parse_label_config(xml: str) -> BrushConfig:
-    """The first `<BrushLabels>` control whose `toName` is an `<Image>` with a `$key` value.
+    """The first `<BrushLabels>` control whose `toName` is an `<Image>` with a `$key` value, skipping display-only
+    controls (``DISPLAY_ONLY_BRUSHES``: the uncertainty layer is never the mask, whatever the order of the XML).
 
     Cached by XML text (every /predict request carries the config). Raises LabelConfigError with what is missing.
     """
@@ -86,7 +93,13 @@ def _parse(xml: str) -> BrushConfig:
         interface = LabelInterface(xml)
     except Exception as exc:  # the SDK raises its own XML syntax errors and assorted ValueErrors
         raise LabelConfigError(f"label config is not valid Label Studio XML: {exc}") from exc
-    brushes = [c for c in interface.controls if str(c.tag).lower() == "brushlabels"]
+    all_brushes = [c for c in interface.controls if str(c.tag).lower() == "brushlabels"]
+    brushes = [c for c in all_brushes if str(c.name) not in DISPLAY_ONLY_BRUSHES]
+    if all_brushes and not brushes:
+        raise LabelConfigError(
+            f"the only <BrushLabels> is the display-only {str(all_brushes[0].name)!r} layer; add a <BrushLabels> for "
+            "the mask (see label_config/dense_uncertainty.xml)"
+        )
     if not brushes:
         tags = sorted({str(c.tag) for c in interface.controls}) or ["none"]
         raise LabelConfigError(
@@ -129,5 +142,6 @@ def _parse(xml: str) -> BrushConfig:
             labels=labels,
             background_label=background,
             mode="sparse" if background is not None else "dense",
+            xml=xml,
         )
     raise LabelConfigError("no usable <BrushLabels> in the label config: " + "; ".join(problems))

@@ -49,14 +49,15 @@ def score_tiles(
     """(summary in input order, Label Studio results per tile, pixels per tile) for one chunk of the pool.
 
     ``inference.scoring.score_images`` (tiled for large images) gives the summary; the same probabilities become the
-    pre-annotation masks.
+    pre-annotation masks, with the uncertainty layer and suggested region of ``overlays.prediction_results`` (the
+    builder /predict uses) when the label config has their controls.
     """
-    from ml_backend.labelstudio.rle import mask_to_results
+    from ml_backend.labelstudio.overlays import prediction_results
 
     results: list[list[dict]] = [[] for _ in images]
 
     def on_probs(i: int, probs: np.ndarray) -> None:
-        results[i] = mask_to_results(probs.argmax(axis=0), config)
+        results[i] = prediction_results(probs, config, settings)
 
     cfg = ScoringConfig.from_settings(settings)
     scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
@@ -71,6 +72,8 @@ class LabelStudioSink:
     ls: Any
     pid: int
     tasks: dict[int, dict]
+    keep_prediction_versions: int | None = None  # None: KEEP_PREDICTION_VERSIONS
+    last_prune: Any = None
 
     def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
         from ml_backend.labelstudio.client import (
@@ -96,7 +99,26 @@ class LabelStudioSink:
                 raise
             # Label Studio accepts a model_version only once predictions of it exist: nothing left to predict
             log.warning("project %s: every task is labelled; model_version %s not set (%s)", pid, version, exc)
+            return len(predictions)
+        self._prune(version, held | {int(p["task"]) for p in predictions})
         return len(predictions)
+
+    def _prune(self, version: str, covered: set[int]) -> None:
+        """Prediction hygiene, only once the new predictions are in and the project's model_version names them; a
+        failure here is logged, never fails the delivery (the next round prunes again)."""
+        from ml_backend.labelstudio.client import LabelStudioError
+        from ml_backend.labelstudio.hygiene import prune_predictions
+
+        keep = self.keep_prediction_versions
+        if keep is None:
+            from ml_backend.config import get_settings
+
+            keep = get_settings().keep_prediction_versions
+        try:
+            self.last_prune = prune_predictions(self.ls, self.pid, version, self.tasks, covered, keep=keep)
+        except LabelStudioError as exc:
+            log.warning("project %s: prediction hygiene failed (%s); older predictions stay until the next round",
+                        self.pid, exc)  # fmt: skip
 
 
 def predictions_for(version: str, scored: ScoredPool | None, ranking: Ranking | None) -> list[dict]:

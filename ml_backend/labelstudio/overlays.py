@@ -20,6 +20,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Iterable, Sequence
@@ -40,7 +41,10 @@ __all__ = [
     "PixelRect",
     "annotation_training_mask",
     "normalised_entropy",
+    "overlay_config_of",
+    "overlay_results",
     "parse_overlay_config",
+    "prediction_results",
     "strip_non_label_results",
     "suggestion_rect_from_results",
     "suggestion_results",
@@ -48,6 +52,8 @@ __all__ = [
     "validate_result",
     "validate_results",
 ]
+
+log = logging.getLogger(__name__)
 
 UNCERTAINTY_CONTROL = "uncertainty"  # default name of the display-only <BrushLabels>
 SUGGESTION_CONTROL = "suggestion"  # default name of the display-only <RectangleLabels>
@@ -161,8 +167,22 @@ def _parse_overlay(xml: str, uncertainty_control: str, suggestion_control: str) 
     return OverlayConfig(mask=mask, controls=controls, uncertainty=uncertainty, suggestion=suggestion, xml=xml)
 
 
-def _as_overlay_config(config: OverlayConfig | str) -> OverlayConfig:
-    return parse_overlay_config(config) if isinstance(config, str) else config
+def overlay_config_of(config: OverlayConfig | BrushConfig | str) -> OverlayConfig:
+    """The overlay view of any config form: XML is parsed, a BrushConfig through the XML it was parsed from.
+
+    A BrushConfig built by hand (no XML) has no display-only controls: mask only, no overlays.
+    """
+    if isinstance(config, OverlayConfig):
+        return config
+    if isinstance(config, str):
+        return parse_overlay_config(config)
+    if config.xml:
+        return parse_overlay_config(config.xml)
+    return OverlayConfig(mask=config, controls={}, uncertainty=None, suggestion=None)
+
+
+def _as_overlay_config(config: OverlayConfig | BrushConfig | str) -> OverlayConfig:
+    return overlay_config_of(config)
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
@@ -452,3 +472,106 @@ def annotation_training_mask(
     if rect is None:
         return mask
     return region_training_mask(mask, (rect.x0, rect.y0, rect.x1, rect.y1), unpainted_inside=unpainted_inside)
+
+
+# --------------------------------------------------------------------------------------------------- one builder
+_BAND = 512  # rows per band: full-size float temporaries of an 8624 x 8416 section would take gigabytes
+
+
+def _classmap(probs: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> uint8 (H, W) argmax, in row bands."""
+    classmap = np.empty(probs.shape[1:], dtype=np.uint8)
+    for row in range(0, probs.shape[1], _BAND):
+        classmap[row : row + _BAND] = probs[:, row : row + _BAND].argmax(axis=0)
+    return classmap
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    """``normalised_entropy`` in row bands (bounded temporaries on whole sections)."""
+    out = np.empty(probs.shape[1:], dtype=np.float32)
+    for row in range(0, probs.shape[1], _BAND):
+        out[row : row + _BAND] = normalised_entropy(probs[:, row : row + _BAND])
+    return out
+
+
+def overlay_results(
+    probs: np.ndarray,
+    config: OverlayConfig | BrushConfig | str,
+    settings: Any,
+    *,
+    uncertainty: np.ndarray | None = None,
+) -> list[dict]:
+    """The display-only results of one prediction: the uncertainty layer and, on large tiles, the suggested region.
+
+    ``uncertainty`` defaults to the normalised entropy of ``probs``. Settings: ``uncertainty_levels``,
+    ``uncertainty_min_pixels``, ``suggest_min_tile``, ``suggest_window``, ``suggest_stride``, ``suggest_region_cost``,
+    ``suggest_max_pixels`` (``ml_backend.config``). Raises OverlayError (or ValueError from the region search);
+    everything returned has passed ``validate_results``.
+    """
+    from ml_backend.strategies.region import suggest_region
+
+    cfg = overlay_config_of(config)
+    if cfg.uncertainty is None and cfg.suggestion is None:
+        return []
+    p = np.asarray(probs)
+    if p.ndim != 3 or p.shape[0] < 2:
+        raise OverlayError(f"probs must have shape (C>=2, H, W), got {p.shape}")
+    height, width = p.shape[1:]
+    u = _entropy(p) if uncertainty is None else np.asarray(uncertainty, dtype=np.float32)
+    out: list[dict] = []
+    if cfg.uncertainty is not None:
+        out += uncertainty_results(
+            u, cfg, thresholds=settings.uncertainty_levels, min_pixels=settings.uncertainty_min_pixels
+        )
+    min_tile = int(settings.suggest_min_tile)
+    if cfg.suggestion is not None and max(height, width) > min_tile and height * width <= settings.suggest_max_pixels:
+        region = suggest_region(
+            p,
+            u,
+            window=int(settings.suggest_window),
+            stride=int(settings.suggest_stride) or None,
+            min_tile=min_tile,
+            region_cost=float(settings.suggest_region_cost),
+        )
+        if region is not None:
+            rect = PixelRect(region.x0, region.y0, region.x1, region.y1)
+            out += suggestion_results(rect, cfg, height, width, score=region.score)
+    return validate_results(out, cfg, height, width)
+
+
+def prediction_results(
+    probs: np.ndarray,
+    config: OverlayConfig | BrushConfig | str,
+    settings: Any,
+    *,
+    uncertainty: np.ndarray | None = None,
+    label: str = "",
+) -> list[dict]:
+    """Every result of one pre-annotation: the mask regions, then the overlays when the config has their controls.
+
+    The ONE builder of /predict and the re-scoring job, so a task shows the same layers whichever path predicted
+    it. An overlay that cannot be built or would be rejected (OverlayError, a config whose display-only controls
+    are unusable) is dropped with a warning: the mask is always sent. The mask regions carry the mean confidence of
+    the predicted foreground as their score.
+    """
+    from .rle import mask_to_results
+
+    mask_config = config.mask if isinstance(config, OverlayConfig) else config
+    if isinstance(mask_config, str):
+        mask_config = parse_label_config(mask_config)
+    classmap = _classmap(probs)
+    foreground = classmap > 0
+    confidence = None
+    if foreground.any():
+        total, count = 0.0, 0
+        for row in range(0, probs.shape[1], _BAND):
+            fg = foreground[row : row + _BAND]
+            total += float(probs[:, row : row + _BAND].max(axis=0)[fg].sum())
+            count += int(fg.sum())
+        confidence = total / count
+    results = mask_to_results(classmap, mask_config, score=confidence)
+    try:
+        return results + overlay_results(probs, config, settings, uncertainty=uncertainty)
+    except (OverlayError, LabelConfigError, ValueError) as exc:
+        log.warning("%sno uncertainty/suggestion overlay (mask sent alone): %s", f"{label}: " if label else "", exc)
+        return results

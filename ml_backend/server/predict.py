@@ -13,6 +13,9 @@ Why it is shaped like this:
   so scores of separate requests compare. Batch strategies (kmeans, coreset, ...) only have ranks within a whole
   pool: /predict scores such projects by entropy, and the RQ re-scoring job (``ml_backend.jobs``) pushes the
   strategy's pool-wide order after each training.
+* Overlays (issue 12): when the project's label config has the display-only controls, each prediction also holds
+  the uncertainty layer and, on large tiles, the suggested region (``labelstudio.overlays.prediction_results``, the
+  builder the re-scoring job uses too); an overlay that would be rejected is dropped, the mask is still sent.
 * Cold start (no trained version): no masks at all (never masks from random weights), ``model_version`` =
   ``COLD_START_VERSION`` and coverage-order scores from ``cold_start_scores`` (a seeded hash of the task id, stable
   across requests and when tasks are added).
@@ -198,16 +201,11 @@ def _deadline_error(settings: Any) -> DeadlineExceeded:
     )
 
 
-def _prediction(probs: np.ndarray, score: float, config: BrushConfig, version: str) -> dict:
-    from ml_backend.labelstudio.rle import mask_to_results
+def _prediction(probs: np.ndarray, score: float, config: BrushConfig, version: str, settings: Any, tid: Any) -> dict:
+    """The mask, plus the uncertainty layer and suggested region when the label config has their controls."""
+    from ml_backend.labelstudio.overlays import prediction_results
 
-    # Row bands keep the argmax temporaries small: an int64 class map of an 8624 x 8416 section is 580 MiB.
-    classmap = np.empty(probs.shape[1:], dtype=np.uint8)
-    for row in range(0, probs.shape[1], 512):
-        classmap[row : row + 512] = probs[:, row : row + 512].argmax(axis=0)
-    foreground = classmap > 0
-    confidence = float(probs.max(axis=0)[foreground].mean()) if foreground.any() else None
-    result = mask_to_results(classmap, config, score=confidence)
+    result = prediction_results(probs, config, settings, label=f"task {tid}")
     return {"result": result, "score": score, "model_version": version}
 
 
@@ -315,7 +313,7 @@ def predict_tasks(
                     elif isinstance(item, Exception):
                         _fail(outcome, i, tasks[i], TaskError(f"inference failed: {type(item).__name__}: {item}"))
                     else:
-                        outcome.results[i] = _prediction(item[0], item[1], config, version)
+                        outcome.results[i] = _prediction(item[0], item[1], config, version, settings, ids[i])
             infer_s += time.perf_counter() - t1
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

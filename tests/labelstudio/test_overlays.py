@@ -89,12 +89,18 @@ def test_25d_config_has_the_neighbour_images_but_paints_the_centre():
     assert all(c.to_name == ["image"] for c in LabelInterface(xml).controls)
 
 
-def test_uncertainty_control_before_the_mask_is_refused():
-    bad = """<View><Image name="image" value="$image"/>
+def test_uncertainty_control_before_the_mask_is_never_the_mask():
+    """Issue 12 wiring (3): the order of the XML is irrelevant; the display-only layer is never the mask control."""
+    first = """<View><Image name="image" value="$image"/>
       <BrushLabels name="uncertainty" toName="image"><Label value="Uncertain"/></BrushLabels>
       <BrushLabels name="tag" toName="image"><Label value="Mitochondria"/></BrushLabels></View>"""
-    with pytest.raises(LabelConfigError, match="put the mask"):
-        parse_overlay_config(bad)
+    cfg = parse_overlay_config(first)
+    assert cfg.mask.from_name == "tag" and cfg.mask.labels == ("Mitochondria",)
+    assert cfg.uncertainty is not None and cfg.uncertainty.name == "uncertainty"
+    only = """<View><Image name="image" value="$image"/>
+      <BrushLabels name="uncertainty" toName="image"><Label value="Uncertain"/></BrushLabels></View>"""
+    with pytest.raises(LabelConfigError, match="display-only"):
+        parse_overlay_config(only)
 
 
 def test_uncertainty_layer_is_the_thresholded_map():

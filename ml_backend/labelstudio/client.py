@@ -29,12 +29,15 @@ __all__ = [
     "as_dict",
     "call",
     "connect",
+    "delete_prediction",
+    "delete_version_predictions",
     "ensure_local_storage",
     "ensure_ml_backend",
     "ensure_view",
     "find_project",
     "latest_annotations",
     "list_tasks",
+    "model_version_counts",
     "paged",
     "push_predictions",
     "retrieve_predictions",
@@ -292,6 +295,47 @@ def retrieve_predictions(ls: Any, project_id: int, *, timeout: float = 600.0) ->
         selected_items={"all": True, "excluded": []}, request_options=RequestOptions(timeout_in_seconds=int(timeout)),
         what=f"retrieving predictions for project {project_id}", attempts=1,
     )  # fmt: skip
+
+
+def _api(ls: Any, method: str, path: str, *, json: Any = None, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+    """A raw authenticated API request through the SDK's HTTP client (for endpoints the SDK lacks); a non-2xx answer
+    raises the SDK's ApiError so ``call`` retries or classifies it like any other."""
+    from label_studio_sdk.core.api_error import ApiError
+    from label_studio_sdk.core.request_options import RequestOptions
+
+    resp = ls._client_wrapper.httpx_client.request(
+        path, method=method, json=json, request_options=RequestOptions(timeout_in_seconds=int(timeout))
+    )
+    if not 200 <= resp.status_code < 300:
+        raise ApiError(status_code=resp.status_code, headers=dict(resp.headers), body=resp.text)
+    return resp.json() if resp.content else None
+
+
+def model_version_counts(ls: Any, project_id: int) -> dict[str, int]:
+    """``{model_version: number of predictions}`` of a project (``GET /api/projects/{id}/model-versions/``)."""
+    data = call(ls, _api, ls, "GET", f"api/projects/{int(project_id)}/model-versions/",
+                what=f"listing model versions of project {project_id}")  # fmt: skip
+    return {str(k): int(v) for k, v in (data or {}).items()} if isinstance(data, dict) else {}
+
+
+def delete_version_predictions(ls: Any, project_id: int, version: str) -> int:
+    """Delete every prediction of ``version`` in the project in ONE call
+    (``DELETE /api/projects/{id}/model-versions/``); returns how many were deleted."""
+    data = call(ls, _api, ls, "DELETE", f"api/projects/{int(project_id)}/model-versions/",
+                json={"model_version": str(version)},
+                what=f"deleting the predictions of {version!r} in project {project_id}")  # fmt: skip
+    return int((data or {}).get("deleted_predictions", 0)) if isinstance(data, dict) else 0
+
+
+def delete_prediction(ls: Any, prediction_id: int) -> bool:
+    """Delete one prediction; False when it is already gone (404)."""
+    try:
+        call(ls, ls.predictions.delete, id=int(prediction_id), what=f"deleting prediction {prediction_id}")
+    except LabelStudioError as exc:
+        if isinstance(exc, LabelStudioUnavailable) or "HTTP 404" not in str(exc):
+            raise
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------- project set-up (idempotent helpers)

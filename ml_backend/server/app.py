@@ -18,6 +18,11 @@ Routes:
   A payload with an id that cannot exist (not in 1..2**31-1) is answered 400 and never reaches Redis: Label Studio
   ignores webhook answers and never sends such ids, so a 400 only ever informs a caller that is not Label Studio.
 * ``GET /versions`` -> the project's model versions (Label Studio's model-version picker).
+* ``GET /status`` and ``GET /status/<project_id>`` -> the status page (``status_page.py``) behind the same basic auth:
+  live version, running job's progress, queue and Label Studio counts (bounded by STATUS_LS_TIMEOUT_S: the page
+  renders with a note when Label Studio or Redis is slow or down), learning curve, promotion, the recent per-task
+  /predict errors of this worker process, versions with rollback hints. HTML, or JSON for ``Accept:
+  application/json``; an unknown project answers 404 with the reason.
 
 Every error is JSON ``{"status": "error", "reason": ...}``: 4xx when the request is at fault, 5xx otherwise; the
 server keeps serving. Bodies are validated at the edge (``schemas.py``): size (MAX_REQUEST_BYTES, 413), content type
@@ -32,7 +37,10 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -146,7 +154,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     store = ProjectStore(settings.model_dir)
     cache = ModelCache(settings.model_dir, device=torch_device(settings.device))
     metrics = Metrics()
-    app.extensions["ml_backend"] = {"settings": settings, "store": store, "cache": cache, "metrics": metrics}
+    errors = TaskErrorLog(settings.status_errors_kept)
+    app.extensions["ml_backend"] = {
+        "settings": settings, "store": store, "cache": cache, "metrics": metrics, "errors": errors,
+    }  # fmt: skip
 
     @app.before_request
     def _auth() -> Any:
@@ -250,6 +261,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             outcome = predict_tasks(tasks, config, entry, strategy, settings, deadline=deadline)
         except ModelConfigMismatch as exc:
             return _error(str(exc), 409)
+        errors.add(pid, outcome.errors)
         seconds = time.perf_counter() - t0
         metrics.record_predict(seconds, len(tasks), len(outcome.errors), cold=entry is None)
         log.info("project %s: %d task(s) predicted with %s in %.2f s (%d failed) %s",
@@ -289,7 +301,161 @@ def create_app(settings: Settings | None = None) -> Flask:
         reg = ModelRegistry(settings.model_dir, pid)
         return jsonify(versions=[m.get("version") for m in reg.versions()], current=reg.current_version())
 
+    status_source = StatusSource(settings, store, errors)
+
+    @app.get("/status")
+    def status_all() -> Any:
+        status = status_source.status(status_source.known_projects())
+        return _status_answer(status)
+
+    @app.get("/status/<project>")
+    def status_one(project: str) -> Any:
+        known = status_source.known_projects()
+        try:
+            pid = parse_project_id(project)
+        except ProjectError as exc:
+            pid, reason = None, f"{project[:40]!r} is not a project id: {exc}"
+        else:
+            reason = f"no project {pid} on this backend: it was never set up here (no label config, no model version)"
+        if pid is None or pid not in known:
+            return _not_found(project[:40], known, reason)
+        return _status_answer(status_source.status([pid]))
+
     return app
+
+
+def _wants_json() -> bool:
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json" or request.args.get("format") == "json"
+
+
+def _status_answer(status: dict) -> Any:
+    from .status_page import render_status_page, rollback_cli
+
+    if _wants_json():
+        return jsonify(status)
+    return Response(render_status_page(status, cli=rollback_cli()), mimetype="text/html")
+
+
+def _not_found(project: str, known: list[str], reason: str) -> Any:
+    from .status_page import render_not_found
+
+    if _wants_json():
+        return _error(reason, 404, known_projects=known)
+    return Response(render_not_found(project, known), status=404, mimetype="text/html")
+
+
+class TaskErrorLog:
+    """The last ``keep`` per-task /predict errors of each project, in this process (gunicorn workers keep their own):
+    what the status page lists as recent errors, without a database."""
+
+    def __init__(self, keep: int) -> None:
+        self._lock = threading.Lock()
+        self._keep = max(1, int(keep))
+        self._by_project: dict[str, deque] = {}
+
+    def add(self, project: str, errors: list[dict]) -> None:
+        if not errors:
+            return
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with self._lock:
+            ring = self._by_project.setdefault(str(project), deque(maxlen=self._keep))
+            for err in errors:
+                ring.append({"time": stamp, "task": err.get("task"), "reason": str(err.get("reason"))[:500]})
+
+    def recent(self, project: str) -> list[dict]:
+        with self._lock:
+            return list(self._by_project.get(str(project), ()))
+
+
+class StatusSource:
+    """Gathers a status page's data: the registry (local disk), the queue state (Redis) and Label Studio's counts,
+    the last two in parallel under one deadline (STATUS_LS_TIMEOUT_S) so the page always renders."""
+
+    def __init__(self, settings: Settings, store: ProjectStore, errors: TaskErrorLog) -> None:
+        self.settings, self.store, self.errors = settings, store, errors
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="status")
+        self._ls: Any = None
+        self._ls_lock = threading.Lock()
+
+    def known_projects(self) -> list[str]:
+        """Projects this backend knows: a folder under MODEL_DIR/projects (set up, or holding versions)."""
+        root = self.store.root
+        if not root.is_dir():
+            return []
+        return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
+
+    def _client(self) -> Any:
+        from label_studio_sdk import LabelStudio
+
+        with self._ls_lock:
+            if self._ls is None:
+                if not self.settings.label_studio_api_key:
+                    raise RuntimeError("LABEL_STUDIO_API_KEY is not set")
+                self._ls = LabelStudio(
+                    base_url=self.settings.label_studio_url.rstrip("/"), api_key=self.settings.label_studio_api_key,
+                    timeout=max(1.0, float(self.settings.status_ls_timeout_s)), max_retries=0,
+                )  # fmt: skip
+            return self._ls
+
+    def _counts(self, pid: str, live: str | None) -> dict:
+        from .status_page import label_studio_counts
+
+        return label_studio_counts(self._client(), int(pid), live)
+
+    def _queue(self, pid: str) -> dict:
+        from ml_backend.queue import queue_state
+
+        return queue_state(int(pid), self.settings)
+
+    def status(self, pids: list[str]) -> dict:
+        from ml_backend.registry import ModelRegistry, RegistryError
+
+        from .status_page import collect_project_status
+
+        timeout = float(self.settings.status_ls_timeout_s)
+        deadline = time.monotonic() + timeout
+        regs, lives, jobs = {}, {}, {}
+        for pid in pids:
+            regs[pid] = ModelRegistry(self.settings.model_dir, pid)
+            try:
+                lives[pid] = regs[pid].current_version()
+            except RegistryError as exc:
+                lives[pid] = None
+                log.warning("status of project %s: %s", pid, exc)
+            jobs[(pid, "counts")] = self._pool.submit(self._counts, pid, lives[pid])
+            jobs[(pid, "queue")] = self._pool.submit(self._queue, pid)
+        wait_futures(list(jobs.values()), timeout=max(0.0, deadline - time.monotonic()))
+        projects = []
+        ls_url = self.settings.label_studio_url.rstrip("/")
+        for pid in pids:
+            notes: list[str] = []
+            counts = self._result(jobs[(pid, "counts")], f"Label Studio ({ls_url})", timeout, notes)
+            queue = self._result(jobs[(pid, "queue")], "the training queue (Redis)", timeout, notes)
+            title = (counts or {}).pop("title", None)
+            project = collect_project_status(
+                regs[pid], queue_state=queue, counts=counts, errors=self.errors.recent(pid), title=title,
+                label_studio_url=f"{ls_url}/projects/{pid}/data",
+            )  # fmt: skip
+            if notes:
+                project["queue"]["note"] = "; ".join(notes)
+            projects.append(project)
+        return {
+            "title": "EM active-learning backend — status",
+            "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "projects": projects,
+        }
+
+    @staticmethod
+    def _result(future: Any, what: str, timeout: float, notes: list[str]) -> dict | None:
+        if not future.done():
+            notes.append(f"{what} did not answer within {timeout:g} s (STATUS_LS_TIMEOUT_S): shown without it")
+            return None
+        exc = future.exception()
+        if exc is not None:
+            notes.append(f"{what} unavailable: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        return future.result()
 
 
 def _prometheus_text(snap: dict) -> bytes:

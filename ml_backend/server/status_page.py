@@ -36,12 +36,24 @@ from typing import Any
 __all__ = [
     "ROLLBACK_CLI",
     "collect_project_status",
+    "curve_metrics",
+    "label_studio_counts",
     "learning_curve_svg",
     "render_not_found",
     "render_status_page",
+    "rollback_cli",
 ]
 
-ROLLBACK_CLI = "python -m ml_backend.cli"
+ROLLBACK_CLI = "python -m ml_backend.cli"  # rollback_cli() prefers the installed console script
+
+
+def rollback_cli() -> str:
+    """``ml-backend`` when the console script is installed on PATH, else the module form that always works."""
+    import shutil
+
+    return "ml-backend" if shutil.which("ml-backend") else ROLLBACK_CLI
+
+
 MAX_ERRORS = 20
 
 _CSS = """
@@ -159,9 +171,9 @@ def learning_curve_svg(versions: Sequence[Mapping], live_version: str | None = N
             )
     legend_y = height - 6
     out.append(f'<rect x="{left}" y="{legend_y - 8}" width="10" height="3" fill="#3d7bff"/>')
-    out.append(f'<text x="{left + 14}" y="{legend_y}" font-size="11">validation IoU</text>')
+    out.append(f'<text x="{left + 14}" y="{legend_y}" font-size="11">IoU</text>')
     out.append(f'<rect x="{left + 110}" y="{legend_y - 8}" width="10" height="3" fill="#e8590c"/>')
-    out.append(f'<text x="{left + 124}" y="{legend_y}" font-size="11">validation Dice</text>')
+    out.append(f'<text x="{left + 124}" y="{legend_y}" font-size="11">Dice</text>')
     out.append(f'<text x="{left + 230}" y="{legend_y}" font-size="11" fill="#666">ringed = live version</text>')
     out.append("</svg>")
     return "".join(out)
@@ -203,6 +215,7 @@ def _queue_section(queue: Any) -> str:
         ("labelled tasks", _num(labelled)),
         ("unlabelled tasks", _num(unlabelled)),
         ("tasks with a prediction of the live version", _num(queue.get("with_live_prediction"))),
+        ("tasks in the project", _num(queue.get("total"))),
     ]
     if queue.get("pending_annotations") is not None:
         rows.append(
@@ -216,6 +229,8 @@ def _queue_section(queue: Any) -> str:
         value = queue.get(key)
         if isinstance(value, (list, tuple)):
             rows.append((label, _num(len(value))))
+    if queue.get("note"):
+        rows.append(("note", f'<span class="warn ls-note">{_e(queue.get("note"))}</span>'))
     if queue.get("error"):
         rows.append(("queue error", f'<span class="err">{_e(queue.get("error"))}</span>'))
     body = "".join(f'<tr><th>{k}</th><td class="num">{v}</td></tr>' for k, v in rows)
@@ -271,6 +286,19 @@ def _versions_section(project_id: Any, versions: Sequence[Mapping], live: str | 
     return f'<table class="versions">{head}{"".join(rows)}</table>'
 
 
+def _curve_caption(versions: Sequence[Mapping]) -> str:
+    sources = {str(v.get("curve_source") or "validation") for v in versions}
+    if not versions:
+        return ""
+    if sources == {"audit"}:
+        text = "IoU and Dice on audit tiles (tiles selection did not choose)"
+    elif "audit" in sources:
+        text = "IoU and Dice on audit tiles where the version recorded them, else on its validation tiles"
+    else:
+        text = "IoU and Dice on the validation split of the labelled tiles (chosen by selection: optimistic)"
+    return f'<p class="meta curve-source">{_e(text)}</p>'
+
+
 def _project_section(project: Mapping, cli: str) -> str:
     pid = project.get("id")
     title = project.get("title")
@@ -288,7 +316,7 @@ def _project_section(project: Mapping, cli: str) -> str:
         f"<p>Live version: {live_html}</p>"
         f'<div class="grid"><div><h3>Training job</h3>{_job_section(project.get("job"))}</div>'
         f"<div><h3>Queue</h3>{_queue_section(project.get('queue'))}</div></div>"
-        f"<h3>Learning curve</h3>{learning_curve_svg(versions, live)}"
+        f"<h3>Learning curve</h3>{learning_curve_svg(versions, live)}{_curve_caption(versions)}"
         f"<h3>Last training</h3>{_promotion_section(project.get('promotion'))}"
         f"<h3>Recent errors</h3>{_errors_section(project.get('errors'))}"
         f"<h3>Versions</h3>{_versions_section(pid, versions, live, cli)}</section>"
@@ -330,6 +358,37 @@ def render_not_found(project_id: Any, known: Iterable[Any] = ()) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- data
+def _audit_pair(audit: Any) -> tuple[float | None, float | None]:
+    """(IoU, Dice) of a version's audit record, whatever nesting issue 11 settles on; (None, None) without one."""
+    if not isinstance(audit, Mapping):
+        return None, None
+    sources = [audit] + [audit[k] for k in ("metrics", "summary") if isinstance(audit.get(k), Mapping)]
+    iou = dice = None
+    for src in sources:
+        for key in ("iou", "audit_iou", "val_iou", "mean_iou"):
+            iou = iou if iou is not None else _finite(src.get(key))
+        for key in ("dice", "audit_dice", "val_dice", "mean_dice"):
+            dice = dice if dice is not None else _finite(src.get(key))
+    return iou, dice
+
+
+def curve_metrics(meta: Mapping) -> dict:
+    """A version's metadata with the learning curve's IoU/Dice: the audit split's (``meta["audit"]``, tiles
+    selection did not choose) when recorded, else the validation metrics; ``curve_source`` says which."""
+    out = dict(meta)
+    metrics = dict(meta.get("metrics") or {}) if isinstance(meta.get("metrics"), Mapping) else {}
+    iou, dice = _audit_pair(meta.get("audit"))
+    if iou is None and isinstance(metrics.get("audit"), Mapping):
+        iou, dice = _audit_pair(metrics.get("audit"))
+    if iou is not None:
+        metrics["val_iou"], metrics["val_dice"] = iou, dice
+        out["curve_source"] = "audit"
+    else:
+        out["curve_source"] = "validation"
+    out["metrics"] = metrics
+    return out
+
+
 def collect_project_status(
     registry: Any,
     *,
@@ -345,7 +404,7 @@ def collect_project_status(
     The last trained version is "held back" when it is not the live one; the reason comes from its metadata
     (``meta["promotion"]["reason"]`` or ``meta["held_back_reason"]``) when the training job recorded one.
     """
-    versions = list(registry.versions())
+    versions = [curve_metrics(v) for v in registry.versions()]
     live = registry.current_version()
     queue: dict[str, Any] = dict(counts or {})
     job = None
@@ -378,3 +437,26 @@ def collect_project_status(
         "promotion": promotion,
         "errors": list(errors or []),
     }
+
+
+def label_studio_counts(ls: Any, project_id: int, live_version: str | None) -> dict:
+    """{"title", "labelled", "unlabelled", "total", "with_live_prediction"} from Label Studio: two requests, no retry
+    (the caller bounds the time; a slow or absent Label Studio must never hold the page)."""
+    from ml_backend.labelstudio.client import _api, as_dict
+
+    project = as_dict(ls.projects.get(id=int(project_id)))
+    total = int(project.get("task_number") or 0)
+    labelled = int(project.get("num_tasks_with_annotations") or 0)
+    out: dict[str, Any] = {
+        "title": project.get("title"),
+        "total": total,
+        "labelled": labelled,
+        "unlabelled": max(0, total - labelled),
+    }
+    if live_version:
+        counts = _api(ls, "GET", f"api/projects/{int(project_id)}/model-versions/", timeout=5)
+        if isinstance(counts, Mapping):
+            out["with_live_prediction"] = int(counts.get(live_version) or 0)
+    else:
+        out["with_live_prediction"] = 0
+    return out

@@ -93,6 +93,25 @@ def sync_model_version(ls: Any, project_id: int, version: str, *, retrieve: bool
     return version
 
 
+# Several annotators at once (issue 12): /next locks the task it serves and skips tasks others hold once
+# maximum_annotations (the overlap) is reached. Under "Uncertainty sampling" with more than one organisation member,
+# Label Studio 1.23.2 serves a RANDOM task with a prediction; "Sequential sampling" over the queue view (ascending
+# score) serves the lowest-score unlocked task to each annotator. Annotators label from the "Active learning queue"
+# tab ("Label All Tasks" / "Label Tasks As Displayed" there, or /next?view=<id>).
+SHARED_QUEUE = {"maximum_annotations": 1, "sampling": "Sequential sampling", "show_overlap_first": False}
+
+
+def configure_shared_queue(ls: Any, project_id: int) -> dict[str, Any]:
+    """Put the project's queue into the configuration where concurrent annotators get different informative tasks
+    (``SHARED_QUEUE``); returns what was changed."""
+    project = as_dict(call(ls, ls.projects.get, id=int(project_id), what=f"reading project {project_id}"))
+    changes = {k: v for k, v in SHARED_QUEUE.items() if project.get(k) != v}
+    if changes:
+        call(ls, ls.projects.update, id=int(project_id), what=f"configuring the shared queue of project {project_id}",
+             **changes)  # fmt: skip
+    return changes
+
+
 def setup_project(
     ls: Any,
     *,
@@ -141,6 +160,7 @@ def setup_project(
         summary["model_version"] = sync_model_version(ls, pid, version, retrieve=retrieve)
     view = ensure_view(ls, pid, QUEUE_VIEW_TITLE, QUEUE_ORDERING)
     summary["view"] = view.get("id")
+    summary["shared_queue"] = configure_shared_queue(ls, pid)
     return summary
 
 

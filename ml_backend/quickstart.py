@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The whole annotation loop on one machine: Redis, Label Studio, the ML backend, an RQ worker and a demo project.
 
 What it does, in order (every step is idempotent, so re-running reuses what exists under --workdir):
@@ -29,21 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ml_backend.cli import worker_command
+from ml_backend.config import Settings
+from ml_backend.data.stacks import read_stack
+from ml_backend.labelstudio.client import as_dict, call, connect, list_tasks
+from ml_backend.labelstudio.importing import import_tiles
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.rle import mask_to_results
+from ml_backend.labelstudio.setup import setup_project, sync_model_version
+from ml_backend.services.label_studio import start_label_studio
+from ml_backend.services.redis import start_redis, stop_redis
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))  # only for redis_server.py (moves into the package next)
-
-from redis_server import start_redis, stop_redis  # noqa: E402
-
-from ml_backend.cli import worker_command  # noqa: E402
-from ml_backend.config import Settings  # noqa: E402
-from ml_backend.data.stacks import read_stack  # noqa: E402
-from ml_backend.labelstudio.client import as_dict, call, connect, list_tasks  # noqa: E402
-from ml_backend.labelstudio.importing import import_tiles  # noqa: E402
-from ml_backend.labelstudio.labelconfig import parse_label_config  # noqa: E402
-from ml_backend.labelstudio.rle import mask_to_results  # noqa: E402
-from ml_backend.labelstudio.setup import setup_project, sync_model_version  # noqa: E402
-from ml_backend.services.label_studio import start_label_studio  # noqa: E402
-
 log = logging.getLogger("quickstart")
 TITLE = "EM mitochondria (active learning demo)"
 

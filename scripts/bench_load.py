@@ -233,7 +233,7 @@ class Stack:
         from PIL import Image
 
         from ml_backend.data.synthetic import generate_em_like
-        from ml_backend.registry import ModelRegistry
+        from ml_backend.store.registry import ModelRegistry
 
         self.workdir = workdir
         self.redis_port = redis_script.free_port()

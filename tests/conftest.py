@@ -37,16 +37,7 @@ if str(REPO_ROOT) not in sys.path:  # until the package is installed editable, t
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def _load_redis_script():
-    """scripts/ is not a package: load scripts/redis_server.py by path."""
-    spec = importlib.util.spec_from_file_location("redis_server_script", REPO_ROOT / "scripts" / "redis_server.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
-redis_script = _load_redis_script()
+from ml_backend.services import redis as redis_script  # noqa: E402  (start_redis, stop_redis, free_port, ...)
 
 
 @pytest.fixture(scope="session")

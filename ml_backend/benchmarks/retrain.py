@@ -94,9 +94,8 @@ def run(args: argparse.Namespace) -> dict:
     from ml_backend.labelstudio.client import connect, ensure_local_storage, latest_annotations, list_tasks
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
-
-    redis_script = _load_script("redis_server")
     from ml_backend.services import label_studio as ls_script
+    from ml_backend.services import redis as redis_script
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

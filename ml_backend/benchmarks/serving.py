@@ -267,7 +267,7 @@ class _Backend:
     def __init__(self, args: argparse.Namespace, model, images: list, workdir: Path) -> None:
         from PIL import Image
 
-        from ml_backend.registry import ModelRegistry
+        from ml_backend.store.registry import ModelRegistry
 
         media = workdir / "media"
         (media / "tiles").mkdir(parents=True)

@@ -133,7 +133,8 @@ def _json_body() -> dict:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The backend's Flask app (also gunicorn's entry point: ``'ml_backend.server.app:create_app()'``)."""
-    from ml_backend.registry import ModelCache, ModelRegistry
+    from ml_backend.store.cache import ModelCache
+    from ml_backend.store.registry import ModelRegistry
 
     settings = settings or Settings.from_env()
     # Import the heavy modules now (torch, strategies, inference): the first /setup must answer within Label
@@ -409,7 +410,7 @@ class StatusSource:
         return queue_state(int(pid), self.settings)
 
     def status(self, pids: list[str]) -> dict:
-        from ml_backend.registry import ModelRegistry, RegistryError
+        from ml_backend.store.registry import ModelRegistry, RegistryError
 
         from .status_page import collect_project_status
 
@@ -498,12 +499,9 @@ def _prometheus_text(snap: dict) -> bytes:
 
 def _project_strategy(store: ProjectStore, pid: str, settings: Settings) -> Any:
     """The project's stored strategy (from /setup), else STRATEGY / SCORE_AGGREGATION."""
-    from ml_backend.strategies import get_strategy
+    from ml_backend.strategies.resolve import StrategyError, stored_strategy
 
-    state = store.state(pid)
-    name = state.get("strategy") or settings.strategy
-    params = state.get("strategy_params") or {"aggregation": settings.aggregation}
     try:
-        return get_strategy(name, **params)
-    except ValueError as exc:
-        raise ProjectError(f"project {pid}: stored strategy {name!r} {params} is invalid: {exc}") from exc
+        return stored_strategy(store.state(pid), settings)
+    except StrategyError as exc:
+        raise ProjectError(f"project {pid}: the stored {exc}") from exc

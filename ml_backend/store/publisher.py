@@ -8,7 +8,7 @@ from typing import Any
 
 from ml_backend.active_learning.round import Evaluation, LabelledSet
 from ml_backend.config import Settings
-from ml_backend.registry import ModelRegistry
+from ml_backend.store.registry import ModelRegistry
 from ml_backend.training.recipe import TrainedModel
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .base import Strategy, get_strategy
 
-__all__ = ["StrategyError", "resolve_strategy"]
+__all__ = ["StrategyError", "resolve_strategy", "stored_strategy"]
 
 
 class StrategyError(ValueError):
@@ -41,3 +41,14 @@ def resolve_strategy(
             return get_strategy(chosen, **given)  # the strategy takes no aggregation: the default does not apply
     except (ValueError, TypeError) as exc:
         raise StrategyError(f"strategy {chosen!r} {given}: {exc}") from None
+
+
+def stored_strategy(state: dict[str, Any], settings: Any) -> Strategy:
+    """A project's strategy from its stored state (``strategy``, ``strategy_params`` written by /setup), else the
+    deployment's STRATEGY / SCORE_AGGREGATION: what /predict and the training job both use."""
+    return resolve_strategy(
+        state.get("strategy"),
+        state.get("strategy_params"),
+        default_name=settings.strategy,
+        default_aggregation=settings.aggregation,
+    )

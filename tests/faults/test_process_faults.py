@@ -34,7 +34,8 @@ from rq.serializers import JSONSerializer
 
 from ml_backend import queue as q
 from ml_backend.labelstudio.client import as_dict
-from ml_backend.registry import ModelCache, ModelRegistry
+from ml_backend.store.cache import ModelCache
+from ml_backend.store.registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from ml_backend.model import build_model
-from ml_backend.registry import ModelCache, ModelRegistry, RegistryWriteError
+from ml_backend.store.cache import ModelCache
+from ml_backend.store.registry import ModelRegistry, RegistryWriteError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,7 +128,10 @@ def test_no_inode_left_for_the_pointer_removes_the_unpromoted_version(tmpfs, cap
     used = st.f_files - st.f_ffree
     # a publish needs 3 new inodes for the version (temporary directory, model.pt, meta.json), then 1 for CURRENT
     remount(model_dir, f"nr_inodes={used + 3}")
-    with caplog.at_level("INFO", logger="ml_backend.registry"), pytest.raises(RegistryWriteError, match="no space"):
+    with (
+        caplog.at_level("INFO", logger="ml_backend.store.registry"),
+        pytest.raises(RegistryWriteError, match="no space"),
+    ):
         reg.publish(_model(2), {"n": 2})
     assert "which could not be promoted" in caplog.text  # the failure hit the pointer, after the version was written
     remount(model_dir, "nr_inodes=64")

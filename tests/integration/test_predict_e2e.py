@@ -81,7 +81,7 @@ def _retrieve(ls, project_id: int) -> None:
 def test_predictions_end_to_end(label_studio, ls, start_backend, scripts, em_data, trained, tmp_path):
     from ml_backend.imaging import load_image
     from ml_backend.inference.tiling import predict_tiled
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
     from ml_backend.strategies import pixel_entropy
     from ml_backend.training.metrics import iou
 

@@ -74,7 +74,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
 ):
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
 
     stack, truth = em_stack
     model_dir = tmp_path / "models"

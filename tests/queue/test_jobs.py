@@ -38,7 +38,7 @@ from ml_backend.jobs import (
 )
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
-from ml_backend.registry import ModelRegistry
+from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies import get_strategy
 from ml_backend.training import IGNORE
 

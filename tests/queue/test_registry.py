@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from ml_backend.model import build_model
-from ml_backend.registry import ModelCache, ModelRegistry, RegistryError
+from ml_backend.store.cache import ModelCache
+from ml_backend.store.registry import ModelRegistry, RegistryError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +111,7 @@ SLOW_SAVE = textwrap.dedent(
     import sys, time, torch
     sys.path.insert(0, {repo!r})
     from ml_backend.model import build_model
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
 
     real_save = torch.save
     def slow_save(obj, f, *a, **k):
@@ -158,7 +159,7 @@ PUBLISH_LOOP = textwrap.dedent(
     import sys
     sys.path.insert(0, {repo!r})
     from ml_backend.model import build_model
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
     reg = ModelRegistry({root!r}, 1)
     model = build_model("unet", width=24, depth=4)   # ~25 MB checkpoint: saving takes a while
     print("READY", flush=True)
@@ -217,7 +218,7 @@ def test_model_cache_picks_up_a_version_published_by_another_process(tmp_path):
     first = cache.get(2)[1]["version"]
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r});"
-        "from ml_backend.model import build_model; from ml_backend.registry import ModelRegistry;"
+        "from ml_backend.model import build_model; from ml_backend.store.registry import ModelRegistry;"
         f"print(ModelRegistry({str(tmp_path)!r}, 2).publish(build_model('unet', width=4, depth=2), {{}}))"
     )
     new = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()

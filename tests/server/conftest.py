@@ -77,7 +77,7 @@ def client(make_client):
 @pytest.fixture
 def publish(settings, trained_model):
     """publish(project_id, model=None) -> version id, through E's registry (as a training job would)."""
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
 
     def do(project_id, model=None, **meta):
         return ModelRegistry(settings.model_dir, project_id).publish(

@@ -9,13 +9,13 @@ from html.parser import HTMLParser
 
 import pytest
 
-from ml_backend.registry import ModelRegistry
 from ml_backend.server.status_page import (
     collect_project_status,
     learning_curve_svg,
     render_not_found,
     render_status_page,
 )
+from ml_backend.store.registry import ModelRegistry
 
 HOSTILE = '<script>alert("x")</script>&"\'<img src=x onerror=alert(1)>'
 

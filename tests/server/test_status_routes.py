@@ -78,7 +78,7 @@ def test_recent_per_task_predict_errors_are_listed(client, publish):
 
 
 def test_audit_metrics_are_preferred_and_promotion_is_shown(client, publish, settings):
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
 
     _setup(client)
     live = publish(7, metrics={"val_iou": 0.9, "val_dice": 0.95}, audit={"iou": 0.55, "dice": 0.7})

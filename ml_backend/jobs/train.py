@@ -1,0 +1,264 @@
+"""RQ jobs: fine-tune a project's model from Label Studio's annotations, publish it, re-score the unlabelled pool.
+
+``train_project(project_id)`` is what the webhook enqueues (JSON arguments only). Its steps, in order:
+
+1. take the project's training lock (one training per project across all workers; a job that finds another one
+   running sets the follow-up flag and returns), reset the webhook batch counter, then re-read EVERY task and its
+   latest submitted annotation from Label Studio (the source of truth, so missed webhooks never lose a batch);
+2. decode brush RLE masks (size checked against the image; a bad annotation is logged and skipped, never fatal);
+3. fine-tune the current version (or a new U-Net the first time) with ``ml_backend.training.fine_tune``;
+4. publish + promote the version atomically in the registry with its metadata, prune old versions;
+5. re-score every unlabelled task with the project's strategy in chunks that idle workers share
+   (``rescore_chunk`` jobs; the coordinator works through the chunks too, so one worker is enough), select over the
+   whole pool (batch strategies need it), push predictions (mask, score, model_version) in bulk, and set the
+   project's ``model_version`` so Label Studio orders its queue by the new scores.
+
+Steps 3-5 are ``ml_backend.active_learning.run_round`` (the benchmark runs the same round with a ground-truth
+oracle) with this module's plug-ins: ``AnnotatedTasks`` (labels), ``RegistryPublisher``, ``RedisPoolScorer``
+and ``LabelStudioSink``. The pure part (annotations -> masks -> fine_tune -> publish) is
+``decode_annotations`` + ``train_version``: they take
+plain data and a registry, so they are tested without Label Studio or Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml_backend.active_learning import LabelledSet, LabelledTile, QueueOrder, RoundPlan, TrainingError, run_round
+from ml_backend.active_learning.plan import log_plan, product_plan
+from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.inference.scoring import ScoringConfig
+from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
+from ml_backend.labelstudio.loop import AnnotatedTasks, LabelStudioSink
+from ml_backend.labelstudio.project import project_label_config
+from ml_backend.labelstudio.tasks import calibration_crops, load_task_image
+from ml_backend.queue.coordination import run_exclusive
+from ml_backend.queue.locks import take_pending
+from ml_backend.queue.rescoring import RedisPoolScorer
+from ml_backend.queue.status import JobProgress
+from ml_backend.store.publisher import KeepVersion, RegistryPublisher
+from ml_backend.store.registry import ModelRegistry
+from ml_backend.training.recipe import ModelState
+
+from .logs import ensure_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    version: str
+    meta: dict
+    model: Any
+    ensemble: list[Any] = field(default_factory=list)
+
+
+def train_version(
+    registry: ModelRegistry,
+    tiles: list[LabelledTile],
+    config: Any,
+    settings: Settings,
+    *,
+    strategy: Any = None,
+    progress: Callable[[dict], None] | None = None,
+    extra_meta: dict | None = None,
+    train_overrides: dict | None = None,
+    calibration: Callable[[], list[np.ndarray]] | None = None,
+) -> TrainOutcome:
+    """Fine-tune on ``tiles``, publish + promote the version with full metadata, prune old versions.
+
+    Pure with respect to Label Studio and Redis (the tested core of the training job): ``run_round`` without the
+    scoring half. When the strategy needs a bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are
+    fine-tuned on resamples and stored with the version. ``calibration()`` returns unlabelled crops of the project
+    that re-estimate BatchNorm statistics; it is called only for a model that has BatchNorm layers.
+    """
+    if not tiles:
+        raise TrainingError("no usable annotated tile to train on")
+    plan = product_plan(
+        registry, config, settings, strategy, train_overrides=train_overrides, calibration=calibration,
+        progress=progress, score=False,
+    )  # fmt: skip
+    log_plan(registry, plan, len(tiles))
+    publisher = RegistryPublisher(registry, config, settings, strategy, extra_meta)
+    outcome = run_round(plan, AnnotatedTasks(LabelledSet(tiles), []), publisher=publisher)
+    return TrainOutcome(outcome.version, publisher.meta, outcome.trained.model, outcome.trained.ensemble)
+
+
+def project_strategy(project_id: int, settings: Settings) -> Any:
+    """The project's acquisition strategy: the one stored by /setup (extra_params), else STRATEGY (one resolver and
+    one error policy for /setup, /predict and the jobs: ``strategies.resolve``)."""
+    from ml_backend.store.projects import ProjectError, ProjectStore
+    from ml_backend.strategies.resolve import stored_strategy
+
+    try:
+        state = ProjectStore(settings.model_dir).state(str(project_id))
+    except ProjectError as exc:  # an unreadable state file must not stop the training: the defaults apply
+        log.warning("project %s: %s; using STRATEGY=%s", project_id, exc, settings.strategy)
+        state = {}
+    return stored_strategy(state, settings)
+
+
+def train_project(project_id: int, force: bool = False, reason: str = "manual") -> dict:
+    """RQ entry point: train project ``project_id`` from everything Label Studio holds, then re-score its pool.
+
+    Returns a JSON summary (status trained | up-to-date | deferred | no-annotations). Runs outside RQ too
+    (``python -c 'from ml_backend.jobs import train_project; train_project(1, force=True)'``).
+    """
+    from rq import get_current_job
+
+    ensure_logging()
+    settings = get_settings()
+    pid = int(project_id)
+    job = get_current_job()
+
+    def body(force: bool, progress: JobProgress, conn: Any, job_id: str) -> dict:
+        return _train_and_rescore(pid, settings, conn, progress, force=force, reason=reason, job_id=job_id)
+
+    return run_exclusive(pid, settings, job, body, force=bool(force), reason=reason)
+
+
+@dataclass
+class ProjectSnapshot:
+    """What the job read from Label Studio and the registry, once, at its start (Label Studio is the truth)."""
+
+    ls: Any
+    config: Any
+    label_xml: str
+    tasks: dict[int, dict]
+    annotations: dict[int, dict]
+    current: dict | None
+    signature: str
+
+    @property
+    def unlabelled(self) -> list[int]:
+        return sorted(tid for tid in self.tasks if tid not in self.annotations)
+
+
+def _read_project(pid: int, settings: Settings, conn: Any, registry: ModelRegistry) -> ProjectSnapshot:
+    """Reset the batch counter, then read the label config, every task and its latest annotation."""
+    from ml_backend.labelstudio.client import connect, latest_annotations, list_tasks
+
+    pending = take_pending(conn, pid)
+    t0 = time.monotonic()
+    ls = connect(settings)
+    config, label_xml = project_label_config(ls, pid, settings)
+    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    annotations = {int(k): v for k, v in latest_annotations(list(tasks.values())).items()}
+    current = registry.current_meta()
+    snap = ProjectSnapshot(ls, config, label_xml, tasks, annotations, current, annotation_signature(annotations))
+    log.info(
+        "project %s: Label Studio holds %d tasks, %d with a submitted annotation (listed in %.1f s); current version "
+        "%s used %d; %d submissions counted by webhooks since the last job",
+        pid, len(tasks), len(annotations), time.monotonic() - t0, None if current is None else current["version"],
+        0 if current is None else int(current.get("n_annotations", 0)), pending,
+    )  # fmt: skip
+    return snap
+
+
+def _nothing_to_do(pid: int, snap: ProjectSnapshot, force: bool) -> tuple[dict | None, bool]:
+    """(summary to return at once or None, resume): resume = re-deliver the current version instead of training
+    (its job died or failed after publishing, before every prediction reached Label Studio)."""
+    if not snap.annotations:
+        log.warning("project %s: no submitted annotation in Label Studio: nothing to train", pid)
+        return {"status": "no-annotations", "tasks": len(snap.tasks)}, False
+    current = snap.current
+    if force or current is None or current.get("annotation_signature") != snap.signature:
+        return None, False
+    if _delivered(snap.ls, pid, current["version"], snap.tasks, snap.annotations):
+        log.info("project %s: annotations unchanged since %s: nothing to train", pid, current["version"])
+        return {"status": "up-to-date", "version": current["version"]}, False
+    log.warning(
+        "project %s: %s is current but its predictions were not all delivered to Label Studio (the job that "
+        "trained it died or failed while re-scoring or uploading): finishing that instead of training",
+        pid, current["version"],
+    )  # fmt: skip
+    return None, True
+
+
+def _decode(pid: int, snap: ProjectSnapshot, settings: Settings) -> LabelledSet:
+    """The usable labelled tiles (a bad annotation is skipped and listed, never fatal, unless none is usable)."""
+    t0 = time.monotonic()
+    config = snap.config
+    load = lambda t: load_task_image(t, config, settings)  # noqa: E731
+    tiles, skipped = decode_annotations(snap.tasks, snap.annotations, config, load)
+    log.info("project %s: %d annotated tiles decoded in %.1f s (%d skipped)", pid, len(tiles), time.monotonic() - t0,
+             len(skipped))  # fmt: skip
+    if not tiles:
+        first = "; ".join(f"task {s['task']}: {s['error']}" for s in skipped[:3])
+        raise TrainingError(f"project {pid}: none of the {len(snap.annotations)} annotations is usable ({first})")
+    return LabelledSet(tiles, skipped)
+
+
+def _resume_plan(
+    registry: ModelRegistry, snap: ProjectSnapshot, strategy: Any, settings: Settings, progress: JobProgress
+) -> tuple[RoundPlan, KeepVersion]:
+    """Plan + publisher that re-deliver the current version (model and stored bootstrap members), nothing trained."""
+    device = torch_device(settings.device)
+    model, meta = registry.load(snap.current["version"], map_location=device)
+    stored = [registry.load_extra(meta["version"], n, map_location=device) for n in meta.get("extra_models", [])]
+    state = ModelState(model, meta["version"], "kept", stored)
+    plan = RoundPlan(strategy, state, scoring=ScoringConfig.from_settings(settings), score_seed=settings.seed,
+                     select_seed=settings.seed)  # fmt: skip
+    return plan, KeepVersion(meta["version"], meta, announce=progress.published)
+
+
+def _train_and_rescore(
+    pid: int, settings: Settings, conn: Any, progress: JobProgress, *, force: bool, reason: str, job_id: str
+) -> dict:
+    """Read the project, then one ``run_round`` with Label Studio's plug-ins (see the module docstring)."""
+    registry = ModelRegistry(settings.model_dir, pid)
+    with progress.phase("read"):
+        snap = _read_project(pid, settings, conn, registry)
+        done, resume = _nothing_to_do(pid, snap, force)
+        if done is not None:
+            return done
+        strategy = project_strategy(pid, settings)
+        labelled = _decode(pid, snap, settings)
+    if resume:
+        plan, publisher = _resume_plan(registry, snap, strategy, settings, progress)
+    else:
+        calibration = lambda: calibration_crops(snap.tasks, snap.config, settings)  # noqa: E731
+        plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
+                            progress=progress.train_step)  # fmt: skip
+        log_plan(registry, plan, len(labelled.tiles))
+        extra = {"annotation_signature": snap.signature, "skipped": labelled.skipped, "trigger": reason, "job": job_id}
+        publisher = RegistryPublisher(
+            registry, snap.config, settings, strategy, {**extra, "project": pid}, announce=progress.published
+        )
+    outcome = run_round(
+        plan,
+        AnnotatedTasks(labelled, snap.unlabelled),
+        publisher=publisher,
+        scorer=RedisPoolScorer(pid, snap.config, snap.label_xml, snap.tasks, settings, conn),
+        select=QueueOrder(snap.config.num_classes),
+        sink=LabelStudioSink(snap.ls, pid, snap.tasks),
+        phase=progress.phase,
+    )
+    version, meta = outcome.version, publisher.meta
+    log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, outcome.delivered, version)
+    return {
+        "status": "delivered" if resume else "trained",
+        "version": version,
+        "metrics": meta.get("metrics"),
+        "n_annotations": len(labelled.tiles),
+        "skipped": len(labelled.skipped),
+        "predictions": outcome.delivered,
+        "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
+    }
+
+
+def _delivered(ls: Any, pid: int, version: str, tasks: dict[int, dict], annotations: dict[int, dict]) -> bool:
+    """Whether the job that published ``version`` finished its upload: the project's ``model_version`` names it
+    (set last, after every prediction), or there is no unlabelled task to predict."""
+    from ml_backend.labelstudio.client import as_dict, call
+
+    if all(tid in annotations for tid in tasks):
+        return True
+    project = as_dict(call(ls, ls.projects.get, id=int(pid), what=f"reading project {pid}"))
+    return project.get("model_version") == version

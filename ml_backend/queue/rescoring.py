@@ -1,0 +1,290 @@
+"""Re-scoring a project's pool after a training, shared between workers through Redis (the product's pool scorer).
+
+The coordinating training job splits the unlabelled tasks into chunks, stores their context (strategy, image URLs,
+label config) under ``rescore:<version>:ctx`` and enqueues ``rescore_chunk`` helper jobs at the front of the queue.
+Each chunk is claimed (SET NX with a TTL, so a helper killed mid-chunk frees it) by a helper or by the coordinator
+itself, scored with ``labelstudio.loop.score_tiles`` and its summary + masks stored under ``result:<chunk>``. The
+coordinator collects every chunk (redoing any whose helper died) and ``run_round`` selects over the whole pool.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml_backend.active_learning import QueueOrder, ScoredPool
+from ml_backend.config import Settings
+from ml_backend.inference.scoring import PoolScores
+from ml_backend.labelstudio.annotations import task_image_url
+from ml_backend.labelstudio.loop import predictions_for, score_tiles
+from ml_backend.labelstudio.tasks import load_task_image
+from ml_backend.training.recipe import TrainedModel
+
+from .connection import get_queue
+from .keys import chunk_id, rescore_key
+from .scheduling import FAILURE_TTL_S, RESCORE_FUNC
+
+log = logging.getLogger(__name__)
+
+CHUNK_CLAIM_TTL_S = 300  # a helper killed mid-chunk frees its chunk after this long; the coordinator redoes it
+RESCORE_TTL_S = 24 * 3600
+RESCORE_WAIT_S = 3600.0
+
+
+def _pack_summary(summary: dict[str, np.ndarray], pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, __pixels__=pixels, **summary)
+    return buf.getvalue()
+
+
+def _unpack_summary(data: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    pixels = arrays.pop("__pixels__")
+    return arrays, pixels
+
+
+def compute_chunk(
+    pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], config: Any,
+    settings: Settings, conn: Any,
+) -> None:  # fmt: skip
+    """Score one chunk and store its summary + masks in Redis for the coordinator."""
+    from ml_backend.strategies import get_strategy
+
+    strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
+    images, ok_ids, failed = [], [], []
+    for tid in task_ids:
+        task = {"id": tid, "data": {config.image_key: ctx["urls"][str(tid)]}}
+        try:
+            images.append(load_task_image(task, config, settings))
+            ok_ids.append(tid)
+        except Exception as exc:  # an unreadable image drops that task from this round only
+            log.warning("project %s: task %s not scored: %s: %s", pid, tid, type(exc).__name__, exc)
+            failed.append({"task": tid, "error": f"{type(exc).__name__}: {exc}"})
+    record: dict[str, Any] = {"task_ids": json.dumps(ok_ids), "failed": json.dumps(failed)}
+    if images:
+        seed = settings.seed + int(chunk_id(task_ids), 16) % 1000
+        summary, results, pixels = score_tiles(model, images, strategy, config, settings, ensemble=ensemble, seed=seed)
+        record["summary"] = _pack_summary(summary, pixels)
+        record["results"] = json.dumps(results)
+    rkey = rescore_key(pid, version, f"result:{chunk_id(task_ids)}")
+    pipe = conn.pipeline(transaction=True)
+    pipe.hset(rkey, mapping=record)
+    pipe.expire(rkey, RESCORE_TTL_S)
+    pipe.execute()
+
+
+def claim_chunk(conn: Any, pid: int, version: str, chunk: str, owner: str) -> bool:
+    if conn.exists(rescore_key(pid, version, f"result:{chunk}")):
+        return False
+    return bool(conn.set(rescore_key(pid, version, f"claim:{chunk}"), owner, nx=True, ex=CHUNK_CLAIM_TTL_S))
+
+
+@dataclass
+class RescoreRound:
+    """One re-scoring of a project's pool for a version: its chunks, their shared context and the helper jobs."""
+
+    pid: int
+    version: str
+    chunks: list[list[int]]
+    ctx: dict
+    helper_jobs: list[str] = field(default_factory=list)
+
+
+def start_rescore(
+    pid: int,
+    version: str,
+    config: Any,
+    label_xml: str,
+    strategy: Any,
+    tasks: dict[int, dict],
+    task_ids: list[int],
+    settings: Settings,
+    conn: Any,
+    *,
+    n_ensemble: int = 0,
+    helpers: bool = True,
+) -> RescoreRound | None:
+    """Split the pool into chunks, store their context in Redis and enqueue ``rescore_chunk`` helpers (at the front
+    of the queue, for idle workers); None when no task has an image to score."""
+    urls: dict[str, str] = {}
+    for tid in task_ids:
+        try:
+            urls[str(tid)] = task_image_url(tasks[tid], config)
+        except ValueError as exc:
+            log.warning("project %s: %s", pid, exc)
+    ids = [tid for tid in task_ids if str(tid) in urls]
+    if not ids:
+        return None
+    size = max(1, int(settings.rescore_chunk))
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    ctx = {
+        "strategy": strategy.name,
+        "strategy_params": strategy.params(),
+        "label_config": label_xml,
+        "urls": urls,
+        "ensemble": [f"ensemble_{i}" for i in range(n_ensemble)],
+    }
+    conn.set(rescore_key(pid, version, "ctx"), json.dumps(ctx), ex=RESCORE_TTL_S)
+    rnd = RescoreRound(pid, version, chunks, ctx)
+    if helpers and len(chunks) > 1:
+        queue = get_queue(settings, conn)
+        for chunk in chunks[1:]:  # the coordinator starts with chunk 0 itself
+            job = queue.enqueue_call(
+                RESCORE_FUNC,
+                kwargs={"project_id": pid, "version": version, "task_ids": chunk},
+                job_id=f"rescore-p{pid}-{uuid.uuid4().hex[:12]}",
+                timeout=3600,
+                result_ttl=3600,
+                failure_ttl=FAILURE_TTL_S,
+                at_front=True,
+                description=f"rescore project {pid} {version} ({len(chunk)} tasks)",
+            )
+            rnd.helper_jobs.append(job.id)
+    log.info("project %s: re-scoring %d unlabelled tasks with %s in %d chunk(s)", pid, len(ids), strategy, len(chunks))
+    return rnd
+
+
+def collect_rescore(
+    rnd: RescoreRound,
+    model: Any,
+    config: Any,
+    settings: Settings,
+    conn: Any,
+    *,
+    ensemble: list[Any] | None = None,
+) -> ScoredPool:
+    """Work through the chunks nobody has claimed, wait for the ones helpers hold (redoing any whose helper died),
+    and return the whole pool's scores and masks (task order = chunk order)."""
+    pid, version = rnd.pid, rnd.version
+    owner = f"coordinator-{uuid.uuid4().hex[:8]}"
+    done_local = 0
+    deadline = time.monotonic() + RESCORE_WAIT_S
+    pending = {chunk_id(c): c for c in rnd.chunks}
+    collected: dict[str, dict] = {}
+    while pending:
+        progressed = False
+        for chunk, chunk_ids in list(pending.items()):
+            record = conn.hgetall(rescore_key(pid, version, f"result:{chunk}"))
+            if record:
+                collected[chunk] = {k.decode(): v for k, v in record.items()}
+                del pending[chunk]
+                progressed = True
+                continue
+            if claim_chunk(conn, pid, version, chunk, owner):
+                compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), config, settings, conn)
+                done_local += 1
+                progressed = True
+                log.info(
+                    "project %s: scored a chunk of %d tasks here (%d of %d chunks scored here so far)",
+                    pid, len(chunk_ids), done_local, len(rnd.chunks),
+                )  # fmt: skip
+        if pending and not progressed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"project {pid}: {len(pending)} re-scoring chunk(s) never completed")
+            time.sleep(0.2)
+    log.info("project %s: %d/%d chunks scored here, the rest by helpers", pid, done_local, len(rnd.chunks))
+
+    all_ids: list[int] = []
+    results: list[list[dict]] = []
+    summaries: list[dict[str, np.ndarray]] = []
+    pixels: list[np.ndarray] = []
+    for chunk in (chunk_id(c) for c in rnd.chunks):
+        record = collected[chunk]
+        chunk_ids = json.loads(record["task_ids"])
+        if not chunk_ids:
+            continue
+        summary, pix = _unpack_summary(record["summary"])
+        all_ids.extend(chunk_ids)
+        results.extend(json.loads(record["results"]))
+        summaries.append(summary)
+        pixels.append(pix)
+    keys = ["ctx"] + [f"result:{chunk_id(c)}" for c in rnd.chunks] + [f"claim:{chunk_id(c)}" for c in rnd.chunks]
+    conn.delete(*[rescore_key(pid, version, k) for k in keys])
+    if not all_ids:
+        return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
+    summary = {k: np.concatenate([s[k] for s in summaries], axis=0) for k in summaries[0]}
+    return ScoredPool(all_ids, PoolScores(summary, np.concatenate(pixels)), results)
+
+
+def finish_rescore(
+    rnd: RescoreRound,
+    model: Any,
+    config: Any,
+    strategy: Any,
+    settings: Settings,
+    conn: Any,
+    *,
+    ensemble: list[Any] | None = None,
+    labelled_embeddings: np.ndarray | None = None,
+) -> list[dict]:
+    """``collect_rescore``, then select over the whole pool and return ``[{task, result, score, model_version}]``."""
+    scored = collect_rescore(rnd, model, config, settings, conn, ensemble=ensemble)
+    if not scored.ids:
+        return []
+    ranking = QueueOrder(config.num_classes)(
+        strategy, scored.ids, scored.scores, labelled_embeddings=labelled_embeddings, seed=settings.seed
+    )
+    return predictions_for(rnd.version, scored, ranking)
+
+
+def rescore_pool(
+    pid: int,
+    version: str,
+    model: Any,
+    config: Any,
+    label_xml: str,
+    strategy: Any,
+    tasks: dict[int, dict],
+    task_ids: list[int],
+    settings: Settings,
+    conn: Any,
+    *,
+    ensemble: list[Any] | None = None,
+    labelled_embeddings: np.ndarray | None = None,
+    helpers: bool = True,
+) -> list[dict]:
+    """Score ``task_ids`` (chunks shared with idle workers), select over the whole pool, return the predictions."""
+    ensemble = list(ensemble or [])
+    rnd = start_rescore(
+        pid, version, config, label_xml, strategy, tasks, task_ids, settings, conn,
+        n_ensemble=len(ensemble), helpers=helpers,
+    )  # fmt: skip
+    if rnd is None:
+        return []
+    return finish_rescore(
+        rnd, model, config, strategy, settings, conn, ensemble=ensemble, labelled_embeddings=labelled_embeddings
+    )
+
+
+@dataclass
+class RedisPoolScorer:
+    """The product's pool scorer: chunks of the pool shared with idle workers through Redis (``rescore_chunk``).
+
+    The chunk seeds derive from SEED and each chunk's task ids (stable however the chunks are spread), so the
+    round's ``score_seed`` is not used here.
+    """
+
+    pid: int
+    config: Any
+    label_xml: str
+    tasks: dict[int, dict]
+    settings: Settings
+    conn: Any
+    helpers: bool = True
+
+    def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
+        rnd = start_rescore(
+            self.pid, version, self.config, self.label_xml, strategy, self.tasks, ids, self.settings, self.conn,
+            n_ensemble=len(trained.ensemble), helpers=self.helpers,
+        )  # fmt: skip
+        if rnd is None:
+            return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
+        return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)

@@ -1,0 +1,89 @@
+"""Per-project state of the backend under ``MODEL_DIR/projects/<id>/``: label config and acquisition strategy.
+
+One backend serves several Label Studio projects, each with its own label config (dense or sparse, its own label
+names), strategy and models (``ml_backend.registry``). ``/setup`` writes the state; ``/predict`` and the RQ jobs read
+it. Files (the RQ jobs read the same names):
+
+    label_config.xml   the XML Label Studio sent last (``schema`` of /setup or ``label_config`` of /predict)
+    state.json         {"strategy", "strategy_params", "mode", "from_name", "to_name", "labels", "updated_at"}
+
+Writes are atomic (temporary file + ``os.replace``) so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ml_backend.labelstudio.labelconfig import BrushConfig, parse_label_config
+from ml_backend.store.atomic import write_atomic
+
+LABEL_CONFIG_FILE = "label_config.xml"
+STATE_FILE = "state.json"
+
+
+class ProjectError(ValueError):
+    """Bad project reference or project state (the request is at fault)."""
+
+
+class ProjectStore:
+    """Read/write the per-project files under ``model_dir/projects/<id>``."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.root = Path(model_dir) / "projects"
+
+    def path(self, project_id: str) -> Path:
+        return self.root / str(project_id)
+
+    def label_config_xml(self, project_id: str) -> str | None:
+        try:
+            return (self.path(project_id) / LABEL_CONFIG_FILE).read_text()
+        except FileNotFoundError:
+            return None
+
+    def state(self, project_id: str) -> dict:
+        try:
+            return json.loads((self.path(project_id) / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ProjectError(f"project {project_id}: unreadable {STATE_FILE}: {exc}") from exc
+
+    def save(
+        self,
+        project_id: str,
+        xml: str,
+        config: BrushConfig,
+        *,
+        strategy: str | None = None,
+        strategy_params: dict | None = None,
+    ) -> dict:
+        """Store the label config (when it changed) and the state; keeps the stored strategy when none is given."""
+        folder = self.path(project_id)
+        if self.label_config_xml(project_id) != xml:
+            write_atomic(folder / LABEL_CONFIG_FILE, xml)
+        state = self.state(project_id)
+        new = dict(state)
+        if strategy is not None:
+            new["strategy"] = strategy
+            new["strategy_params"] = strategy_params or {}
+        new.update(mode=config.mode, from_name=config.from_name, to_name=config.to_name, labels=list(config.labels))
+        if new != state:
+            new["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_atomic(folder / STATE_FILE, json.dumps(new, indent=1, sort_keys=True))
+        return new
+
+    def config(self, project_id: str, xml: str | None = None) -> tuple[BrushConfig, str]:
+        """(parsed config, XML): the given XML (stored when new) or the stored one; ProjectError when neither."""
+        if xml:
+            config = parse_label_config(xml)
+            if self.label_config_xml(project_id) != xml:
+                self.save(project_id, xml, config)
+            return config, xml
+        stored = self.label_config_xml(project_id)
+        if not stored:
+            raise ProjectError(
+                f"project {project_id} has no label config: send 'label_config' or connect the backend (/setup) first"
+            )
+        return parse_label_config(stored), stored

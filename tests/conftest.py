@@ -2,7 +2,7 @@
 SET NX / TTL / pipeline semantics and on RQ talking to a real server), and the real-server fixtures used by
 tests/integration and tests/faults (moved here unchanged so both share ONE Label Studio per session):
 
-* ``label_studio`` (session): ``scripts/label_studio_server.py`` installs label-studio==1.23.2 into LABEL_STUDIO_VENV
+* ``label_studio`` (session): ``ml_backend.services.label_studio`` installs label-studio==1.23.2 into LABEL_STUDIO_VENV
   (default ``<repo>/.cache/label-studio-venv``) if missing and starts it on 127.0.0.1 with a fresh database. The
   first start migrates an empty SQLite database (30-100 s); that migrated database is kept as a template in
   ``<repo>/.cache/label-studio-template-<version>`` so later sessions start in seconds.
@@ -32,17 +32,14 @@ from types import ModuleType
 
 import pytest
 
+from ml_backend.services import redis as redis_script  # start_redis, stop_redis, free_port, find_redis_server
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # until the package is installed editable, tests import it from the tree
-    sys.path.insert(0, str(REPO_ROOT))
-
-
-from ml_backend.services import redis as redis_script  # noqa: E402  (start_redis, stop_redis, free_port, ...)
 
 
 @pytest.fixture(scope="session")
 def redis_tools():
-    """scripts/redis_server.py as a module (start_redis, stop_redis, free_port, find_redis_server)."""
+    """ml_backend.services.redis (start_redis, stop_redis, free_port, find_redis_server)."""
     return redis_script
 
 
@@ -108,6 +105,8 @@ PACKAGED = {  # script name -> the module that holds its logic
     "import_tiles": "ml_backend.labelstudio.importing",
     "setup_project": "ml_backend.labelstudio.setup",
     "label_studio_server": "ml_backend.services.label_studio",
+    "redis_server": "ml_backend.services.redis",
+    "quickstart": "ml_backend.quickstart",
 }
 
 

@@ -1,8 +1,8 @@
 """Per-project state of the backend under ``MODEL_DIR/projects/<id>/``: label config and acquisition strategy.
 
 One backend serves several Label Studio projects, each with its own label config (dense or sparse, its own label
-names), strategy and models (``ml_backend.registry``). ``/setup`` writes the state; ``/predict`` and the RQ jobs read
-it. Files (the RQ jobs read the same names):
+names), strategy and models (``ml_backend.store.registry``). ``/setup`` writes the state; ``/predict`` and the RQ
+jobs read it through ``ProjectStore``. Files:
 
     label_config.xml   the XML Label Studio sent last (``schema`` of /setup or ``label_config`` of /predict)
     state.json         {"strategy", "strategy_params", "mode", "from_name", "to_name", "labels", "updated_at"}

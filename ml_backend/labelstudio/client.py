@@ -54,6 +54,7 @@ RETRY_MAX_DELAY_S = 8.0
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 REQUEST_TIMEOUT_S = 60.0
 PREDICTION_CHUNK = 200
+BULK_DELETE_TIMEOUT_S = 900.0  # SQLite deletes ~120 predictions/s: a version of 2,000 tasks took 17 s
 
 
 class LabelStudioError(RuntimeError):
@@ -322,7 +323,7 @@ def delete_version_predictions(ls: Any, project_id: int, version: str) -> int:
     """Delete every prediction of ``version`` in the project in ONE call
     (``DELETE /api/projects/{id}/model-versions/``); returns how many were deleted."""
     data = call(ls, _api, ls, "DELETE", f"api/projects/{int(project_id)}/model-versions/",
-                json={"model_version": str(version)},
+                json={"model_version": str(version)}, timeout=BULK_DELETE_TIMEOUT_S,
                 what=f"deleting the predictions of {version!r} in project {project_id}")  # fmt: skip
     return int((data or {}).get("deleted_predictions", 0)) if isinstance(data, dict) else 0
 

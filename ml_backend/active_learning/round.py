@@ -13,7 +13,7 @@ The plug-ins, product | benchmark:
   stack-aware batch diversity is a selector.
 * ``Evaluator`` (optional): the benchmark's test-region IoU. Issue 11's audit split plugs in here: evaluate the new
   version on tiles selection did not choose and answer ``Evaluation(promote=False, reason=...)`` when it is worse;
-  the publisher then keeps the live version.
+  the publisher stores it without promoting it, and the round ends there (the live version and its queue stay).
 * ``PredictionSink``: bulk push to Label Studio + project model version | the benchmark's record of the next batch.
 
 Everything that travels together is a small dataclass: ``RoundPlan`` (what to do), ``LabelledSet`` (what was
@@ -185,6 +185,8 @@ def run_round(
             add_ensemble(trained, images, masks, plan.ensemble)
         version = publisher.publish(trained, labelled, evaluation)
     outcome = RoundOutcome(version, trained, labelled, evaluation, timings=timings)
+    if not evaluation.promote:  # the live version keeps serving, and so does the queue it ordered
+        return outcome
     ids = source.unlabelled() if plan.score and scorer is not None and select is not None else []
     if ids:
         with _timed("score", timings, phase):

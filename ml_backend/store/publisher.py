@@ -51,7 +51,7 @@ class RegistryPublisher:
         version = self.registry.publish(model, meta, promote=evaluation.promote, extra_models=extras)
         self.registry.prune(self.settings.keep_versions)
         self.meta = self.registry.meta(version)
-        if self.announce is not None:
+        if self.announce is not None and evaluation.promote:  # an unpromoted version does not serve: nothing to show
             self.announce(version, self.meta)
         return version
 

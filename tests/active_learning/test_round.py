@@ -91,17 +91,28 @@ def test_round_trains_publishes_scores_selects_and_delivers_in_that_order():
 
     def evaluate(trained) -> Evaluation:
         seen.append("evaluate")
-        return Evaluation({"iou": 0.5}, promote=False, reason="worse on the audit tiles")
+        return Evaluation({"iou": 0.5})
 
     out = run_round(
         _plan("entropy"), Oracle(images, masks, [0, 1, 2]), publisher=rec, scorer=rec, select=TopK(4), sink=rec,
         evaluate=evaluate,
     )  # fmt: skip
     assert [c[0] for c in rec.calls] == ["publish", "score", "put"] and seen == ["evaluate"]
-    assert rec.calls[0] == ("publish", 3, 0) and rec.promoted is False  # the evaluation reaches the publisher
+    assert rec.calls[0] == ("publish", 3, 0) and rec.promoted is True
     assert rec.calls[1] == ("score", "v1", tuple(range(3, 12)))  # only the unlabelled pool is scored
     assert out.delivered == 4 and len(set(out.ranking.picked)) == 4 and set(out.ranking.picked) <= set(range(3, 12))
     assert out.version == "v1" and out.trained.result is not None and {"train", "score", "upload"} <= set(out.timings)
+
+
+def test_a_version_the_evaluation_rejects_is_published_unpromoted_and_the_live_queue_stays():
+    images, masks = _pool()
+    rec = Recorder(images)
+    out = run_round(
+        _plan("entropy"), Oracle(images, masks, [0, 1, 2]), publisher=rec, scorer=rec, select=TopK(4), sink=rec,
+        evaluate=lambda trained: Evaluation({"iou": 0.1}, promote=False, reason="worse on the audit tiles"),
+    )  # fmt: skip
+    assert rec.calls == [("publish", 3, 0)] and rec.promoted is False  # no re-scoring, nothing delivered
+    assert out.scored is None and out.delivered == 0 and out.evaluation.reason == "worse on the audit tiles"
 
 
 def test_queue_order_scores_every_unlabelled_tile_and_picks_the_lowest_first():

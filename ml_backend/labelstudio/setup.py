@@ -7,7 +7,10 @@
 3. the ML backend connected (``--backend-url``; basic auth from BASIC_AUTH_USER/BASIC_AUTH_PASS when set);
 4. the project's ``model_version`` set to the backend's current version: connecting a backend overwrites it with
    the backend's title, and Label Studio ignores the scores of predictions of any other version;
-5. a Data Manager tab "Active learning queue" sorted by ascending prediction score.
+5. a Data Manager tab "Active learning queue" sorted by ascending prediction score;
+6. the backend's status page (``<backend url>/status/<project id>``: live version, training progress, learning
+   curve) linked from the project description, so the team finds it from Label Studio (``--public-url`` when the
+   browser reaches the backend under another address than Label Studio does).
 
     python -m ml_backend.labelstudio.setup --title "EM mitochondria" --label-config label_config/dense.xml \\
         --backend-url http://127.0.0.1:9090
@@ -112,6 +115,29 @@ def configure_shared_queue(ls: Any, project_id: int) -> dict[str, Any]:
     return changes
 
 
+STATUS_LINK_PREFIX = "Model status (ML backend): "
+
+
+def status_url(backend_url: str, project_id: int) -> str:
+    """The backend's status page of one project."""
+    return f"{backend_url.rstrip('/')}/status/{int(project_id)}"
+
+
+def ensure_status_link(ls: Any, project: dict, url: str) -> bool:
+    """Put ``STATUS_LINK_PREFIX + url`` as the last line of the project description (replacing an older such line,
+    keeping whatever else the team wrote there); True when the description changed."""
+    description = str(project.get("description") or "")
+    kept = [line for line in description.splitlines() if not line.startswith(STATUS_LINK_PREFIX)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    wanted = "\n".join([*kept, STATUS_LINK_PREFIX + url])
+    if wanted == description:
+        return False
+    pid = int(project["id"])
+    call(ls, ls.projects.update, id=pid, description=wanted, what=f"linking the status page from project {pid}")
+    return True
+
+
 def setup_project(
     ls: Any,
     *,
@@ -122,6 +148,7 @@ def setup_project(
     storage_path: str | None = None,
     backend_title: str = "EM active-learning backend",
     retrieve: bool = True,
+    public_url: str | None = None,
 ) -> dict[str, Any]:
     """Create or update the project; returns {"project", "created", "ml_backend", "model_version", "view", ...}."""
     try:
@@ -160,6 +187,9 @@ def setup_project(
         summary["model_version"] = sync_model_version(ls, pid, version, retrieve=retrieve)
     view = ensure_view(ls, pid, QUEUE_VIEW_TITLE, QUEUE_ORDERING)
     summary["view"] = view.get("id")
+    if public_url or backend_url:
+        summary["status_url"] = status_url(str(public_url or backend_url), pid)
+        ensure_status_link(ls, project, summary["status_url"])
     summary["shared_queue"] = configure_shared_queue(ls, pid)
     return summary
 
@@ -177,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--basic-auth-user", default=settings.basic_auth_user, help="BASIC_AUTH_USER")
     parser.add_argument("--basic-auth-pass", default=settings.basic_auth_pass, help="BASIC_AUTH_PASS")
     parser.add_argument("--no-retrieve", action="store_true", help="do not ask the backend for predictions")
+    parser.add_argument("--public-url", default=settings.public_url or None,
+                        help="backend URL as the team's browsers reach it, for the status link in the project "
+                        "description (BACKEND_PUBLIC_URL; default --backend-url)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -189,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ls = connect(Settings.from_env(label_studio_url=args.url, label_studio_api_key=args.token))
         summary = setup_project(
             ls, title=args.title, label_config=label_config, backend_url=args.backend_url, basic_auth=auth,
-            storage_path=args.storage_path, retrieve=not args.no_retrieve,
+            storage_path=args.storage_path, retrieve=not args.no_retrieve, public_url=args.public_url,
         )  # fmt: skip
     except (LabelStudioError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -197,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"project {summary['project']} ({'created' if summary['created'] else 'updated'}): "
           f"{args.url.rstrip('/')}/projects/{summary['project']}/data?tab={summary['view']}  "
           f"model_version={summary.get('model_version', '-')}")  # fmt: skip
+    if summary.get("status_url"):
+        print(f"status page: {summary['status_url']}")
     return 0
 
 

@@ -48,10 +48,14 @@ ROLLBACK_CLI = "python -m ml_backend.cli"  # rollback_cli() prefers the installe
 
 
 def rollback_cli() -> str:
-    """``ml-backend`` when the console script is installed on PATH, else the module form that always works."""
+    """``ml-backend`` when the console script is installed (on PATH or beside this interpreter, i.e. in its virtual
+    environment), else the module form that always works."""
     import shutil
+    import sys
+    from pathlib import Path
 
-    return "ml-backend" if shutil.which("ml-backend") else ROLLBACK_CLI
+    installed = shutil.which("ml-backend") or (Path(sys.executable).parent / "ml-backend").is_file()
+    return "ml-backend" if installed else ROLLBACK_CLI
 
 
 MAX_ERRORS = 20
@@ -229,12 +233,11 @@ def _queue_section(queue: Any) -> str:
         value = queue.get(key)
         if isinstance(value, (list, tuple)):
             rows.append((label, _num(len(value))))
-    if queue.get("note"):
-        rows.append(("note", f'<span class="warn ls-note">{_e(queue.get("note"))}</span>'))
     if queue.get("error"):
         rows.append(("queue error", f'<span class="err">{_e(queue.get("error"))}</span>'))
     body = "".join(f'<tr><th>{k}</th><td class="num">{v}</td></tr>' for k, v in rows)
-    return f'<table class="queue">{body}</table>'
+    note = f'<p class="warn ls-note">{_e(queue.get("note"))}</p>' if queue.get("note") else ""
+    return f'<table class="queue">{body}</table>{note}'
 
 
 def _promotion_section(promotion: Any) -> str:

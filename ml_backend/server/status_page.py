@@ -376,13 +376,16 @@ def _audit_pair(audit: Any) -> tuple[float | None, float | None]:
 
 
 def curve_metrics(meta: Mapping) -> dict:
-    """A version's metadata with the learning curve's IoU/Dice: the audit split's (``meta["audit"]``, tiles
-    selection did not choose) when recorded, else the validation metrics; ``curve_source`` says which."""
+    """A version's metadata with the learning curve's IoU/Dice: the audit split's (``meta["audit"]``, or the round
+    evaluator's ``meta["evaluation"]``: tiles selection did not choose) when recorded, else the validation metrics;
+    ``curve_source`` says which."""
     out = dict(meta)
     metrics = dict(meta.get("metrics") or {}) if isinstance(meta.get("metrics"), Mapping) else {}
     iou, dice = _audit_pair(meta.get("audit"))
     if iou is None and isinstance(metrics.get("audit"), Mapping):
         iou, dice = _audit_pair(metrics.get("audit"))
+    if iou is None:  # the round's Evaluator (store.publisher writes its metrics as meta["evaluation"])
+        iou, dice = _audit_pair(meta.get("evaluation"))
     if iou is not None:
         metrics["val_iou"], metrics["val_dice"] = iou, dice
         out["curve_source"] = "audit"

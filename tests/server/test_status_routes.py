@@ -97,6 +97,13 @@ def test_audit_metrics_are_preferred_and_promotion_is_shown(client, publish, set
     assert "held back" in page and "audit tiles" in page
 
 
+def test_the_round_evaluators_metrics_count_as_audit(client, publish):
+    _setup(client)
+    publish(7, metrics={"val_iou": 0.9, "val_dice": 0.95}, evaluation={"iou": 0.61, "dice": 0.74})
+    (project,) = client.get("/status/7", headers=JSON).get_json()["projects"]
+    assert project["versions"][0]["metrics"]["val_iou"] == 0.61 and project["versions"][0]["curve_source"] == "audit"
+
+
 def test_a_silent_label_studio_does_not_hold_the_page(make_client, publish):
     """A Label Studio that accepts the connection and never answers: the page renders within the timeout + slack."""
     listener = socket.socket()

@@ -4,6 +4,8 @@
     ml-backend benchmark --workers 2 --seeds 0,1,2    # CPU comparison of all strategies (background!)
     ml-backend benchmark --preset full                # the papers' full-size protocol (GPU)
     ml-backend benchmark --report-only --out DIR      # re-aggregate saved runs into tables and plots
+    ml-backend benchmark hygiene --tasks 2000         # Data Manager listing before/after prediction hygiene
+    ml-backend benchmark region-effort --seeds 0,1,2  # region suggestion vs whole tiles (IoU per effort)
 
 The protocol is ``ml_backend.benchmarks.protocol``, the data ``.data``, the loop ``.run`` (the product's round with a
 ground-truth oracle), the tables and plots ``.report``.
@@ -93,7 +95,17 @@ def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
     return p, preset
 
 
+SUBCOMMANDS = {"hygiene": "ml_backend.benchmarks.hygiene", "region-effort": "ml_backend.benchmarks.region_effort"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:  # thin delegation: the module's own parser
+        import importlib
+
+        return int(importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:]) or 0)
     a = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(processName)s %(message)s"

@@ -1,0 +1,257 @@
+"""Region suggestion versus whole tiles: test IoU against the annotation effort (issue 12, item 2).
+
+Both arms run the product's round (``active_learning.run_round`` with the benchmark's oracle plug-ins) from the same
+cached initial model per seed, with the same strategy (entropy) scoring the pool:
+
+* ``whole``: the oracle labels the k most uncertain tiles completely (the ground truth of the whole tile);
+* ``region``: the oracle labels only the rectangle ``strategies.region.suggest_region`` proposes inside each of the
+  4k most uncertain tiles (window = half the tile side: the same pixel budget per round as ``whole``), from the
+  current model's softmax and its per-pixel normalised entropy; pixels outside are IGNORE to the loss
+  (``region_training_mask``), as with the sparse label config.
+
+Effort per round: annotated pixels (tile or rectangle area) and annotated boundary length (unit pixel edges between
+classes inside the painted area, ``training.metrics.boundary_length``: Atzeni et al.'s effort proxy). Results are
+saved per (arm, seed) as JSON when each run ends; the plots and the table go to ``benchmarks/region_effort*``.
+
+    python -m ml_backend.benchmarks.cli region-effort --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_backend.benchmarks.data import REPO, Dataset, dataset_for, default_vnc_dir
+from ml_backend.benchmarks.protocol import PRESETS, Protocol, train_config
+from ml_backend.benchmarks.report import write_json
+
+log = logging.getLogger("bench_region_effort")
+
+ARMS = ("whole", "region")
+STRATEGY = "entropy"
+
+
+def protocol(data: str = "auto") -> Protocol:
+    """The CPU preset with 128 px tiles (regions of 64 px), a smaller pool and short rounds: minutes per seed."""
+    p = replace(Protocol(), **PRESETS["cpu"])
+    p = replace(p, tile=128, pool_size=120, m=6, k=4, rounds=3, init_steps=400, steps=120, batch_size=4,
+                test_every=8, ensemble=0, mc_passes=1)  # fmt: skip
+    vnc = default_vnc_dir() / "stack1"
+    if data == "vnc" or (data == "auto" and (vnc / "raw").is_dir() and (vnc / "mitochondria").is_dir()):
+        return replace(p, data="vnc", images=str(vnc / "raw"), masks=str(vnc / "mitochondria"))
+    return replace(p, data="synthetic", synthetic_n=12, synthetic_size=512, downsample=1)
+
+
+def _probs(model: Any, images: np.ndarray, p: Protocol) -> np.ndarray:
+    """(N, C, H, W) softmax of whole tiles (one forward pass per tile batch, eval mode)."""
+    import torch
+
+    from ml_backend.config import torch_device
+
+    dev = torch_device(p.device)
+    model.eval().to(dev)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 16):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + 16], dtype=np.float32))[:, None].to(dev)
+            out.append(torch.softmax(model(x), dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def regions_for(model: Any, ds: Dataset, ids: list[int], p: Protocol, window: int) -> list[tuple[int, int, int, int]]:
+    """The suggested rectangle (x0, y0, x1, y1) of each tile: gain = normalised entropy, effort = boundary length."""
+    from ml_backend.strategies.region import suggest_region
+
+    probs = _probs(model, ds.pool_images[ids], p)
+    out = []
+    for pr in probs:
+        entropy = -(pr * np.log(np.clip(pr, 1e-8, 1.0))).sum(axis=0) / np.log(pr.shape[0])
+        r = suggest_region(pr, entropy, window=window, min_tile=window, stride=max(1, window // 4))
+        out.append((0, 0, window, window) if r is None else (r.x0, r.y0, r.x1, r.y1))
+    return out
+
+
+def run_arm(out: Path, p: Protocol, arm: str, seed: int) -> dict:
+    """One learning curve of an arm: round 0 = the cached initial model (whole tiles), then ``p.rounds`` rounds."""
+    from ml_backend.active_learning import Evaluation, LabelledSet, LabelledTile, RoundPlan, TopK, run_round
+    from ml_backend.benchmarks.run import (
+        KeepInMemory,
+        LocalScorer,
+        NextBatch,
+        ensure_initial,
+        evaluate_test,
+        scoring_config,
+    )
+    from ml_backend.model import load_checkpoint
+    from ml_backend.strategies import get_strategy
+    from ml_backend.strategies.region import region_training_mask
+    from ml_backend.training.metrics import boundary_length
+    from ml_backend.training.recipe import ModelState
+
+    path = out / "runs" / f"{arm}__seed{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t_run = time.monotonic()
+    ds = dataset_for(p, seed)
+    model, extra = load_checkpoint(ensure_initial(out, p, seed))
+    window = p.tile // 2
+    labels: dict[int, np.ndarray] = {int(i): ds.pool_masks[i].astype(np.int64) for i in extra["labelled"]}
+    effort = {
+        "pixels": sum(m.size for m in labels.values()),
+        "boundary": sum(boundary_length(m) for m in labels.values()),
+    }
+
+    class Oracle:
+        def labelled(self) -> LabelledSet:
+            return LabelledSet([LabelledTile(i, None, ds.pool_images[i], m) for i, m in labels.items()])
+
+        def unlabelled(self) -> list[int]:
+            return sorted(set(range(len(ds.pool_images))) - set(labels))
+
+    rounds = [{"round": 0, "tiles": len(labels), **effort, "iou": extra["test"]["iou"], "dice": extra["test"]["dice"]}]
+    state = ModelState(model, how="kept")
+    k = p.k if arm == "whole" else 4 * p.k
+    strategy = get_strategy(STRATEGY)
+    for rnd in range(p.rounds + 1):
+        last = rnd == p.rounds
+        tests: dict[str, Any] = {}
+
+        def evaluate(trained: Any, tests: dict[str, Any] = tests) -> Evaluation:
+            tests.update(evaluate_test(trained.model, ds, p))
+            return Evaluation(dict(tests))
+
+        plan = RoundPlan(
+            strategy, state, train=None if rnd == 0 else train_config(p, steps=p.steps, lr=p.lr, seed=seed * 1000 + rnd,
+                                                                      split_seed=seed),  # fmt: skip
+            scoring=scoring_config(p), score_seed=seed * 1000 + rnd + 1, select_seed=seed * 1000 + rnd + 1,
+            score=not last,
+        )  # fmt: skip
+        sink = NextBatch()
+        outcome = run_round(
+            plan, Oracle(), publisher=KeepInMemory(f"round-{rnd}"), scorer=LocalScorer(ds.pool_images, plan.scoring),
+            select=TopK(k), sink=sink, evaluate=None if rnd == 0 else evaluate,
+        )  # fmt: skip
+        state = ModelState(outcome.trained.model, how="kept")
+        if rnd > 0:
+            rounds.append({"round": rnd, "tiles": len(labels), **effort, "iou": tests["iou"], "dice": tests["dice"]})
+            log.info("%s seed %d round %d: %d tiles, %d px, boundary %.0f, test IoU %.3f",
+                     arm, seed, rnd, len(labels), effort["pixels"], effort["boundary"], tests["iou"])  # fmt: skip
+        if last or not sink.picked:
+            break
+        picked = [int(i) for i in sink.picked]
+        if arm == "whole":
+            for i in picked:
+                labels[i] = ds.pool_masks[i].astype(np.int64)
+                effort["pixels"] += labels[i].size
+                effort["boundary"] += boundary_length(labels[i])
+        else:
+            for i, (x0, y0, x1, y1) in zip(picked, regions_for(outcome.trained.model, ds, picked, p, window),
+                                           strict=True):  # fmt: skip
+                labels[i] = region_training_mask(ds.pool_masks[i].astype(np.int64), (x0, y0, x1, y1))
+                effort["pixels"] += (x1 - x0) * (y1 - y0)
+                effort["boundary"] += boundary_length(ds.pool_masks[i][y0:y1, x0:x1])
+    record = {"arm": arm, "seed": seed, "strategy": STRATEGY, "k": k, "window": window, "rounds": rounds,
+              "seconds": time.monotonic() - t_run}  # fmt: skip
+    write_json(path, record)
+    return record
+
+
+def _interp(runs: list[dict], key: str, grid: np.ndarray) -> np.ndarray:
+    """Mean IoU over seeds at each effort of ``grid`` (linear interpolation of each run's curve)."""
+    ys = [np.interp(grid, [r[key] for r in run["rounds"]], [r["iou"] for r in run["rounds"]]) for run in runs]
+    return np.mean(ys, axis=0)
+
+
+def write_report(out: Path, runs: list[dict], p: Protocol, command: str, markdown: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_arm = {a: sorted([r for r in runs if r["arm"] == a], key=lambda r: r["seed"]) for a in ARMS}
+    for key, label in (("boundary", "annotated boundary length (pixel edges)"), ("pixels", "annotated pixels")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, colour in zip(ARMS, ("tab:blue", "tab:orange"), strict=True):
+            for i, run in enumerate(by_arm[arm]):
+                ax.plot([r[key] for r in run["rounds"]], [r["iou"] for r in run["rounds"]], "o-", color=colour,
+                        alpha=0.6, label=f"{arm} tiles" if i == 0 else None)  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("test IoU")
+        ax.set_title(f"Region suggestion vs whole tiles ({len(by_arm['whole'])} seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"region_effort_{key}.png", dpi=110)
+        plt.close(fig)
+    lines = [
+        "# Region suggestion versus whole tiles: IoU per annotation effort",
+        "",
+        f"Data: {p.data} ({'VNC stack1' if p.data == 'vnc' else 'generated'}), binned x{p.downsample}; tiles "
+        f"{p.tile} px, suggested regions {p.tile // 2} px; pool {p.pool_size}; initial {p.m} whole tiles; "
+        f"{p.rounds} rounds of {p.k} whole tiles or {4 * p.k} regions (the same pixels per round); strategy "
+        f"{STRATEGY}; U-Net width {p.width}, {p.steps} steps per round; test IoU on every {p.test_every}th slice of "
+        "the test half. Both arms use the product's round (`run_round`) with the ground-truth oracle.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "![IoU vs boundary](region_effort/region_effort_boundary.png)",
+        "![IoU vs pixels](region_effort/region_effort_pixels.png)",
+        "",
+        "| arm | seed | round | tiles touched | annotated pixels | annotated boundary | test IoU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm in ARMS:
+        for run in by_arm[arm]:
+            for r in run["rounds"]:
+                lines.append(f"| {arm} | {run['seed']} | {r['round']} | {r['tiles']} | {r['pixels']} | "
+                             f"{r['boundary']:.0f} | {r['iou']:.3f} |")  # fmt: skip
+    if all(by_arm[a] for a in ARMS):
+        lines += ["", "Mean test IoU over seeds at equal effort (linear interpolation between rounds):", "",
+                  "| effort | whole tiles | region suggestion |", "|---|---:|---:|"]  # fmt: skip
+        for key in ("boundary", "pixels"):
+            hi = min(max(run["rounds"][-1][key] for run in by_arm[a]) for a in ARMS)
+            lo = max(min(run["rounds"][0][key] for run in by_arm[a]) for a in ARMS)
+            for x in np.linspace(lo, hi, 4)[1:]:
+                w, g = (_interp(by_arm[a], key, np.array([x]))[0] for a in ARMS)
+                lines.append(f"| {key} = {x:.0f} | {w:.3f} | {g:.3f} |")
+    text = "\n".join(lines) + "\n"
+    markdown.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--data", choices=["auto", "vnc", "synthetic"], default="auto")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "region_effort")
+    ap.add_argument("--markdown", type=Path, default=REPO / "benchmarks" / "region_effort.md")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(1)
+    p = protocol(a.data)
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_json(a.out / "protocol.json", asdict(p))
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    if not a.report_only:
+        for seed in seeds:
+            for arm in [x.strip() for x in a.arms.split(",") if x.strip()]:
+                run_arm(a.out, p, arm, seed)
+    runs = [json.loads(f.read_text()) for f in sorted((a.out / "runs").glob("*.json"))]
+    command = f"python -m ml_backend.benchmarks.cli region-effort --seeds {a.seeds} --data {a.data}"
+    print(write_report(a.out, [r for r in runs if r["seed"] in seeds], p, command, a.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

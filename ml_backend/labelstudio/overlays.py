@@ -126,8 +126,8 @@ def parse_overlay_config(
 ) -> OverlayConfig:
     """Parse a label config into the mask control and the display-only controls (absent ones are None).
 
-    Raises LabelConfigError when the mask control that ``parse_label_config`` (and so training) picks is the
-    uncertainty layer itself (it must come AFTER the mask's <BrushLabels> in the XML), or when a display-only
+    ``parse_label_config`` (and so training) never picks a brush named "uncertainty" as the mask, whatever the XML
+    order; LabelConfigError when a custom ``uncertainty_control`` name is the mask control, or when a display-only
     control paints on another image than the mask.
     """
     return _parse_overlay(xml, uncertainty_control, suggestion_control)

@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 UNCERTAINTY_CONTROL = "uncertainty"  # default name of the display-only <BrushLabels>
 SUGGESTION_CONTROL = "suggestion"  # default name of the display-only <RectangleLabels>
 _PERCENT_SLACK = 1e-6  # float rounding of x + width at the right edge
+# Images up to this many pixels get their brush RLE fully decoded by validate_result; larger ones have the header's
+# value count checked (the SDK's pure-Python decoder would cost seconds per tile in /predict; our RLE comes from the
+# SDK's own encoder of an exactly H x W array, so the header check is what can go wrong).
+FULL_DECODE_PIXELS = 128 * 128
 
 
 class OverlayError(ValueError):
@@ -312,7 +316,8 @@ def validate_result(item: Any, config: OverlayConfig | str, height: int, width: 
 
     Checks Label Studio's own rules (label-studio-sdk ``LabelInterface.validate_region``: control and object exist,
     type matches the control, labels belong to it, rectangle inside 0..100 %) plus what it only notices when the
-    editor renders the region: image size, brush RLE that decodes to exactly W*H*4 values, finite numbers.
+    editor renders the region: image size, brush RLE of exactly W*H*4 values (header always; fully decoded up to
+    ``FULL_DECODE_PIXELS``), finite numbers.
     """
     from label_studio_sdk.converter.brush import decode_rle
 
@@ -345,12 +350,18 @@ def validate_result(item: Any, config: OverlayConfig | str, height: int, width: 
         rle = value.get("rle")
         if not isinstance(rle, list) or not rle or any(not isinstance(v, int) or not 0 <= v <= 255 for v in rle):
             raise OverlayError("brush RLE must be a non-empty list of byte values (0..255)")
-        try:
-            size = decode_rle(bytes(rle)).size
-        except (ValueError, TypeError, IndexError) as exc:
-            raise OverlayError(f"brush RLE does not decode: {exc}") from None
-        if size != width * height * 4:
-            raise OverlayError(f"brush RLE decodes to {size} values, expected {width * height * 4} (W*H*4)")
+        if len(rle) < 6:
+            raise OverlayError("brush RLE is shorter than its header")
+        declared = int.from_bytes(bytes(rle[:4]), "big")  # the header's value count, what the editor allocates
+        if declared != width * height * 4:
+            raise OverlayError(f"brush RLE declares {declared} values, expected {width * height * 4} (W*H*4)")
+        if width * height <= FULL_DECODE_PIXELS:  # the SDK's decoder is pure Python: about 1 s per megapixel
+            try:
+                size = decode_rle(bytes(rle)).size
+            except (ValueError, TypeError, IndexError) as exc:
+                raise OverlayError(f"brush RLE does not decode: {exc}") from None
+            if size != width * height * 4:
+                raise OverlayError(f"brush RLE decodes to {size} values, expected {width * height * 4} (W*H*4)")
     elif spec.tag == "rectanglelabels":
         coords = [value.get(k) for k in ("x", "y", "width", "height")]
         if not all(_finite(c) for c in coords):

@@ -1,13 +1,17 @@
 """The selection step of a round: a scored pool -> which tiles come next (and the queue score of every tile).
 
-Two selectors today: ``QueueOrder`` (the product: a queue score for every unlabelled task, lower = served first,
-``strategies.pool_queue_scores``) and ``TopK`` (the benchmark: the strategy's batch of k tiles). This is the seam for
-stack-aware batch diversity (issue 11): a selector that wraps another and removes near-duplicates in z/xy or in
-feature space plugs in here, for the product and the benchmark alike.
+Two base selectors: ``QueueOrder`` (the product: a queue score for every unlabelled task, lower = served first,
+``strategies.pool_queue_scores``) and ``TopK`` (the benchmark: the strategy's batch of k tiles). ``StackAware``
+wraps either one and makes its first ``k`` tiles a batch without near-duplicates (issue 11): no two tiles at
+overlapping xy on nearby slices of one stack, none next to an already labelled tile, none too close in the model's
+feature space (``strategies.batch.select_batch``: Hacohen et al. 2022 TypiClust while labels are few, Zhdanov 2019
+uncertainty-weighted k-means after, or the plain score ranking with the exclusions only). Product and benchmark
+share it: the product wraps ``QueueOrder``, the benchmark ``TopK``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,3 +72,108 @@ class QueueOrder:
         )
         order = np.argsort(queue, kind="stable")
         return Ranking(list(ids), [int(ids[i]) for i in order], queue)
+
+
+PositionsOf = Callable[[Sequence[int]], np.ndarray]  # ids -> (n, 5) [stack, z, y, x, size] or (n, 6) [.., h, w]
+
+
+def _informativeness(
+    inner: Any, strategy: Any, ids: list[int], scores: Any, labelled_embeddings: Any, seed: int, keep_picks: bool
+) -> tuple[Ranking, np.ndarray]:
+    """(inner's Ranking, per-tile informativeness, higher = more informative) for the pool ``ids``; ``keep_picks``:
+    a batch strategy's own picks stay on top in their order (else the raw values, e.g. as k-means weights)."""
+    ranking = inner(strategy, ids, scores, labelled_embeddings=labelled_embeddings, seed=seed)
+    if ranking.scores is not None:  # a queue: lower score = served first
+        return ranking, -np.asarray(ranking.scores, dtype=np.float64)
+    # A plain batch: the strategy's values for every tile (its ranking's picks are the k highest-valued tiles).
+    n = len(ids)
+    sel = strategy.select(scores.summary, min(max(1, len(ranking.picked)), n), labelled_embeddings=labelled_embeddings,
+                          seed=seed)  # fmt: skip
+    values = np.asarray(sel.values, dtype=np.float64)
+    values = np.where(np.isfinite(values), values, np.nanmin(np.where(np.isfinite(values), values, np.inf)))
+    if not keep_picks:
+        return ranking, values
+    # The strategy's own picks keep their order on top (batch strategies rank by more than ``values``).
+    pos = {int(t): j for j, t in enumerate(ranking.picked)}
+    arr = np.asarray(ids, dtype=np.int64)
+    bonus = np.array([len(pos) - pos[int(t)] if int(t) in pos else 0 for t in arr], dtype=np.float64)
+    span = float(np.ptp(values)) if values.size else 0.0
+    return ranking, values + bonus * (span + 1.0)
+
+
+@dataclass(frozen=True)
+class StackAware:
+    """Wrap ``TopK`` or ``QueueOrder``: the first ``k`` tiles become a batch without near-duplicates (issue 11).
+
+    The inner selector gives each tile's informativeness (a queue score, or the strategy's values with its own picks
+    on top); ``strategies.batch.select_batch`` picks ``k`` tiles under the stack neighbourhood rule (``positions``:
+    pool ids -> [stack, z, y, x, size]; ``labelled_positions``: the labelled tiles' rows, whose neighbours are
+    skipped) and the feature rule (bottleneck embeddings from the scored pool's ``summary["embedding"]``; without
+    them the feature rule is off and only the stack rule applies). ``config.method``: "top" keeps the inner ranking
+    with the exclusions only; "auto" switches TypiClust (Hacohen et al. 2022, low budget) / uncertainty-weighted
+    k-means (Zhdanov 2019, high budget); "typiclust" / "weighted_kmeans" force one.
+
+    For a queue the picked tiles take the ``k`` lowest queue scores (strictly increasing, in pick order) and the
+    rest keep the inner order after them, so the same score values are reused and Label Studio serves the batch
+    first. For a plain batch, ``picked`` is the k tiles.
+    """
+
+    inner: Any  # TopK | QueueOrder
+    positions: PositionsOf
+    k: int = 20
+    config: Any = None  # strategies.batch.BatchConfig (None: its defaults, method "top")
+    labelled_positions: Callable[[], np.ndarray] | None = None
+
+    def __call__(
+        self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
+    ) -> Ranking:
+        from ml_backend.strategies.batch import BatchConfig, select_batch
+
+        cfg = self.config or BatchConfig(method="top")
+        ranking, info = _informativeness(
+            self.inner, strategy, ids, scores, labelled_embeddings, seed, cfg.method == "top"
+        )
+        n = len(ids)
+        if n == 0:
+            return ranking
+        emb = scores.summary.get("embedding") if isinstance(scores.summary, dict) else None
+        if emb is None or np.shape(emb)[0] != n:
+            emb, labelled_embeddings = np.zeros((n, 1)), None
+            cfg = _no_feature_rule(cfg)
+        elif labelled_embeddings is not None and np.shape(labelled_embeddings)[1:] != np.shape(emb)[1:]:
+            labelled_embeddings = None
+        lpos = self.labelled_positions() if self.labelled_positions is not None else None
+        if lpos is not None and len(lpos) == 0:
+            lpos = None
+        k = min(self.k, n)
+        batch = select_batch(
+            info,
+            np.asarray(emb, dtype=np.float64),
+            np.asarray(self.positions(ids)),
+            k,
+            labelled_embeddings=labelled_embeddings,
+            labelled_positions=lpos,
+            n_labelled=None if lpos is None else len(lpos),
+            config=cfg,
+            seed=seed,
+        )
+        head = [int(i) for i in batch.order]
+        chosen = set(head)
+        if ranking.scores is None:
+            arr = np.asarray(ids, dtype=np.int64)
+            return Ranking(list(ids), arr[head].tolist())
+        queue = np.asarray(ranking.scores, dtype=np.float64)
+        inner_order = np.argsort(queue, kind="stable")
+        order = head + [int(i) for i in inner_order if int(i) not in chosen]
+        values = np.sort(queue)
+        for j in range(1, n):  # strictly increasing: ties would let Label Studio serve a rest tile inside the batch
+            values[j] = max(values[j], np.nextafter(values[j - 1], np.inf))
+        new = np.empty(n, dtype=np.float64)
+        new[np.asarray(order)] = values
+        return Ranking(list(ids), [int(ids[i]) for i in order], new)
+
+
+def _no_feature_rule(cfg: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(cfg, feature_radius=0.0)

@@ -141,3 +141,31 @@ def test_a_silent_label_studio_does_not_hold_the_page(make_client, publish):
         for s in held:
             s.close()
         listener.close()
+
+
+def test_a_running_jobs_progress_comes_from_its_rq_meta(make_client, publish, redis_url):
+    """A real Redis and a real RQ job holding the project's lock: the page shows its step, loss, IoU and ETA."""
+    from ml_backend.queue import get_connection, get_queue, key
+
+    client = make_client(redis_url=redis_url)
+    _setup(client)
+    publish(7)
+    settings = client.application.extensions["ml_backend"]["settings"]
+    conn = get_connection(redis_url)
+    job = get_queue(settings, conn).enqueue("ml_backend.jobs.train_project", job_id="train-p7-status-test",
+                                            kwargs={"project_id": 7})  # fmt: skip
+    job.meta.update(phase="train", progress={"step": 100, "steps": 400, "loss": 0.3125, "val_iou": 0.64,
+                                             "seconds": 50.0})  # fmt: skip
+    job.save_meta()
+    conn.set(key(7, "lock"), job.id)
+    conn.sadd(key(7, "pending"), 11, 12, 13)
+    try:
+        page = client.get("/status/7").get_data(as_text=True)
+        assert "100 / 400" in page and "0.3125" in page and "0.640" in page
+        assert "2 min 30 s" in page  # ETA: 50 s for 100 steps, 300 steps to go
+        assert (
+            "3 / 20 (training starts at the threshold)" in page and 'training jobs queued</th><td class="num">1' in page
+        )
+    finally:
+        conn.delete(key(7, "lock"), key(7, "pending"))
+        job.delete()

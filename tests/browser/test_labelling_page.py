@@ -187,6 +187,8 @@ def test_25d_page_shows_the_neighbouring_slices(label_studio, ls, page, artifact
         timeout=30_000,
     ).json_value()
     assert {src.split("/")[-1] for src in loaded} >= {"image_prev.png", "image.png", "image_next.png"}
+    # the editor re-renders the Regions list once every image has loaded: wait for it to be back
+    page.wait_for_function("document.querySelectorAll('.lsf-outliner-item__title').length >= 1", timeout=30_000)
     assert page.locator(".lsf-outliner-item__title").all_inner_texts()[0].strip().startswith("Mitochondria")
     page.wait_for_timeout(1000)
     shot = artifacts / "label-studio-25d.png"

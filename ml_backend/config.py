@@ -140,6 +140,42 @@ class Settings(BaseSettings):
     # (the set-up command falls back to its --backend-url).
     public_url: str = Field("", validation_alias=_env("BACKEND_PUBLIC_URL", "public_url"))
 
+    # Issue 11: stack-aware selection, audit split + promotion gate, cold start (ml_backend.active_learning.plan,
+    # .audit, ml_backend.jobs.pretrain). BATCH_DIVERSITY: the next TRAIN_BATCH_SIZE tasks of the queue hold no
+    # near-duplicates (same stack, overlapping xy within DIVERSITY_Z_RADIUS slices, or closer than
+    # DIVERSITY_FEATURE_RADIUS x the pool's median embedding distance); DIVERSITY_METHOD picks them
+    # (weighted_kmeans | typiclust | auto | top, strategies.batch).
+    batch_diversity: bool = Field(True, validation_alias=_env("BATCH_DIVERSITY", "batch_diversity"))
+    diversity_z_radius: int = Field(3, ge=-1, validation_alias=_env("DIVERSITY_Z_RADIUS", "diversity_z_radius"))
+    diversity_feature_radius: float = Field(
+        0.05, ge=0, validation_alias=_env("DIVERSITY_FEATURE_RADIUS", "diversity_feature_radius")
+    )
+    diversity_method: str = Field("weighted_kmeans", validation_alias=_env("DIVERSITY_METHOD", "diversity_method"))
+    # Audit split: a fixed random AUDIT_FRACTION of the tasks (hash of the task id), served one in every
+    # round(1 / AUDIT_FRACTION) queue places, never trained on; every new version is measured on its annotated tiles
+    # and promoted only if its audit IoU is at most PROMOTION_TOLERANCE below the live version's (with at least
+    # AUDIT_MIN_TILES annotated audit tiles; fewer: promoted, reason "not enough audit tiles"). 0 disables.
+    audit_fraction: float = Field(0.1, ge=0, lt=1, validation_alias=_env("AUDIT_FRACTION", "audit_fraction"))
+    audit_min_tiles: int = Field(4, ge=1, validation_alias=_env("AUDIT_MIN_TILES", "audit_min_tiles"))
+    promotion_tolerance: float = Field(0.02, ge=0, validation_alias=_env("PROMOTION_TOLERANCE", "promotion_tolerance"))
+    # Cold start: self-supervised pretraining on the project's unlabelled tiles after an import (an RQ job, bounded
+    # and resumable), then the first queue ordered for coverage in its feature space; the first training starts
+    # from the pretrained weights.
+    pretrain: bool = Field(True, validation_alias=_env("PRETRAIN", "pretrain"))
+    pretrain_steps: int = Field(600, ge=0, validation_alias=_env("PRETRAIN_STEPS", "pretrain_steps"))
+    pretrain_time_budget_s: float = Field(
+        180.0, gt=0, validation_alias=_env("PRETRAIN_TIME_BUDGET_S", "pretrain_time_budget_s")
+    )
+    pretrain_tiles: int = Field(256, ge=1, validation_alias=_env("PRETRAIN_TILES", "pretrain_tiles"))
+    pretrain_crop: int = Field(64, ge=8, validation_alias=_env("PRETRAIN_CROP", "pretrain_crop"))
+
+    @field_validator("diversity_method")
+    @classmethod
+    def _diversity_method(cls, value: str) -> str:
+        if value not in {"weighted_kmeans", "typiclust", "auto", "top"}:
+            raise ValueError(f"expected weighted_kmeans, typiclust, auto or top, got {value!r}")
+        return value
+
     @field_validator("uncertainty_thresholds")
     @classmethod
     def _thresholds(cls, value: str) -> str:

@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = setup_project(ls, title=TITLE, label_config=label_config, backend_url=backend_url, retrieve=False)
         pid, view = summary["project"], summary["view"]
         imported = import_tiles(ls, pid, stacks, document_root=files, tile=args.tile_size)
+        if imported["created"]:
+            from ml_backend.labelstudio.importing import enqueue_cold_start
+
+            enqueue_cold_start(pid, settings)
         version = sync_model_version(ls, pid, summary["backend_version"], retrieve=True)
         print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by model '{version}'")
 

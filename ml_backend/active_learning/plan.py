@@ -1,17 +1,29 @@
 """The product's round plan: what ``run_round`` does for a project, from Settings (recipe, seeds, scoring) and the
-project's current version (the model to fine-tune)."""
+project's current version (the model to fine-tune; the project's pretrained weights for its first version).
+
+Also the product's selector (issue 11): ``StackAwareQueue`` re-orders the strategy's queue so that the next
+TRAIN_BATCH_SIZE tasks hold no near-duplicates (``strategies.batch.select_batch``: the same stack at overlapping xy
+within DIVERSITY_Z_RADIUS slices, or closer than DIVERSITY_FEATURE_RADIUS in the bottleneck features) and the audit
+tasks sit at their rate (``active_learning.audit``). Tile positions come from the task data the importer writes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ml_backend.active_learning.round import RoundPlan
+from ml_backend.active_learning.selection import QueueOrder, Ranking
 from ml_backend.config import Settings, torch_device
 from ml_backend.inference.scoring import ScoringConfig
+from ml_backend.strategies.batch import BatchConfig, Neighbourhood, select_batch
 from ml_backend.training.recipe import EnsembleSpec, ModelState, initial_model, product_train_config
 
 log = logging.getLogger(__name__)
@@ -30,6 +42,8 @@ def product_plan(
 ) -> RoundPlan:
     """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds."""
     model, parent, how = initial_model(registry, config, settings)
+    if parent is None and load_pretrained(registry, model):
+        how = "pretrained"  # issue 11: the first fine-tuning starts from the project's self-supervised weights
     tcfg = product_train_config(settings, parent, train_overrides)
     return RoundPlan(
         strategy,
@@ -45,10 +59,205 @@ def product_plan(
     )
 
 
+def pretrained_path(registry: Any) -> Path:
+    """The project's self-supervised weights (``ml_backend.jobs.pretrain``), inside its registry folder."""
+    return Path(registry.root) / "pretrain" / "pretrained.pt"
+
+
+def load_pretrained(registry: Any, model: Any) -> bool:
+    """Load the project's pretrained weights into ``model`` when they exist and fit its architecture."""
+    import torch
+
+    path = pretrained_path(registry)
+    if not path.is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file: train from scratch, as before pretraining existed
+        log.warning("project %s: pretrained weights unreadable (%s); training from scratch", registry.project_id, exc)
+        return False
+    if state.get("hparams") != dict(getattr(model, "hparams", {})):
+        log.warning("project %s: pretrained weights are for another architecture (%s); training from scratch",
+                    registry.project_id, state.get("hparams"))  # fmt: skip
+        return False
+    model.load_state_dict(state["state_dict"])
+    log.info("project %s: first fine-tuning starts from the pretrained weights (%s steps)", registry.project_id,
+             state.get("steps"))  # fmt: skip
+    return True
+
+
 def log_plan(registry: Any, plan: RoundPlan, n_tiles: int) -> None:
     tcfg = plan.train
     log.info(
         "project %s: training (%s, parent %s) on %d tiles, %d steps, lr %g, budget %.0f s, device %s",
         registry.project_id, plan.model.how, plan.model.parent, n_tiles, tcfg.steps, tcfg.lr, tcfg.time_budget_s,
         torch_device(tcfg.device),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- stack-aware queue (issue 11)
+
+
+def task_position(task: dict) -> tuple[int, int, int, int, int, int] | None:
+    """(stack, z, y, x, h, w) from the task data the importer writes (``source``, ``slice``, ``tile_y``, ...); None
+    when the task does not say where it comes from (then it excludes nothing). The stack id is a CRC of the source
+    path: stable across jobs and processes."""
+    data = task.get("data") or {}
+    try:
+        src = data["source"]
+        z, y, x = int(data["slice"]), int(data["tile_y"]), int(data["tile_x"])
+        h, w = int(data["tile_height"]), int(data["tile_width"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if h < 1 or w < 1:
+        return None
+    return zlib.crc32(str(src).encode()), z, y, x, h, w
+
+
+def positions_of(ids: Sequence[int], tasks: dict[int, dict]) -> np.ndarray:
+    """(n, 6) ``[stack, z, y, x, h, w]`` for ``ids``; a task without a position is its own stack (no exclusion)."""
+    rows = []
+    for tid in ids:
+        pos = task_position(tasks.get(int(tid)) or {})
+        rows.append(pos if pos is not None else (-1 - int(tid), 0, 0, 0, 1, 1))
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), 6)
+
+
+def batch_config(settings: Settings) -> BatchConfig:
+    """BATCH_DIVERSITY's rules from Settings (strategies.batch): z radius, feature radius, method."""
+    return BatchConfig(
+        neighbourhood=Neighbourhood(z_radius=settings.diversity_z_radius),
+        method=settings.diversity_method,
+        feature_radius=settings.diversity_feature_radius,
+    )
+
+
+def interleave_audit(selected: Sequence[int], audit: Sequence[int], every: int) -> list[int]:
+    """The served order: one audit task at every ``every``-th place (places every-1, 2 every-1, ...) while audit
+    tasks remain, the selection's tasks everywhere else, in their order; ``every`` 0: no audit places."""
+    out: list[int] = []
+    sel, aud = list(selected), list(audit)
+    i = j = 0
+    while i < len(sel) or j < len(aud):
+        slot = every > 0 and (len(out) + 1) % every == 0
+        if (slot and j < len(aud)) or i >= len(sel):
+            out.append(int(aud[j]))
+            j += 1
+        else:
+            out.append(int(sel[i]))
+            i += 1
+    return out
+
+
+def audit_slots(k: int, n_audit: int, every: int) -> int:
+    """How many of the first ``k`` served places are audit places (``interleave_audit``)."""
+    return 0 if every <= 0 else min(n_audit, k // every)
+
+
+def stack_aware_order(
+    ids: Sequence[int],
+    base_scores: np.ndarray,
+    embeddings: np.ndarray | None,
+    positions: np.ndarray,
+    *,
+    k: int,
+    config: BatchConfig,
+    labelled_positions: np.ndarray | None = None,
+    labelled_embeddings: np.ndarray | None = None,
+    n_labelled: int = 0,
+    audit: Sequence[int] = (),
+    audit_every: int = 0,
+    seed: int = 0,
+) -> list[int]:
+    """The product's queue order: the next batch of ``k`` places without near-duplicates, then the rest.
+
+    ``base_scores``: the strategy's queue scores (lower = more informative). Audit tasks (``audit``, served one every
+    ``audit_every`` places in hash order, never chosen by the strategy) count as picked for the batch's exclusion
+    rules, so the batch does not repeat them either. The batch is ``strategies.batch.select_batch`` (stack
+    neighbourhood + feature radius, the configured method); the rest follows the base order.
+    """
+    ids = [int(i) for i in ids]
+    audit_set = set(int(a) for a in audit)
+    audit_in = [a for a in (int(x) for x in audit) if a in set(ids)]
+    idx = np.asarray([i for i, tid in enumerate(ids) if tid not in audit_set], dtype=np.int64)
+    base = np.asarray(base_scores, dtype=np.float64)
+    rest_order = idx[np.argsort(base[idx], kind="stable")] if idx.size else idx
+    n_aud = audit_slots(k, len(audit_in), audit_every)
+    kk = max(0, min(k - n_aud, idx.size))
+    picked = np.zeros(0, dtype=np.int64)
+    if kk > 0:
+        pos_of = {tid: i for i, tid in enumerate(ids)}
+        served_audit = np.asarray([pos_of[a] for a in audit_in[:n_aud]], dtype=np.int64)
+        emb = np.zeros((len(ids), 1)) if embeddings is None else np.asarray(embeddings, dtype=np.float64)
+        cfg = config if embeddings is not None else dataclasses.replace(config, method="top", feature_radius=0.0)
+        lpos = [positions[served_audit]] + ([np.asarray(labelled_positions)] if labelled_positions is not None else [])
+        lemb = [emb[served_audit]]
+        if labelled_embeddings is not None and embeddings is not None and np.shape(labelled_embeddings)[0]:
+            lemb.append(np.asarray(labelled_embeddings, dtype=np.float64))
+        sel = select_batch(
+            -base[idx], emb[idx], positions[idx], kk,
+            labelled_embeddings=np.concatenate(lemb) if embeddings is not None else None,
+            labelled_positions=np.concatenate(lpos).reshape(-1, 6), n_labelled=n_labelled, config=cfg, seed=seed,
+        )  # fmt: skip
+        picked = idx[sel.order]
+    chosen = set(picked.tolist())
+    order = [ids[i] for i in picked] + [ids[i] for i in rest_order if i not in chosen]
+    return interleave_audit(order, audit_in, audit_every)
+
+
+def rank_scores(ids: Sequence[int], order: Sequence[int]) -> np.ndarray:
+    """Queue scores in [0, 1) for ``ids`` from a served order (rank / n; lower = served first)."""
+    rank = {int(t): r for r, t in enumerate(order)}
+    n = max(1, len(ids))
+    return np.asarray([rank[int(t)] / n for t in ids], dtype=np.float64)
+
+
+@dataclass
+class StackAwareQueue:
+    """The product's selector: the base queue (``QueueOrder``, any strategy) re-ordered so that the next
+    ``k`` = TRAIN_BATCH_SIZE tasks hold no near-duplicates in the stack or in feature space, with the audit tasks
+    interleaved at their rate; scores are ranks (comparable within one re-scoring, which pushes the whole pool).
+
+    Embeddings come from the pool summary (``labelstudio.loop.score_tiles`` adds the bottleneck embedding to every
+    strategy's summary when BATCH_DIVERSITY is on); without them only the stack rule applies.
+    """
+
+    base: Any  # Selector (QueueOrder)
+    tasks: dict[int, dict]
+    k: int
+    config: BatchConfig
+    labelled_ids: Sequence[int] = ()
+    audit: Sequence[int] = ()
+    audit_every: int = 0
+    wants_labelled_embeddings: bool = True
+
+    def __call__(
+        self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
+    ) -> Ranking:
+        base = self.base(strategy, ids, scores, labelled_embeddings=labelled_embeddings, seed=seed)
+        emb = scores.summary.get("embedding")
+        labelled = [int(t) for t in self.labelled_ids]
+        order = stack_aware_order(
+            ids, base.scores, emb, positions_of(ids, self.tasks), k=self.k, config=self.config,
+            labelled_positions=positions_of(labelled, self.tasks),
+            labelled_embeddings=labelled_embeddings if emb is not None else None, n_labelled=len(labelled),
+            audit=self.audit, audit_every=self.audit_every, seed=seed,
+        )  # fmt: skip
+        return Ranking(list(ids), order, rank_scores(ids, order))
+
+
+def product_selector(
+    settings: Settings, num_classes: int, tasks: dict[int, dict], labelled_ids: Sequence[int], audit: Sequence[int]
+) -> Any:
+    """The job's selector: ``StackAwareQueue`` over ``QueueOrder`` when BATCH_DIVERSITY is on, else ``QueueOrder``
+    with the audit tasks still interleaved (the audit rate does not depend on diversity)."""
+    from ml_backend.active_learning.audit import audit_every
+
+    every = audit_every(settings.audit_fraction)
+    cfg = batch_config(settings)
+    if not settings.batch_diversity:
+        cfg = dataclasses.replace(cfg, method="top", feature_radius=0.0, neighbourhood=Neighbourhood(z_radius=-1))
+    return StackAwareQueue(
+        QueueOrder(num_classes), tasks, settings.train_batch_size, cfg, list(labelled_ids), list(audit), every,
+        wants_labelled_embeddings=settings.batch_diversity,
     )  # fmt: skip

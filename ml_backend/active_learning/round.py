@@ -11,9 +11,10 @@ The plug-ins, product | benchmark:
 * ``PoolScorer``: chunks shared with idle workers through Redis | in-process; both call ``inference.scoring``.
 * ``Selector``: a queue score for every task (``QueueOrder``) | the strategy's batch of k (``TopK``). Issue 11's
   stack-aware batch diversity is a selector.
-* ``Evaluator`` (optional): the benchmark's test-region IoU. Issue 11's audit split plugs in here: evaluate the new
-  version on tiles selection did not choose and answer ``Evaluation(promote=False, reason=...)`` when it is worse;
-  the publisher stores it without promoting it, and the round ends there (the live version and its queue stay).
+* ``Evaluator`` (optional): the benchmark's test-region IoU | the product's audit gate (``active_learning.audit``:
+  the new version against the live one on audit tiles selection did not choose), which answers
+  ``Evaluation(promote=False, reason=...)`` when it is worse; the publisher stores it without promoting it (with
+  ``Evaluation.meta`` in its metadata), and the round ends there (the live version and its queue stay).
 * ``PredictionSink``: bulk push to Label Studio + project model version | the benchmark's record of the next batch.
 
 Everything that travels together is a small dataclass: ``RoundPlan`` (what to do), ``LabelledSet`` (what was
@@ -80,6 +81,7 @@ class Evaluation:
     metrics: dict[str, Any] = field(default_factory=dict)
     promote: bool = True
     reason: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # written into the version's metadata (audit, promotion)
 
 
 @dataclass
@@ -196,7 +198,7 @@ def run_round(
                     plan.strategy,
                     outcome.scored.ids,
                     outcome.scored.scores,
-                    labelled_embeddings=_labelled_embeddings(plan, trained, labelled),
+                    labelled_embeddings=_labelled_embeddings(plan, trained, labelled, select),
                     seed=plan.select_seed,
                 )
     if sink is not None:
@@ -209,11 +211,16 @@ def _needs(plan: RoundPlan) -> frozenset[str]:
     return frozenset(getattr(plan.strategy, "needs", frozenset()))
 
 
-def _labelled_embeddings(plan: RoundPlan, trained: TrainedModel, labelled: LabelledSet) -> np.ndarray | None:
-    """Where the labelled set lies in feature space (coreset/k-means need it), only for strategies that use it."""
+def _labelled_embeddings(
+    plan: RoundPlan, trained: TrainedModel, labelled: LabelledSet, select: Any = None
+) -> np.ndarray | None:
+    """Where the labelled set lies in feature space, only for strategies (coreset/k-means) or selectors (stack-aware
+    diversity: ``wants_labelled_embeddings``) that use it."""
     from ml_backend.config import torch_device
 
-    if "embeddings" not in _needs(plan):
+    if "embeddings" not in _needs(plan) and not getattr(select, "wants_labelled_embeddings", False):
+        return None
+    if not labelled.tiles:
         return None
     device = torch_device(plan.scoring.device)
     return embed_images(trained.model, labelled.images, device, batch_size=plan.scoring.embed_batch)

@@ -1,5 +1,7 @@
 """RQ entry points, thin: ``train_project`` (train a project from Label Studio's annotations and re-score its pool,
-``ml_backend.jobs.train``) and ``rescore_chunk`` (a helper that scores one chunk of the pool, ``.rescore``).
+``ml_backend.jobs.train``), ``rescore_chunk`` (a helper that scores one chunk of the pool, ``.rescore``) and
+``pretrain_project`` (the cold start after an import: self-supervised pretraining + coverage-ordered first queue,
+``.pretrain``).
 
 RQ resolves jobs by dotted path, and those paths are stored with queued jobs: ``ml_backend.jobs.train_project`` and
 ``ml_backend.jobs.rescore_chunk`` stay valid (a job queued by an older version still runs). The round itself is
@@ -15,6 +17,7 @@ from ml_backend.queue.coordination import run_exclusive
 from ml_backend.queue.rescoring import collect_rescore, finish_rescore, rescore_pool, start_rescore
 from ml_backend.training.recipe import ENSEMBLE_MEMBERS, initial_model, train_config, train_ensemble
 
+from .pretrain import pretrain_project
 from .rescore import rescore_chunk
 from .train import TrainOutcome, _train_and_rescore, project_strategy, train_project, train_version
 
@@ -34,6 +37,7 @@ __all__ = [
     "initial_model",
     "load_task_image",
     "project_label_config",
+    "pretrain_project",
     "project_strategy",
     "rescore_chunk",
     "rescore_pool",

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.active_learning import LabelledSet, LabelledTile, QueueOrder, RoundPlan, TrainingError, run_round
-from ml_backend.active_learning.plan import log_plan, product_plan
+from ml_backend.active_learning import LabelledSet, LabelledTile, RoundPlan, TrainingError, run_round
+from ml_backend.active_learning.audit import AuditGate, audit_task_ids, split_audit
+from ml_backend.active_learning.plan import log_plan, product_plan, product_selector
 from ml_backend.config import Settings, get_settings, torch_device
 from ml_backend.inference.scoring import ScoringConfig
 from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
@@ -220,9 +221,17 @@ def _train_and_rescore(
             return done
         strategy = project_strategy(pid, settings)
         labelled = _decode(pid, snap, settings)
+    audit = audit_task_ids(sorted(snap.tasks), settings.audit_fraction, settings.seed)
+    train_tiles, audit_tiles = split_audit(labelled.tiles, set(audit))
+    if not train_tiles and not resume:
+        raise TrainingError(f"project {pid}: every usable annotation is on an audit task (kept out of training)")
+    labelled = LabelledSet(train_tiles, labelled.skipped)
+    evaluate = None
     if resume:
         plan, publisher = _resume_plan(registry, snap, strategy, settings, progress)
     else:
+        evaluate = AuditGate(audit_tiles, lambda: _live(registry), settings, settings.audit_min_tiles,
+                             settings.promotion_tolerance)  # fmt: skip
         calibration = lambda: calibration_crops(snap.tasks, snap.config, settings)  # noqa: E731
         plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
                             progress=progress.train_step)  # fmt: skip
@@ -236,13 +245,43 @@ def _train_and_rescore(
         AnnotatedTasks(labelled, snap.unlabelled),
         publisher=publisher,
         scorer=RedisPoolScorer(pid, snap.config, snap.label_xml, snap.tasks, settings, conn),
-        select=QueueOrder(snap.config.num_classes),
-        sink=LabelStudioSink(snap.ls, pid, snap.tasks),
+        select=product_selector(
+            settings,
+            snap.config.num_classes,
+            snap.tasks,
+            sorted(snap.annotations),
+            [a for a in audit if a not in snap.annotations],
+        ),
+        sink=LabelStudioSink(snap.ls, pid, snap.tasks, blank=frozenset(audit)),
+        evaluate=evaluate,
         phase=progress.phase,
     )
     version, meta = outcome.version, publisher.meta
+    evaluation = outcome.evaluation
+    if not evaluation.promote:
+        progress.update(promotion={"version": version, "promoted": False, "reason": evaluation.reason})
+        log.warning("project %s: %s trained but %s", pid, version, evaluation.reason)
+        return {
+            "status": "not-promoted",
+            "version": version,
+            "live_version": registry.current_version(),
+            "promoted": False,
+            "reason": evaluation.reason,
+            "audit": evaluation.meta.get("audit"),
+            "metrics": meta.get("metrics"),
+            "n_annotations": len(labelled.tiles),
+            "audit_annotations": len(audit_tiles),
+            "skipped": len(labelled.skipped),
+            "predictions": 0,
+        }
+    if evaluation.reason:
+        progress.update(promotion={"version": version, "promoted": True, "reason": evaluation.reason})
     log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, outcome.delivered, version)
     return {
+        "promoted": True,
+        "reason": evaluation.reason,
+        "audit": evaluation.meta.get("audit"),
+        "audit_annotations": len(audit_tiles),
         "status": "delivered" if resume else "trained",
         "version": version,
         "metrics": meta.get("metrics"),
@@ -251,6 +290,12 @@ def _train_and_rescore(
         "predictions": outcome.delivered,
         "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
     }
+
+
+def _live(registry: ModelRegistry) -> tuple[Any, str] | None:
+    """The live version's model (what the audit gate compares a new version with), None before the first one."""
+    current = registry.load_current()
+    return None if current is None else (current[0], current[1]["version"])
 
 
 def _delivered(ls: Any, pid: int, version: str, tasks: dict[int, dict], annotations: dict[int, dict]) -> bool:

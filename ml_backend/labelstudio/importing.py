@@ -10,6 +10,8 @@ so that Label Studio serves the files. Task data: the image plus ``source`` (sta
 ``tile_y``, ``tile_width``, ``tile_height``.
 
 Idempotent: tasks whose image URL already exists in the project are skipped, files already written are kept.
+When new tasks were created, the command queues the project's cold start (``enqueue_cold_start``: pretraining on
+the tiles, then a coverage-ordered first queue; ``--no-pretrain`` or PRETRAIN=false to skip).
 
     python -m ml_backend.labelstudio.importing --project 1 --tile 256 path/to/stack.tif path/to/slices_folder/
 """
@@ -223,6 +225,20 @@ def import_tiles(
     return summary
 
 
+def enqueue_cold_start(project_id: int, settings: Settings) -> dict[str, Any]:
+    """Queue the project's cold start after an import (issue 11: ``ml_backend.jobs.pretrain_project`` pretrains the
+    U-Net on the imported tiles and orders the first queue for coverage); PRETRAIN=false or no Redis: says so and
+    the project works as before (hash-ordered first queue, first training from scratch)."""
+    from ml_backend.queue.connection import QueueUnavailable
+    from ml_backend.queue.scheduling import schedule_pretraining
+
+    try:
+        return schedule_pretraining(project_id, settings)
+    except QueueUnavailable as exc:
+        log.warning("project %s: pretraining not queued: %s", project_id, exc)
+        return {"status": "unavailable", "error": str(exc)}
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -236,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=settings.label_studio_url, help="LABEL_STUDIO_URL")
     parser.add_argument("--token", default=settings.label_studio_api_key, help="LABEL_STUDIO_API_KEY")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-pretrain",
+        action="store_true",
+        help="do not queue the cold start (self-supervised pretraining + coverage-ordered queue)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not args.document_root:
@@ -251,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{summary['created']} tasks created, {summary['skipped']} already there ({summary['tiles']} tiles in "
           f"{summary['folder']})")  # fmt: skip
+    if summary["created"] and not args.no_pretrain:
+        queued = enqueue_cold_start(args.project, settings)
+        print(f"cold start (pretraining + coverage-ordered first queue): {queued['status']}")
     return 0
 
 

@@ -60,8 +60,36 @@ def score_tiles(
         results[i] = prediction_results(probs, config, settings)
 
     cfg = ScoringConfig.from_settings(settings)
+    if getattr(settings, "batch_diversity", False):
+        strategy = WithEmbedding(strategy)
     scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
     return scored.summary, results, scored.pixels
+
+
+class WithEmbedding:
+    """A strategy whose pool summary also holds each tile's bottleneck embedding (``summary["embedding"]``), for
+    stack-aware batch diversity (``active_learning.plan.StackAwareQueue``) with ANY strategy.
+
+    The encoder pass already computes the embedding (``strategies.score_pool``), so small tiles cost nothing more;
+    tiles larger than one inference tile are scored as tile-sized crops whose embeddings are averaged
+    (``inference.scoring.combine_crop_summaries``). Everything else is the wrapped strategy's.
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        self._inner = strategy
+        self.needs = frozenset(strategy.needs) | {"embeddings"}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __repr__(self) -> str:
+        return f"{self._inner!r}+embedding"
+
+    def summarize(self, batch: Any) -> dict[str, np.ndarray]:
+        summary = dict(self._inner.summarize(batch))
+        if "embedding" not in summary and batch.embeddings is not None:
+            summary["embedding"] = np.asarray(batch.embeddings, dtype=np.float32)
+        return summary
 
 
 @dataclass
@@ -74,6 +102,7 @@ class LabelStudioSink:
     tasks: dict[int, dict]
     keep_prediction_versions: int | None = None  # None: KEEP_PREDICTION_VERSIONS
     last_prune: Any = None
+    blank: frozenset[int] = frozenset()  # audit tasks: a queue score, no pre-annotation (active_learning.audit)
 
     def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
         from ml_backend.labelstudio.client import (
@@ -84,7 +113,7 @@ class LabelStudioSink:
         )
 
         pid = self.pid
-        predictions = predictions_for(version, scored, ranking)
+        predictions = predictions_for(version, scored, ranking, blank=self.blank)
         held = {tid for tid, task in self.tasks.items() if _holds_prediction(task, version)}
         fresh = [p for p in predictions if int(p["task"]) not in held]  # a re-run never duplicates a prediction
         if len(fresh) < len(predictions):
@@ -121,12 +150,15 @@ class LabelStudioSink:
                         self.pid, exc)  # fmt: skip
 
 
-def predictions_for(version: str, scored: ScoredPool | None, ranking: Ranking | None) -> list[dict]:
-    """``[{task, result, score, model_version}]`` for Label Studio (score: lower = served first)."""
+def predictions_for(
+    version: str, scored: ScoredPool | None, ranking: Ranking | None, *, blank: frozenset[int] = frozenset()
+) -> list[dict]:
+    """``[{task, result, score, model_version}]`` for Label Studio (score: lower = served first); tasks in ``blank``
+    get an empty result (audit tasks are annotated without the model's mask to anchor on)."""
     if scored is None or ranking is None or not scored.ids:
         return []
     return [
-        {"task": int(tid), "result": res, "score": float(score), "model_version": version}
+        {"task": int(tid), "result": [] if int(tid) in blank else res, "score": float(score), "model_version": version}
         for tid, res, score in zip(scored.ids, scored.results, ranking.scores, strict=True)
     ]
 

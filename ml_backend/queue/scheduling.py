@@ -100,3 +100,35 @@ def _enqueue_train(
         description=f"train project {project_id} ({reason})",
         meta={"project": int(project_id), "reason": reason, "force": bool(force), "enqueued": time.time()},
     )
+
+
+PRETRAIN_FUNC = "ml_backend.jobs.pretrain_project"
+
+
+def schedule_pretraining(project_id: int, settings: Any, *, connection: redis.Redis | None = None) -> dict:
+    """Enqueue the project's cold start (``ml_backend.jobs.pretrain_project``: self-supervised pretraining, then the
+    coverage-ordered first queue) after an import; one job id per project, so repeated imports while it waits do not
+    queue it twice. Returns {"status": "queued" | "already-queued" | "disabled", "job_id"}."""
+    if not valid_id(project_id):
+        raise ValueError(f"project id must be an integer in 1..{MAX_ID}, got {project_id!r}")
+    if not getattr(settings, "pretrain", False):
+        return {"status": "disabled"}
+    job_id = f"pretrain-{int(project_id)}"
+    with redis_errors(settings, "; pretraining was not queued (run `ml-backend import` again or train without it)"):
+        conn = connection if connection is not None else get_connection(settings.redis_url)
+        status = _job_status(conn, job_id)
+        if status in WAITING_STATUSES or status == "started":
+            return {"status": "already-queued", "job_id": job_id}
+        get_queue(settings, conn).enqueue_call(
+            PRETRAIN_FUNC,
+            kwargs={"project_id": int(project_id)},
+            job_id=job_id,
+            timeout=int(2 * float(settings.pretrain_time_budget_s) + 1800),  # budget + reading + the first queue
+            result_ttl=RESULT_TTL_S,
+            failure_ttl=FAILURE_TTL_S,
+            retry=Retry(**JOB_RETRY),  # a killed worker: the retry resumes from the checkpoint
+            description=f"pretrain project {project_id} (cold start)",
+            meta={"project": int(project_id), "reason": "pretrain", "enqueued": time.time()},
+        )
+    log.info("project %s: pretraining job %s queued", project_id, job_id)
+    return {"status": "queued", "job_id": job_id}

@@ -45,6 +45,7 @@ class RegistryPublisher:
             "hyper_parameters": {"train": trained.train_config.to_dict(), "model": dict(getattr(model, "hparams", {}))},
             "label_config": {"mode": config.mode, "labels": list(config.labels), "from_name": config.from_name},
             **({"evaluation": evaluation.metrics} if evaluation.metrics else {}),
+            **(evaluation.meta or {}),  # issue 11: meta["audit"], meta["promotion"] (read by the status page)
             **(self.extra_meta or {}),
         }
         extras = {f"ensemble_{i}": m for i, m in enumerate(trained.ensemble)}

@@ -117,10 +117,7 @@ def cold_start(pid: int, settings: Settings, progress: JobProgress | None = None
     with progress.phase("pretrain"):
         result = pretrain(model, [images[t] for t in sample], cfg, checkpoint_path=folder / "checkpoint.pt",
                           progress=report)  # fmt: skip
-        buf = io.BytesIO()
-        torch.save({"hparams": dict(model.hparams), "state_dict": result.state_dict, "steps": result.steps,
-                    "stopped": result.stopped}, buf)  # fmt: skip
-        write_atomic(pretrained_path(registry), buf.getvalue(), durable=True)
+        save_pretrained(registry, model, result)
     summary = {
         "status": "pretrained",
         "steps": result.steps,
@@ -138,6 +135,16 @@ def cold_start(pid: int, settings: Settings, progress: JobProgress | None = None
             summary.update(push_coverage_queue(ls, pid, tasks, images, model, settings, device))
     summary["seconds"] = round(time.monotonic() - t0, 1)
     return summary
+
+
+def save_pretrained(registry: ModelRegistry, model: Any, result: Any) -> None:
+    """Write the weights the first fine-tuning starts from (``active_learning.plan.load_pretrained``), atomically."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"hparams": dict(model.hparams), "state_dict": result.state_dict, "steps": result.steps,
+                "stopped": result.stopped}, buf)  # fmt: skip
+    write_atomic(pretrained_path(registry), buf.getvalue(), durable=True)
 
 
 def coverage_queue(

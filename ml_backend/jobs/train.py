@@ -230,8 +230,9 @@ def _train_and_rescore(
     if resume:
         plan, publisher = _resume_plan(registry, snap, strategy, settings, progress)
     else:
-        evaluate = AuditGate(audit_tiles, lambda: _live(registry), settings, settings.audit_min_tiles,
-                             settings.promotion_tolerance)  # fmt: skip
+        if settings.audit_fraction > 0:  # AUDIT_FRACTION=0: no audit split, every version is promoted
+            evaluate = AuditGate(audit_tiles, lambda: _live(registry), settings, settings.audit_min_tiles,
+                                 settings.promotion_tolerance)  # fmt: skip
         calibration = lambda: calibration_crops(snap.tasks, snap.config, settings)  # noqa: E731
         plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
                             progress=progress.train_step)  # fmt: skip

@@ -27,6 +27,7 @@ TRAIN_ENV = {
     "MODEL_DEPTH": "3",
     "RESCORE_CHUNK": "6",
     "STRATEGY": "entropy",
+    "AUDIT_FRACTION": "0",  # these tests count every annotation as a training tile (audit split: tests/active_learning)
 }
 
 

@@ -69,7 +69,7 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
     assert config.num_classes == 3 and config.foreground_labels == ("Mitochondria", "Nuclei")
     model_dir = tmp_path / "models"
     env = {"REDIS_URL": redis_url, "TRAIN_BATCH_SIZE": str(BATCH), "TRAIN_STEPS": "40", "TRAIN_CROP": "64",
-           "MODEL_WIDTH": "8", "MODEL_DEPTH": "3", "RESCORE_CHUNK": "4", "STRATEGY": "entropy",
+           "MODEL_WIDTH": "8", "MODEL_DEPTH": "3", "RESCORE_CHUNK": "4", "STRATEGY": "entropy", "AUDIT_FRACTION": "0",
            "UNCERTAINTY_MIN_PIXELS": "1", "UNCERTAINTY_THRESHOLDS": "0.05"}  # fmt: skip
     backend = start_backend(model_dir, **env)
     worker_log = tmp_path / "worker.log"

@@ -87,6 +87,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         "MODEL_DEPTH": "3",
         "RESCORE_CHUNK": "5",
         "STRATEGY": "entropy",
+        "AUDIT_FRACTION": "0",  # every annotation is a training tile here (audit split: test_stack_aware_e2e)
     }
     backend = start_backend(model_dir, **train_env)
     worker_log = tmp_path / "worker.log"

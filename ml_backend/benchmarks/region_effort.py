@@ -35,13 +35,14 @@ from ml_backend.benchmarks.report import write_json
 log = logging.getLogger("bench_region_effort")
 
 ARMS = ("whole", "region")
+NAMES = {"whole": "whole tiles", "region": "suggested regions"}
 STRATEGY = "entropy"
 
 
-def protocol(data: str = "auto") -> Protocol:
+def protocol(data: str = "auto", rounds: int = 3) -> Protocol:
     """The CPU preset with 128 px tiles (regions of 64 px), a smaller pool and short rounds: minutes per seed."""
     p = replace(Protocol(), **PRESETS["cpu"])
-    p = replace(p, tile=128, pool_size=120, m=6, k=4, rounds=3, init_steps=400, steps=120, batch_size=4,
+    p = replace(p, tile=128, pool_size=120, m=6, k=4, rounds=rounds, init_steps=400, steps=120, batch_size=4,
                 test_every=8, ensemble=0, mc_passes=1)  # fmt: skip
     vnc = default_vnc_dir() / "stack1"
     if data == "vnc" or (data == "auto" and (vnc / "raw").is_dir() and (vnc / "mitochondria").is_dir()):
@@ -176,12 +177,16 @@ def write_report(out: Path, runs: list[dict], p: Protocol, command: str, markdow
     import matplotlib.pyplot as plt
 
     by_arm = {a: sorted([r for r in runs if r["arm"] == a], key=lambda r: r["seed"]) for a in ARMS}
+    write_json(
+        out / "curves.json",
+        {a: [{k: r[k] for k in ("seed", "k", "window", "rounds")} for r in by_arm[a]] for a in ARMS},
+    )  # fmt: skip  (runs/ is not versioned)
     for key, label in (("boundary", "annotated boundary length (pixel edges)"), ("pixels", "annotated pixels")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, colour in zip(ARMS, ("tab:blue", "tab:orange"), strict=True):
             for i, run in enumerate(by_arm[arm]):
                 ax.plot([r[key] for r in run["rounds"]], [r["iou"] for r in run["rounds"]], "o-", color=colour,
-                        alpha=0.6, label=f"{arm} tiles" if i == 0 else None)  # fmt: skip
+                        alpha=0.6, label=NAMES[arm] if i == 0 else None)  # fmt: skip
         ax.set_xlabel(label)
         ax.set_ylabel("test IoU")
         ax.set_title(f"Region suggestion vs whole tiles ({len(by_arm['whole'])} seeds)")
@@ -216,8 +221,8 @@ def write_report(out: Path, runs: list[dict], p: Protocol, command: str, markdow
         lines += ["", "Mean test IoU over seeds at equal effort (linear interpolation between rounds):", "",
                   "| effort | whole tiles | region suggestion |", "|---|---:|---:|"]  # fmt: skip
         for key in ("boundary", "pixels"):
-            hi = min(max(run["rounds"][-1][key] for run in by_arm[a]) for a in ARMS)
-            lo = max(min(run["rounds"][0][key] for run in by_arm[a]) for a in ARMS)
+            hi = min(run["rounds"][-1][key] for a in ARMS for run in by_arm[a])  # no run extrapolated
+            lo = max(run["rounds"][0][key] for a in ARMS for run in by_arm[a])
             for x in np.linspace(lo, hi, 4)[1:]:
                 w, g = (_interp(by_arm[a], key, np.array([x]))[0] for a in ARMS)
                 lines.append(f"| {key} = {x:.0f} | {w:.3f} | {g:.3f} |")
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--data", choices=["auto", "vnc", "synthetic"], default="auto")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds after the initial model")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "region_effort")
     ap.add_argument("--markdown", type=Path, default=REPO / "benchmarks" / "region_effort.md")
     ap.add_argument("--report-only", action="store_true")
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    p = protocol(a.data)
+    p = protocol(a.data, a.rounds)
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "protocol.json", asdict(p))
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm in [x.strip() for x in a.arms.split(",") if x.strip()]:
                 run_arm(a.out, p, arm, seed)
     runs = [json.loads(f.read_text()) for f in sorted((a.out / "runs").glob("*.json"))]
-    command = f"python -m ml_backend.benchmarks.cli region-effort --seeds {a.seeds} --data {a.data}"
+    command = f"python -m ml_backend.benchmarks.cli region-effort --seeds {a.seeds} --rounds {a.rounds}"
     print(write_report(a.out, [r for r in runs if r["seed"] in seeds], p, command, a.markdown))
     return 0
 

@@ -225,3 +225,28 @@ def test_too_few_audit_tiles_promote_and_say_so(tmp_path):
     out, meta = _round(registry, settings, images[:3], masks[:3], audit, steps=3, seed=0)
     assert out.evaluation.promote and registry.current_version() == out.version
     assert "not enough audit tiles" in meta["promotion"]["reason"] and meta["audit"]["tiles"] == 1
+
+
+ISSUE11_SETTINGS = [
+    "BATCH_DIVERSITY", "DIVERSITY_Z_RADIUS", "DIVERSITY_FEATURE_RADIUS", "DIVERSITY_METHOD", "AUDIT_FRACTION",
+    "AUDIT_MIN_TILES", "PROMOTION_TOLERANCE", "PRETRAIN", "PRETRAIN_STEPS", "PRETRAIN_TIME_BUDGET_S", "PRETRAIN_TILES",
+    "PRETRAIN_CROP",
+]  # fmt: skip
+
+
+def test_issue11_settings_are_documented_and_validated(monkeypatch):
+    from pathlib import Path
+
+    from ml_backend.config import ConfigError
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    defaults = dict(Settings.documented())
+    for var in ISSUE11_SETTINGS:
+        assert f"| `{var}` | `{defaults[var]}` |" in readme, var
+    monkeypatch.setenv("DIVERSITY_METHOD", "kcenter")
+    with pytest.raises(ConfigError, match="DIVERSITY_METHOD"):
+        Settings.from_env()
+    monkeypatch.setenv("DIVERSITY_METHOD", "typiclust")
+    monkeypatch.setenv("AUDIT_FRACTION", "1.5")
+    with pytest.raises(ConfigError, match="AUDIT_FRACTION"):
+        Settings.from_env()

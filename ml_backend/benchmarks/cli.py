@@ -4,6 +4,8 @@
     ml-backend benchmark --workers 2 --seeds 0,1,2    # CPU comparison of all strategies (background!)
     ml-backend benchmark --preset full                # the papers' full-size protocol (GPU)
     ml-backend benchmark --report-only --out DIR      # re-aggregate saved runs into tables and plots
+    ml-backend benchmark --volume isotropic --strategies random,entropy,entropy+stack   # generated 3-D volume
+    ml-backend benchmark --pretrain-steps 600 --first-batch coverage    # issue 11 cold-start ablations
     ml-backend benchmark hygiene --tasks 2000         # Data Manager listing before/after prediction hygiene
     ml-backend benchmark region-effort --seeds 0,1,2  # region suggestion vs whole tiles (IoU per effort)
 
@@ -35,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--synthetic", action="store_true", help="use generated EM-like data instead of files")
     ap.add_argument("--synthetic-n", type=int, help="generated slices")
     ap.add_argument("--synthetic-size", type=int, help="generated slice size")
+    ap.add_argument(
+        "--volume",
+        choices=["isotropic", "anisotropic"],
+        help="use the generated 3-D volume (ml_backend.data.volume; harder setting volume.HARD, no binning)",
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), help="protocol size (default: full on GPU, cpu otherwise)")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick, strategies random,entropy, 1 seed")
     ap.add_argument("--strategies", help="comma-separated (default: all registered)")
@@ -46,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true", help="allow a different protocol in an existing output dir")
     ap.add_argument("-v", "--verbose", action="store_true")
     for f in Protocol.__dataclass_fields__.values():  # every protocol field can be overridden
-        if f.name in {"data", "images", "masks", "synthetic_n", "synthetic_size"}:
+        if f.name in {"data", "images", "masks", "synthetic_n", "synthetic_size", "volume_setting"}:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "full_seeds":
@@ -61,7 +68,9 @@ def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
 
     preset = "quick" if a.quick else a.preset or ("full" if torch.cuda.is_available() else "cpu")
     p = replace(Protocol(), **PRESETS[preset])
-    if a.synthetic:
+    if a.volume:
+        p = replace(p, data="volume", volume_setting=a.volume, downsample=1)  # generated at the tile scale already
+    elif a.synthetic:
         p = replace(p, data="synthetic")
         if a.synthetic_n:
             p.synthetic_n = a.synthetic_n
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p, preset = build_protocol(a)
     out: Path = a.out or REPO / "benchmarks" / "active_learning" / (
-        preset + ("-synthetic" if p.data == "synthetic" else "")
+        preset + {"synthetic": "-synthetic", "volume": f"-volume-{p.volume_setting}"}.get(p.data, "")
     )
     out.mkdir(parents=True, exist_ok=True)
     if a.report_only:
@@ -127,9 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     else:
         strategies = ["random", "entropy"] if a.quick else names
-    unknown = [s for s in strategies if s not in names]
+    from ml_backend.benchmarks.run import parse_arm
+
+    def known(arm: str) -> bool:
+        try:
+            return parse_arm(arm)[0] in names
+        except ValueError:
+            return False
+
+    unknown = [s for s in strategies if not known(s)]
     if unknown:
-        raise SystemExit(f"unknown strategies {unknown}; available: {', '.join(names)}")
+        raise SystemExit(
+            f"unknown strategies {unknown}; available: {', '.join(names)} (+stack or +div for stack-aware batches)"
+        )
     seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     saved = out / "protocol.json"
     if saved.exists() and not a.force:

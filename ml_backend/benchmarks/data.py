@@ -33,7 +33,19 @@ def load_volume(p: Protocol) -> tuple[np.ndarray, np.ndarray]:
     """(Z, H, W) normalised float32 raw and (Z, H, W) uint8 {0, 1} masks."""
     from ml_backend.imaging import normalize
 
-    if p.data == "synthetic":
+    if p.data == "volume":
+        from ml_backend.data.volume import generate_volume
+
+        vol = generate_volume(
+            (p.volume_n, p.volume_size, p.volume_size),
+            setting=p.volume_setting,
+            seed=p.volume_seed,
+            contrast=p.volume_contrast,
+            look_alikes=p.volume_look_alikes,
+            noise=p.volume_noise,
+        )
+        raw, masks = vol.image, vol.mask
+    elif p.data == "synthetic":
         from ml_backend.data.synthetic import generate_em_like
 
         raw, masks = generate_em_like(p.synthetic_n, size=p.synthetic_size, seed=12345)
@@ -89,6 +101,9 @@ _VOLUMES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # one volume per proc
 def dataset_for(p: Protocol, seed: int) -> Dataset:
     """The seed's dataset; the volume is read (and binned) once per process."""
     key = (p.data, p.images, p.masks, p.synthetic_n, p.synthetic_size, p.downsample)
+    if p.data == "volume":
+        key += (p.volume_setting, p.volume_n, p.volume_size, p.volume_seed, p.volume_contrast, p.volume_look_alikes,
+                p.volume_noise)  # fmt: skip
     if key not in _VOLUMES:
         _VOLUMES.clear()
         _VOLUMES[key] = load_volume(p)

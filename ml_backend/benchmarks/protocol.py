@@ -14,11 +14,19 @@ from typing import Any
 class Protocol:
     """Everything that determines the numbers of a run (stored in the output dir; resuming requires equality)."""
 
-    data: str = "vnc"  # "vnc" | "folder" | "synthetic"
+    data: str = "vnc"  # "vnc" | "folder" | "synthetic" | "volume" (ml_backend.data.volume, generated 3-D)
     images: str = ""
     masks: str = ""
     synthetic_n: int = 8
     synthetic_size: int = 256
+    # data "volume": the generated 3-D EM-like volume (issue 11), its setting, size and difficulty (volume.HARD).
+    volume_setting: str = "isotropic"
+    volume_n: int = 32
+    volume_size: int = 384
+    volume_seed: int = 2024
+    volume_contrast: float = 0.5
+    volume_look_alikes: float = 3.0
+    volume_noise: float = 2.0
     downsample: int = 1  # bin the volume by this factor first (CPU: 2 keeps each tile's physical area at tile 64)
     tile: int = 128
     pool_size: int = 2000
@@ -49,6 +57,16 @@ class Protocol:
     infer_tile: int = 256
     infer_overlap: int = 32
     device: str = "auto"
+    # Issue 11 ablations (the defaults reproduce the published protocol). The cold start: SSL pretraining steps of
+    # the U-Net on the pool before the initial training (0: random initialisation; ml_backend.training.pretrain),
+    # and how the m initial tiles are chosen: "random" | "coverage" (TypiClust + k-center, strategies.batch
+    # .coverage_order) | "kcenter" | "spread" (random order with the stack/feature exclusions), on the embeddings
+    # of the (pretrained) initial network. Stack-aware diversity ("<strategy>+stack", "<strategy>+div" arms): the
+    # neighbourhood in slices and the feature radius of strategies.batch (selection.StackAware).
+    pretrain_steps: int = 0
+    first_batch: str = "random"
+    z_radius: int = 3
+    feature_radius: float = 0.05
 
 
 PRESETS: dict[str, dict[str, Any]] = {

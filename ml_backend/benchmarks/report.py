@@ -50,6 +50,74 @@ def _first_reach(x: np.ndarray, y: np.ndarray, target: float) -> float | None:
     return None
 
 
+def paired_rounds(runs: list[dict], ref: str = "random") -> dict[str, Any]:
+    """Issue 11's per-round reading: for every arm, per round, the paired difference to ``ref`` over the seeds both
+    ran (same seed = same pool, initial tiles and initial model), and diagnostics of the labelled set.
+
+    Per round: IoU mean/std; IoU difference (points) and relative gain (%) vs ``ref``: mean, std, min over seeds;
+    seeds at or above ``ref``; the labelled set's foreground fraction and boundary length per tile, and the same for
+    the batch added that round (issue 11: an uncertainty batch can shift the class prior and the boundary load).
+    Per arm: the relative gain averaged over rounds 1.. (per seed, then mean/std over seeds).
+    """
+    by: dict[str, dict[int, list[dict]]] = {}
+    for r in runs:
+        if r["strategy"] != "full":
+            by.setdefault(r["strategy"], {})[r["seed"]] = r["rounds"]
+    out: dict[str, Any] = {}
+    base = by.get(ref, {})
+    for st, seeds in by.items():
+        n_r = min(len(v) for v in seeds.values())
+        rows = []
+        per_seed_rel: dict[int, list[float]] = {}
+        for i in range(n_r):
+            ious = np.array([seeds[sd][i]["iou"] for sd in seeds])
+            row: dict[str, Any] = {
+                "round": i,
+                "labelled": float(np.mean([seeds[sd][i]["labelled"] for sd in seeds])),
+                "seeds": len(seeds),
+                "iou_mean": float(ious.mean()),
+                "iou_std": float(ious.std()),
+            }
+            fg, bpt, bfg, bbpt = [], [], [], []
+            for sd in seeds:
+                cur = seeds[sd][i]
+                if "foreground_pixels" not in cur:  # records without the diagnostics
+                    continue
+                fg.append(cur["foreground_pixels"] / max(1, cur["pixels"]))
+                bpt.append(cur["boundary"] / max(1, cur["labelled"]))
+                if i > 0:
+                    prev = seeds[sd][i - 1]
+                    dp, dn = cur["pixels"] - prev["pixels"], cur["labelled"] - prev["labelled"]
+                    bfg.append((cur["foreground_pixels"] - prev["foreground_pixels"]) / max(1, dp))
+                    bbpt.append((cur["boundary"] - prev["boundary"]) / max(1, dn))
+            row["labelled_foreground"] = float(np.mean(fg)) if fg else None
+            row["labelled_boundary_per_tile"] = float(np.mean(bpt)) if bpt else None
+            row["batch_foreground"] = float(np.mean(bfg)) if bfg else None
+            row["batch_boundary_per_tile"] = float(np.mean(bbpt)) if bbpt else None
+            pairs = [(seeds[sd][i]["iou"], base[sd][i]["iou"], sd) for sd in seeds if sd in base and i < len(base[sd])]
+            if pairs and st != ref:
+                d = np.array([a - b for a, b, _ in pairs])
+                rel = np.array([100 * (a / b - 1) if b > 0 else np.nan for a, b, _ in pairs])
+                row.update(
+                    diff_mean=float(d.mean()), diff_std=float(d.std()), diff_min=float(d.min()),
+                    rel_mean=float(np.nanmean(rel)), rel_std=float(np.nanstd(rel)), rel_min=float(np.nanmin(rel)),
+                    paired_seeds=len(pairs), seeds_at_or_above=int((d >= 0).sum()),
+                )  # fmt: skip
+                if i > 0:
+                    for (_, _, sd), g in zip(pairs, rel, strict=True):
+                        per_seed_rel.setdefault(sd, []).append(float(g))
+            rows.append(row)
+        entry: dict[str, Any] = {"rounds": rows}
+        if per_seed_rel:
+            m = np.array([np.mean(v) for v in per_seed_rel.values()])
+            entry["rel_gain_rounds_1plus"] = [float(m.mean()), float(m.std()), len(m)]
+            entry["at_or_above_every_round_paired"] = all(
+                r.get("diff_mean", 0.0) >= 0 for r in rows[1:] if "diff_mean" in r
+            )
+        out[st] = entry
+    return out
+
+
 def summarize(runs: list[dict]) -> dict[str, Any]:
     """Per-round table and per-strategy summary (mean over seeds; spreads reported beside)."""
     cur = _curves(runs)
@@ -154,6 +222,7 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
     return {
         "table": table,
         "summary": summary,
+        "paired_rounds": paired_rounds(runs),
         "effort": effort,
         "full_supervision": {"iou": full_iou, "mean": float(np.mean(full_iou)) if full_iou else None},
     }
@@ -218,6 +287,23 @@ def write_outputs(out: Path, runs: list[dict], protocol: Protocol | None = None)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
+    pr = rep.get("paired_rounds", {})
+    arms = [st for st in sorted(pr) if any("diff_mean" in r for r in pr[st]["rounds"])]
+    if arms:  # issue 11: the paired IoU difference to random at every round, mean ± std over seeds
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for j, st in enumerate(arms):
+            rows = [r for r in pr[st]["rounds"] if "diff_mean" in r]
+            x = np.array([r["labelled"] for r in rows]) + (j - (len(arms) - 1) / 2) * 1.2
+            ax.errorbar(x, [r["diff_mean"] for r in rows], yerr=[r["diff_std"] for r in rows], marker="o", ms=4,
+                        capsize=3, label=f"{st} (n={rows[0]['paired_seeds']})")  # fmt: skip
+        ax.axhline(0, color="black", lw=1)
+        ax.set_xlabel("labelled tiles")
+        ax.set_ylabel("test IoU - random's, same seed (mean ± std)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "gain_vs_random.png", dpi=110)
+        plt.close(fig)
     return rep
 
 
@@ -261,6 +347,39 @@ def markdown_report(rep: dict[str, Any], runs: list[dict]) -> str:
             f"| {st} | {pm(e.get('paired_aulc_gain_vs_random'))} | {pm(e.get('equal_effort_iou_gain_vs_random'))} "
             f"| {pm(e.get('equal_effort_iou_gain_vs_entropy'))} |"
         )
+    pr = rep.get("paired_rounds", {})
+    if pr:
+        lines += [
+            "",
+            "Per round, paired over seeds vs random (same pool, initial tiles and model per seed): IoU mean ± std; the",
+            "IoU difference to random (points, mean ± std, min); relative gain (%, mean ± std); seeds >= random;",
+            "the labelled set's foreground fraction and boundary per tile; the same for the batch added that round.",
+            "",
+            "| arm | round | tiles | IoU | diff vs random | min diff | rel. gain | seeds >= random | labelled fg "
+            "| labelled boundary/tile | batch fg | batch boundary/tile |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for st in sorted(pr):
+            for r in pr[st]["rounds"]:
+                d = (
+                    f"{r['diff_mean']:+.3f} ± {r['diff_std']:.3f} | {r['diff_min']:+.3f} "
+                    f"| {r['rel_mean']:+.1f}% ± {r['rel_std']:.1f} | {r['seeds_at_or_above']}/{r['paired_seeds']}"
+                    if "diff_mean" in r
+                    else "- | - | - | -"
+                )
+                lines.append(
+                    f"| {st} | {r['round']} | {r['labelled']:.0f} | {r['iou_mean']:.3f} ± {r['iou_std']:.3f} | {d} "
+                    f"| {_fmt(r['labelled_foreground'])} | {_fmt(r['labelled_boundary_per_tile'], '.0f')} "
+                    f"| {_fmt(r['batch_foreground'])} | {_fmt(r['batch_boundary_per_tile'], '.0f')} |"
+                )
+        lines += ["", "| arm | rel. gain vs random, mean over rounds >= 1 (per seed, then mean ± std) | >= random "
+                  "at every round (paired mean) |", "|---|---|---|"]  # fmt: skip
+        for st in sorted(pr):
+            g = pr[st].get("rel_gain_rounds_1plus")
+            if g:
+                lines.append(
+                    f"| {st} | {g[0]:+.1f}% ± {g[1]:.1f} (n={g[2]}) | {pr[st]['at_or_above_every_round_paired']} |"
+                )
     lines += [
         "",
         "Test IoU per round (each seed):",

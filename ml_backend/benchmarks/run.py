@@ -10,6 +10,12 @@ Where the product plugs in Label Studio, the benchmark plugs in ``OracleLabels``
 tiles). One call of ``run_round`` trains round r, measures it on the test region (the evaluator) and picks the tiles
 of round r + 1, so the order of operations on the model is the same as in the product.
 
+Arms: a strategy name, optionally with a selector suffix (issue 11): ``entropy`` is the strategy's plain top-k
+(``TopK``), ``entropy+stack`` wraps it in ``selection.StackAware`` with the score ranking kept and the stack/feature
+exclusions applied (method "top"), ``entropy+div`` lets ``strategies.batch`` choose the batch (TypiClust while labels
+are few, Hacohen et al. 2022; uncertainty-weighted k-means after, Zhdanov 2019). The pretraining and first-batch
+ablations are protocol fields (``pretrain_steps``, ``first_batch``): they change the shared initial model.
+
 Fairness and reproducibility: for every seed, the pool, the initial labelled set and the initial model are shared by
 all strategies (the initial model is trained once per seed and cached); round r of every strategy trains with the
 same training seed. Each (strategy, seed) run is saved as a JSON file when it finishes, so an interrupted benchmark
@@ -82,14 +88,22 @@ class KeepInMemory:
 
 @dataclass
 class LocalScorer:
-    """Scores pool tiles in this process with the product's scoring pipeline (no masks needed)."""
+    """Scores pool tiles in this process with the product's scoring pipeline (no masks needed); ``embed``: also the
+    bottleneck embeddings (``summary["embedding"]``) that stack-aware diversity reads, when the strategy has none."""
 
     images: np.ndarray
     cfg: ScoringConfig
+    embed: bool = False
 
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
+        from ml_backend.config import torch_device
+        from ml_backend.inference.scoring import embed_images
+
         imgs = [self.images[i] for i in ids]
         scores = score_images(trained.model, imgs, strategy, self.cfg, ensemble=trained.ensemble or None, seed=seed)
+        if self.embed and "embedding" not in scores.summary:
+            dev = torch_device(self.cfg.device)
+            scores.summary["embedding"] = embed_images(trained.model, imgs, dev, batch_size=EMBED_BATCH)
         return ScoredPool(list(ids), scores)
 
 
@@ -152,9 +166,48 @@ def _fresh_model(p: Protocol, seed: int):
     return build_model("unet", width=p.width, depth=p.depth, dropout=p.dropout, norm=p.norm)
 
 
-def initial_labelled(ds: Dataset, p: Protocol, seed: int) -> list[int]:
-    rng = np.random.default_rng([seed, 2])
-    return sorted(rng.permutation(len(ds.pool_images))[: p.m].tolist())
+def initial_labelled(ds: Dataset, p: Protocol, seed: int, embeddings: np.ndarray | None = None) -> list[int]:
+    """The m initial tiles: random (the papers' protocol), or ordered for coverage on ``embeddings`` (issue 11)."""
+    if p.first_batch == "random":
+        rng = np.random.default_rng([seed, 2])
+        return sorted(rng.permutation(len(ds.pool_images))[: p.m].tolist())
+    from ml_backend.strategies.batch import coverage_order
+
+    if embeddings is None:
+        raise ValueError(f"first_batch {p.first_batch!r} needs the initial network's embeddings")
+    method = {"coverage": "typiclust", "kcenter": "kcenter", "spread": "random"}.get(p.first_batch)
+    if method is None:
+        raise ValueError(f"first_batch must be random, coverage, kcenter or spread, got {p.first_batch!r}")
+    order = coverage_order(
+        embeddings, stack_positions(ds, p), p.m, config=batch_config(p, "top"), seed=seed, method=method
+    )
+    return sorted(order[: p.m].tolist())
+
+
+def stack_positions(ds: Dataset, p: Protocol, idx: Any = None) -> np.ndarray:
+    """(n, 5) [stack, z, y, x, size] of pool tiles ``idx`` (all when None): one stack, square tiles."""
+    pos = ds.pool_positions if idx is None else ds.pool_positions[np.asarray(idx, dtype=np.int64)]
+    pos = np.asarray(pos, dtype=np.int64).reshape(-1, 3)
+    return np.column_stack([np.zeros(len(pos), np.int64), pos, np.full(len(pos), p.tile, np.int64)])
+
+
+def batch_config(p: Protocol, method: str):
+    from ml_backend.strategies.batch import BatchConfig, Neighbourhood
+
+    return BatchConfig(neighbourhood=Neighbourhood(z_radius=p.z_radius), method=method, feature_radius=p.feature_radius)
+
+
+ARM_SELECTORS = {"stack": "top", "div": "auto"}  # "<strategy>+<suffix>": StackAware with this batch method
+
+
+def parse_arm(arm: str) -> tuple[str, str | None]:
+    """ "entropy+stack" -> ("entropy", "top"); "entropy" -> ("entropy", None) (plain TopK)."""
+    base, _, suffix = arm.partition("+")
+    if not suffix:
+        return base, None
+    if suffix not in ARM_SELECTORS:
+        raise ValueError(f"unknown selector suffix {suffix!r} in {arm!r}; expected one of {sorted(ARM_SELECTORS)}")
+    return base, ARM_SELECTORS[suffix]
 
 
 def scoring_config(p: Protocol) -> ScoringConfig:
@@ -198,10 +251,25 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
     from ml_backend.model import save_checkpoint
 
     ds = dataset_for(p, seed)
-    lab = initial_labelled(ds, p, seed)
     t0 = time.monotonic()
+    model = _fresh_model(p, seed)
+    pre_info = None
+    if p.pretrain_steps > 0:  # issue 11: SSL pretraining on the unlabelled pool, the product's pretrain()
+        from ml_backend.training.pretrain import PretrainConfig, pretrain
+
+        pcfg = PretrainConfig(steps=p.pretrain_steps, time_budget_s=1e9, seed=seed, crop=p.tile, device=p.device)
+        pre = pretrain(model, list(ds.pool_images), pcfg, checkpoint_path=ckpt.parent / f"pretrain_seed{seed}.pt")
+        model.load_state_dict(pre.state_dict)
+        pre_info = {"steps": pre.steps, "seconds": pre.seconds, "loss_last20": float(np.mean(pre.losses[-20:]))}
+    embeddings = None
+    if p.first_batch != "random":
+        from ml_backend.config import torch_device
+        from ml_backend.inference.scoring import embed_images
+
+        embeddings = embed_images(model, list(ds.pool_images), torch_device(p.device), batch_size=EMBED_BATCH)
+    lab = initial_labelled(ds, p, seed, embeddings)
     trained = train_model(
-        ModelState(_fresh_model(p, seed)),
+        ModelState(model),
         list(ds.pool_images[lab]),
         list(ds.pool_masks[lab]),
         train_config(p, steps=p.init_steps, lr=p.init_lr, seed=seed * 1000, split_seed=seed),
@@ -213,7 +281,7 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
         "seed %d: initial model on %d tiles, test IoU %.3f (%.0fs)", seed, len(lab), test["iou"], time.monotonic() - t0
     )
     res = trained.result
-    extra = {"labelled": lab, "test": test, "train": res.metrics, "seconds": res.seconds}
+    extra = {"labelled": lab, "test": test, "train": res.metrics, "seconds": res.seconds, "pretrain": pre_info}
     save_checkpoint(trained.model, ckpt, extra=extra)
     return ckpt
 
@@ -222,12 +290,16 @@ def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | Non
     from ml_backend.training.metrics import boundary_length
 
     masks = ds.pool_masks[lab]
+    # Diagnostics (issue 11: why can an uncertainty batch lower test IoU?): the labelled set's foreground fraction
+    # and boundary per tile; the batch's own figures follow from the previous round's (cumulative) ones.
     return {
         "round": rnd,
         "labelled": len(lab),
         "pixels": int(masks.size),
         "foreground_pixels": int(np.count_nonzero(masks)),
         "boundary": float(sum(boundary_length(m) for m in masks)),
+        "foreground_fraction": float(np.count_nonzero(masks) / max(1, masks.size)),
+        "boundary_per_tile": float(sum(boundary_length(m) for m in masks) / max(1, len(lab))),
         "iou": test["iou"],
         "dice": test["dice"],
         "val_iou": None if train is None else train.get("val_iou"),
@@ -250,13 +322,24 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
     model, extra = load_checkpoint(ensure_initial(out, p, seed))
     dev = torch_device(p.device)
     model.to(dev)
-    strategy = get_strategy(strategy_name)
+    base_name, batch_method = parse_arm(strategy_name)
+    strategy = get_strategy(base_name)
     lab = list(extra["labelled"])
     rounds = [_record(ds, lab, 0, extra["test"], extra["train"], {"train": extra["seconds"]})]
     state = ModelState(model, how="kept")
     scoring = scoring_config(p)
-    scorer = LocalScorer(ds.pool_images, scoring)
-    select = TopK(p.k)
+    scorer = LocalScorer(ds.pool_images, scoring, embed=batch_method is not None)
+    select: Any = TopK(p.k)
+    if batch_method is not None:
+        from ml_backend.active_learning.selection import StackAware
+
+        select = StackAware(
+            TopK(p.k),
+            lambda ids: stack_positions(ds, p, ids),
+            k=p.k,
+            config=batch_config(p, batch_method),
+            labelled_positions=lambda: stack_positions(ds, p, lab),  # the current labelled set (late binding)
+        )
     picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
     for rnd in range(p.rounds + 1):
         tests: dict[str, float] = {}
@@ -311,7 +394,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
     record = {
         "strategy": strategy_name,
         "seed": seed,
-        "params": strategy.params(),
+        "params": {**strategy.params(), "selector": batch_method or "topk"},
         "rounds": rounds,
         "labelled_order": lab,
         "seconds": time.monotonic() - t_run,
@@ -379,18 +462,19 @@ def _job(args: tuple[str, str, dict, str, int]) -> tuple[str, int, float]:
     return f"{kind}:{strategy}", seed, time.monotonic() - t0
 
 
-PRIORITY = ("random", "entropy", "effort_aware")
+PRIORITY = ("random", "entropy", "entropy+stack", "effort_aware")
 
 
 def run_all(out: Path, p: Protocol, strategies: list[str], seeds: list[int], workers: int, max_runs: int | None) -> int:
     """Initial models first (one per seed), then full supervision and (strategy, seed) runs. Returns runs done now."""
     from tqdm.auto import tqdm
 
-    # Order: the strategies the published claims are about first (all seeds), then the reference, then the rest, so
-    # that an interrupted benchmark has complete seeds for the comparisons that matter most.
+    # Order: the strategies the published claims are about first, then the reference, then the rest, so that an
+    # interrupted benchmark has complete seeds for the comparisons that matter most.
     first = [st for st in PRIORITY if st in strategies]
     rest = [st for st in strategies if st not in first]
-    runs = [("run", str(out), asdict(p), st, s) for st in first for s in seeds]
+    # Seed-major: an interrupted benchmark holds complete paired comparisons (every arm of a seed) first.
+    runs = [("run", str(out), asdict(p), st, s) for s in seeds for st in first]
     runs += [("full", str(out), asdict(p), "full", s) for s in p.full_seeds if s in seeds]
     runs += [("run", str(out), asdict(p), st, s) for st in rest for s in seeds]
     runs = [r for r in runs if not (out / "runs" / f"{r[3]}__seed{r[4]}.json").exists()]

@@ -126,3 +126,34 @@ def test_summary_metrics_on_hand_made_curves(bench):
     # Equal effort on the common range [100, 300]: entropy's IoU at effort 300 is 0.4 = random's at 300.
     assert rep["effort"]["entropy"]["iou_at_max"] == pytest.approx(0.4)
     assert rep["effort"]["random"]["iou_at_max"] == pytest.approx(0.4)
+
+
+def test_volume_data_arms_and_cold_start_options(bench, tmp_path):
+    """Issue 11 options end to end on a tiny generated volume: the stack-aware arms, SSL pretraining and a
+    coverage-ordered first batch share one initial model per seed; the report pairs every round with random."""
+    out = tmp_path / "vol"
+    args = [
+        "--quick", "--volume", "isotropic", "--volume-n", "4", "--volume-size", "128", "--tile", "32",
+        "--pool-size", "40", "--m", "4", "--k", "4", "--rounds", "2", "--width", "4", "--depth", "2",
+        "--init-steps", "4", "--steps", "3", "--full-steps", "4", "--full-seeds", "", "--batch-size", "2",
+        "--infer-tile", "64", "--infer-overlap", "8", "--test-every", "2", "--seeds", "0", "--workers", "1",
+        "--device", "cpu", "--pretrain-steps", "2", "--first-batch", "coverage",
+        "--strategies", "random,entropy,entropy+stack,entropy+div", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(args) == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {f"{a}__seed0" for a in ("random", "entropy", "entropy+stack", "entropy+div")}
+    first = {tuple(r["labelled_order"][:4]) for r in runs.values()}
+    assert len(first) == 1  # the same coverage-ordered initial tiles for every arm
+    assert runs["entropy+stack__seed0"]["params"]["selector"] == "top"
+    assert runs["entropy__seed0"]["params"]["selector"] == "topk"
+    for r in runs.values():
+        assert len(set(r["labelled_order"])) == 12
+        assert all(0.0 <= x["foreground_fraction"] <= 1.0 for x in r["rounds"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"]["data"] == "volume" and results["protocol"]["first_batch"] == "coverage"
+    rows = results["paired_rounds"]["entropy+stack"]["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2] and "diff_mean" in rows[1]
+    assert (out / "gain_vs_random.png").exists() and (out / "initial" / "pretrain_seed0.pt").exists()
+    with pytest.raises(SystemExit, match="unknown strategies"):
+        bench.main([*args, "--strategies", "entropy+nope"])

@@ -123,6 +123,8 @@ class StackAware:
     k: int = 20
     config: Any = None  # strategies.batch.BatchConfig (None: its defaults, method "top")
     labelled_positions: Callable[[], np.ndarray] | None = None
+    # run_round embeds the labelled tiles for this selector (feature rule against them, TypiClust's covered clusters)
+    wants_labelled_embeddings: bool = False
 
     def __call__(
         self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int

@@ -13,8 +13,9 @@ of round r + 1, so the order of operations on the model is the same as in the pr
 Arms: a strategy name, optionally with a selector suffix (issue 11): ``entropy`` is the strategy's plain top-k
 (``TopK``), ``entropy+stack`` wraps it in ``selection.StackAware`` with the score ranking kept and the stack/feature
 exclusions applied (method "top"), ``entropy+div`` lets ``strategies.batch`` choose the batch (TypiClust while labels
-are few, Hacohen et al. 2022; uncertainty-weighted k-means after, Zhdanov 2019). The pretraining and first-batch
-ablations are protocol fields (``pretrain_steps``, ``first_batch``): they change the shared initial model.
+are few, Hacohen et al. 2022; uncertainty-weighted k-means after, Zhdanov 2019), ``entropy+wkm`` is the product's
+default (uncertainty-weighted k-means with the exclusions, labelled embeddings included). The pretraining and
+first-batch ablations are protocol fields (``pretrain_steps``, ``first_batch``): they change the shared initial model.
 
 Fairness and reproducibility: for every seed, the pool, the initial labelled set and the initial model are shared by
 all strategies (the initial model is trained once per seed and cached); round r of every strategy trains with the
@@ -197,7 +198,9 @@ def batch_config(p: Protocol, method: str):
     return BatchConfig(neighbourhood=Neighbourhood(z_radius=p.z_radius), method=method, feature_radius=p.feature_radius)
 
 
-ARM_SELECTORS = {"stack": "top", "div": "auto"}  # "<strategy>+<suffix>": StackAware with this batch method
+# "<strategy>+<suffix>": StackAware with this batch method. "wkm" is the product's default (DIVERSITY_METHOD
+# weighted_kmeans, plan.StackAwareQueue) and, like the product, also feeds the labelled tiles' embeddings.
+ARM_SELECTORS = {"stack": "top", "div": "auto", "wkm": "weighted_kmeans"}
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
@@ -339,6 +342,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
             k=p.k,
             config=batch_config(p, batch_method),
             labelled_positions=lambda: stack_positions(ds, p, lab),  # the current labelled set (late binding)
+            wants_labelled_embeddings=batch_method == "weighted_kmeans",
         )
     picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
     for rnd in range(p.rounds + 1):

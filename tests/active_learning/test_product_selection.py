@@ -250,3 +250,27 @@ def test_issue11_settings_are_documented_and_validated(monkeypatch):
     monkeypatch.setenv("AUDIT_FRACTION", "1.5")
     with pytest.raises(ConfigError, match="AUDIT_FRACTION"):
         Settings.from_env()
+
+
+def test_every_strategy_summary_carries_the_embedding_the_stack_aware_queue_reads():
+    from ml_backend.labelstudio.labelconfig import parse_label_config
+    from ml_backend.labelstudio.loop import score_tiles
+    from ml_backend.model import build_model
+
+    config = parse_label_config(
+        '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+        '<Label value="Mitochondria"/></BrushLabels></View>'
+    )
+    torch.manual_seed(0)
+    model = build_model("unet", width=4, depth=2)
+    raw, _ = generate_em_like(3, size=48, seed=1)
+    images = [r.astype(np.float32) / 255.0 for r in raw]
+    images[2] = np.tile(images[2], (2, 2))  # larger than one inference tile: scored as crops
+    settings = Settings.from_env(tile_size=48, tile_overlap=8, device="cpu", inference_batch=2)
+    summary, results, pixels = score_tiles(model, images, get_strategy("entropy"), config, settings)
+    assert summary["embedding"].shape == (3, model.embed(torch.zeros(1, 1, 48, 48)).shape[1])
+    assert np.isfinite(summary["embedding"]).all() and summary["value"].shape == (3,)
+    assert list(pixels) == [48 * 48, 48 * 48, 96 * 96] and len(results) == 3
+    off, _, _ = score_tiles(model, images, get_strategy("entropy"), config, settings.replace(batch_diversity=False))
+    assert "embedding" not in off
+    np.testing.assert_allclose(off["value"][:2], summary["value"][:2], rtol=1e-5)  # same scores for small tiles

@@ -161,9 +161,12 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         job = _wait(lambda: Job.fetch(f"pretrain-{pid}", connection=conn, serializer=JSONSerializer), 30,
                     "the pretraining job")  # fmt: skip
         _wait(lambda: job.get_status(refresh=True) in ("finished", "failed"), 600, "pretraining", on_timeout=logs)
+        job.refresh()
         summary = job.return_value()
         assert job.get_status() == "finished" and summary["status"] == "pretrained", logs()
         assert summary["queue"] == "coverage" and summary["steps"] == 30
+        assert job.meta["progress"]["step"] == job.meta["progress"]["steps"] == 30  # progress in the job's meta
+        assert {"read_s", "pretrain_s", "coverage_s"} <= set(job.meta["timings"])
         assert (registry.root / "pretrain" / "pretrained.pt").is_file()
         assert (registry.root / "pretrain" / "checkpoint.pt").is_file()  # resumable
         assert registry.current_version() is None

@@ -116,6 +116,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if state.get("last_job"):
             last = state["last_job"]
             print(f"  last job        : {last.get('status')} {last.get('version') or ''} {last.get('error') or ''}")
+            if isinstance(last.get("promotion"), dict) and last["promotion"].get("reason"):
+                print(f"  promotion       : {last['promotion']['reason']}")
     print("  learning curve  : " + (", ".join(f"{n} -> {v:.3f}" for n, v, _ in points) or "no points yet"))
     if args.plot:
         print(f"  plot            : {report['plot']}")

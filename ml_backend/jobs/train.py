@@ -267,7 +267,7 @@ def _train_and_rescore(
             "version": version,
             "live_version": registry.current_version(),
             "promoted": False,
-            "reason": evaluation.reason,
+            "promotion": {"promoted": False, "reason": evaluation.reason},
             "audit": evaluation.meta.get("audit"),
             "metrics": meta.get("metrics"),
             "n_annotations": len(labelled.tiles),
@@ -280,7 +280,7 @@ def _train_and_rescore(
     log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, outcome.delivered, version)
     return {
         "promoted": True,
-        "reason": evaluation.reason,
+        "promotion": {"promoted": True, "reason": evaluation.reason},
         "audit": evaluation.meta.get("audit"),
         "audit_annotations": len(audit_tiles),
         "status": "delivered" if resume else "trained",

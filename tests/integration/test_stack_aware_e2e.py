@@ -218,13 +218,18 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
 
         last = _wait(refused, 900, "the second training job", on_timeout=logs)
         assert last["status"] == "not-promoted" and last["promoted"] is False, last
-        assert "not promoted" in last["reason"] and v1 in last["reason"]
+        why = last["promotion"]["reason"]
+        assert last["promotion"]["promoted"] is False and "not promoted" in why and v1 in why
         v2 = last["version"]
         assert registry.current_version() == v1  # the live version keeps serving
         assert as_dict(ls.projects.get(id=pid))["model_version"] == v1
         meta2 = registry.meta(v2)
-        assert meta2["promotion"] == {"promoted": False, "reason": last["reason"]}
+        assert meta2["promotion"] == {"promoted": False, "reason": why}
         assert meta2["audit"]["tiles"] == 4 and meta2["audit"]["iou"] < meta2["audit"]["live_iou"] - 0.02
+        status = subprocess.run([sys.executable, "-m", "ml_backend.cli", "status", "--project", str(pid)],
+                                env=worker_env, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert f"promotion       : {why}" in status.stdout  # what the team lead reads
     finally:
         worker.terminate()
         try:

@@ -249,11 +249,14 @@ class StackAwareQueue:
 def product_selector(
     settings: Settings, num_classes: int, tasks: dict[int, dict], labelled_ids: Sequence[int], audit: Sequence[int]
 ) -> Any:
-    """The job's selector: ``StackAwareQueue`` over ``QueueOrder`` when BATCH_DIVERSITY is on, else ``QueueOrder``
-    with the audit tasks still interleaved (the audit rate does not depend on diversity)."""
+    """The job's selector: ``StackAwareQueue`` over ``QueueOrder`` when BATCH_DIVERSITY is on; off, the strategy's
+    order with the audit tasks still interleaved (the audit rate does not depend on diversity), or plain
+    ``QueueOrder`` (the strategy's own scores) when there is no audit task to serve either."""
     from ml_backend.active_learning.audit import audit_every
 
     every = audit_every(settings.audit_fraction)
+    if not settings.batch_diversity and not (every and audit):
+        return QueueOrder(num_classes)  # the strategy's own scores (absolute for pixel-uncertainty strategies)
     cfg = batch_config(settings)
     if not settings.batch_diversity:
         cfg = dataclasses.replace(cfg, method="top", feature_radius=0.0, neighbourhood=Neighbourhood(z_radius=-1))

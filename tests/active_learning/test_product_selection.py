@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ml_backend.active_learning import LabelledSet, LabelledTile, run_round
+from ml_backend.active_learning import LabelledSet, LabelledTile, QueueOrder, run_round
 from ml_backend.active_learning.audit import AuditGate, audit_every, audit_task_ids, split_audit
 from ml_backend.active_learning.plan import (
     StackAwareQueue,
@@ -141,6 +141,11 @@ def test_product_selector_reorders_an_entropy_queue_without_near_duplicates():
     plain = off(get_strategy("entropy"), ids, PoolScores(summary, np.full(len(ids), 64 * 64)),
                 labelled_embeddings=None, seed=0)  # fmt: skip
     assert plain.picked[:5] == ids[:5]  # BATCH_DIVERSITY=false: the strategy's own order
+    assert isinstance(off, QueueOrder)  # and its own (absolute) scores when there is no audit task either
+    with_audit = product_selector(settings.replace(batch_diversity=False, audit_fraction=0.25), 2, tasks, [], [ids[-1]])
+    order = with_audit(get_strategy("entropy"), ids, PoolScores(summary, np.full(len(ids), 64 * 64)),
+                       labelled_embeddings=None, seed=0).picked  # fmt: skip
+    assert order[:5] == [*ids[:3], ids[-1], ids[3]]  # the strategy's order, the audit task at place 4
 
 
 # ------------------------------------------------------------------------------------------- the promotion gate

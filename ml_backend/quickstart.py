@@ -6,7 +6,7 @@ What it does, in order (every step is idempotent, so re-running reuses what exis
 2. imports EM tiles into a project: `--data PATH` (multi-page TIFF or a folder of PNG/TIFF slices), otherwise
    generated EM-like tiles with ground truth;
 3. sets the project up for the loop (dense brush config, local storage, backend connected, "Active learning
-   queue" view sorted by score, uncertainty sampling) and asks the backend for cold-start predictions;
+   queue" view sorted by score, sequential sampling over it) and asks the backend for cold-start predictions;
 4. with ground truth at hand (generated data, or `--masks PATH`), plays the annotator for one batch: submits
    `--simulate` brush annotations for the first tiles of the queue through the SDK, which fires Label Studio's
    webhooks -> fine-tuning on the worker -> a new model version -> the pool re-scored and the queue re-ordered;

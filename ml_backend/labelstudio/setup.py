@@ -1,8 +1,9 @@
 """Set a Label Studio project up for the active-learning loop (idempotent: run it as often as you like).
 
-1. the project (found by title, else created) with a label config from ``label_config/`` and project sampling
-   "Uncertainty sampling" (``/next`` serves the task with the LOWEST prediction score of the project's model
-   version);
+1. the project (found by title, else created) with a label config from ``label_config/``, one annotation per task
+   and "Sequential sampling": ``/next?view=<queue view>`` (the "Active learning queue" tab) serves each annotator the
+   unlocked task with the LOWEST prediction score ("Uncertainty sampling" would pick a random predicted task as soon
+   as a project has two annotators; see ``SHARED_QUEUE``);
 2. optionally a local storage for a tile folder (``--storage-path``; ``import_tiles.py`` makes its own);
 3. the ML backend connected (``--backend-url``; basic auth from BASIC_AUTH_USER/BASIC_AUTH_PASS when set);
 4. the project's ``model_version`` set to the backend's current version: connecting a backend overwrites it with
@@ -47,7 +48,7 @@ log = logging.getLogger("setup_project")
 
 QUEUE_VIEW_TITLE = "Active learning queue"
 QUEUE_ORDERING = ["tasks:predictions_score"]  # ascending: lowest score (most informative) first
-SAMPLING = "Uncertainty sampling"
+SAMPLING = "Sequential sampling"  # over the queue view; see SHARED_QUEUE for why not "Uncertainty sampling"
 
 
 class SetupError(RuntimeError):

@@ -38,7 +38,7 @@ class JobProgress:
         """The round's version is live: `cli status` shows it (and its metrics) while the pool is re-scored."""
         self.update(version=version, metrics=meta.get("metrics"))
         log.info(
-            "project %s: serving %s, val IoU %s", self.project_id, version, (meta.get("metrics") or {}).get("val_iou")
+            "project %s: promoted %s, val IoU %s", self.project_id, version, (meta.get("metrics") or {}).get("val_iou")
         )
 
     def train_step(self, info: dict) -> None:

@@ -60,9 +60,11 @@ def _predictions_of(task: dict, version: str) -> list[dict]:
     return [p for p in task.get("predictions") or [] if p.get("model_version") == version]
 
 
-def _next_task(label_studio, project_id: int) -> int:
+def _next_task(label_studio, project_id: int, view_id: int) -> int:
+    """The task /next serves from the queue view (annotators label from it: sequential sampling over the view)."""
     resp = httpx.get(
         f"{label_studio.url}/api/projects/{project_id}/next",
+        params={"view": view_id},
         headers={"Authorization": f"Token {label_studio.api_key}"},
         timeout=30,
     )
@@ -151,7 +153,7 @@ def test_predictions_end_to_end(label_studio, ls, start_backend, scripts, em_dat
 
     most_uncertain_first = sorted(entropy, key=lambda tid: -entropy[tid])
     assert _view_order(ls, pid, view) == most_uncertain_first
-    assert _next_task(label_studio, pid) == most_uncertain_first[0]
+    assert _next_task(label_studio, pid, view) == most_uncertain_first[0]
 
     # Label Studio sent the tasks in one request per round (cold start, trained), each answered in full
     metrics_body = httpx.get(backend.url + "/metrics", timeout=10).json()

@@ -163,6 +163,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         job = Job.fetch(meta["job"], connection=conn, serializer=JSONSerializer)
         # the job sets the project's model_version in its last phase; it is marked finished a moment later
         _wait(lambda: job.get_status(refresh=True) == "finished", 120, "the training job to finish", on_timeout=logs)
+        job.refresh()  # the meta as the finished job left it (fetched above while the job was still running)
         assert job.kwargs["project_id"] == pid and job.kwargs["force"] is False
         assert job.meta["phase"] == "upload" and job.meta["progress"]["steps"] == 30
         assert {"read_s", "train_s", "score_s", "upload_s"} <= set(job.meta["timings"])
@@ -193,7 +194,8 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         assert sorted(order_after) == sorted(scores)
         assert [scores[t] for t in order_after] == sorted(scores.values())
         assert order_after != [tid for tid in order_before if tid in scores]
-        nxt = httpx.get(f"{label_studio.url}/api/projects/{pid}/next",
+        # annotators label from the queue view (sequential sampling over it: see labelstudio/setup.SHARED_QUEUE)
+        nxt = httpx.get(f"{label_studio.url}/api/projects/{pid}/next", params={"view": view},
                         headers={"Authorization": f"Token {label_studio.api_key}"}, timeout=30)  # fmt: skip
         nxt.raise_for_status()
         assert scores[int(nxt.json()["id"])] == min(scores.values())

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ml_backend.strategies.region import Rect
+
 from .labelconfig import BrushConfig, LabelConfigError, parse_label_config
 
 __all__ = [
@@ -69,26 +71,8 @@ class OverlayError(ValueError):
 
 
 @dataclass(frozen=True)
-class PixelRect:
-    """A half-open pixel rectangle [x0, x1) x [y0, y1) on an image."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    @property
-    def width(self) -> int:
-        return self.x1 - self.x0
-
-    @property
-    def height(self) -> int:
-        return self.y1 - self.y0
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        """(rows, cols) slices for indexing an (H, W) array."""
-        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+class PixelRect(Rect):
+    """A half-open pixel rectangle [x0, x1) x [y0, y1) on an image, checked before it becomes a result."""
 
     def check(self, height: int, width: int) -> None:
         """OverlayError unless the rectangle is non-empty and inside an image of this size."""

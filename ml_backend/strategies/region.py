@@ -52,16 +52,13 @@ DEFAULT_REGION_COST = 64.0  # pixel edges: about the outline of a 16-pixel-wide 
 
 
 @dataclass(frozen=True)
-class RegionSuggestion:
-    """The suggested window as a half-open pixel rectangle [x0, x1) x [y0, y1), with its gain, effort and score."""
+class Rect:
+    """A half-open pixel rectangle [x0, x1) x [y0, y1) on an (H, W) image."""
 
     x0: int
     y0: int
     x1: int
     y1: int
-    gain: float
-    effort: float  # predicted boundary length inside the window + region_cost
-    score: float  # gain / effort
 
     @property
     def width(self) -> int:
@@ -75,6 +72,15 @@ class RegionSuggestion:
     def slices(self) -> tuple[slice, slice]:
         """(rows, cols) slices for indexing an (H, W) array."""
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+
+@dataclass(frozen=True)
+class RegionSuggestion(Rect):
+    """The suggested window with its gain, effort and score."""
+
+    gain: float
+    effort: float  # predicted boundary length inside the window + region_cost
+    score: float  # gain / effort
 
 
 def _hard_labels(probs: np.ndarray) -> np.ndarray:

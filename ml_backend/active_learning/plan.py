@@ -1,10 +1,11 @@
 """The product's round plan: what ``run_round`` does for a project, from Settings (recipe, seeds, scoring) and the
 project's current version (the model to fine-tune; the project's pretrained weights for its first version).
 
-Also the product's selector (issue 11): ``StackAwareQueue`` re-orders the strategy's queue so that the next
-TRAIN_BATCH_SIZE tasks hold no near-duplicates (``strategies.batch.select_batch``: the same stack at overlapping xy
-within DIVERSITY_Z_RADIUS slices, or closer than DIVERSITY_FEATURE_RADIUS in the bottleneck features) and the audit
-tasks sit at their rate (``active_learning.audit``). Tile positions come from the task data the importer writes.
+Also the product's selector (issue 11): ``StackAwareQueue`` runs the benchmark's ``selection.StackAware`` over the
+strategy's queue so that the next TRAIN_BATCH_SIZE tasks hold no near-duplicates (the same stack at overlapping xy
+within DIVERSITY_Z_RADIUS slices, or closer than DIVERSITY_FEATURE_RADIUS in the bottleneck features) and adds what is
+the product's own: tile positions from the task data the importer writes, and the audit tasks at their rate
+(``active_learning.audit``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from ml_backend.active_learning.round import RoundPlan
-from ml_backend.active_learning.selection import QueueOrder, Ranking
+from ml_backend.active_learning.selection import QueueOrder, Ranking, StackAware
 from ml_backend.config import Settings, torch_device
-from ml_backend.inference.scoring import ScoringConfig
-from ml_backend.strategies.batch import BatchConfig, Neighbourhood, select_batch
+from ml_backend.inference.scoring import PoolScores, ScoringConfig
+from ml_backend.strategies.batch import BatchConfig, Neighbourhood
 from ml_backend.training.recipe import EnsembleSpec, ModelState, initial_model, product_train_config
 
 log = logging.getLogger(__name__)
@@ -164,45 +165,34 @@ def stack_aware_order(
     config: BatchConfig,
     labelled_positions: np.ndarray | None = None,
     labelled_embeddings: np.ndarray | None = None,
-    n_labelled: int = 0,
     audit: Sequence[int] = (),
     audit_every: int = 0,
     seed: int = 0,
 ) -> list[int]:
-    """The product's queue order: the next batch of ``k`` places without near-duplicates, then the rest.
-
-    ``base_scores``: the strategy's queue scores (lower = more informative). Audit tasks (``audit``, served one every
-    ``audit_every`` places in hash order, never chosen by the strategy) count as picked for the batch's exclusion
-    rules, so the batch does not repeat them either. The batch is ``strategies.batch.select_batch`` (stack
-    neighbourhood + feature radius, the configured method); the rest follows the base order.
-    """
+    """The served order ``StackAwareQueue`` gives for fixed queue scores ``base_scores`` (lower = more informative)
+    and ``positions`` (rows for ``ids``): the next batch of ``k`` places without near-duplicates, then the rest."""
     ids = [int(i) for i in ids]
-    audit_set = set(int(a) for a in audit)
-    audit_in = [a for a in (int(x) for x in audit) if a in set(ids)]
-    idx = np.asarray([i for i, tid in enumerate(ids) if tid not in audit_set], dtype=np.int64)
-    base = np.asarray(base_scores, dtype=np.float64)
-    rest_order = idx[np.argsort(base[idx], kind="stable")] if idx.size else idx
-    n_aud = audit_slots(k, len(audit_in), audit_every)
-    kk = max(0, min(k - n_aud, idx.size))
-    picked = np.zeros(0, dtype=np.int64)
-    if kk > 0:
-        pos_of = {tid: i for i, tid in enumerate(ids)}
-        served_audit = np.asarray([pos_of[a] for a in audit_in[:n_aud]], dtype=np.int64)
-        emb = np.zeros((len(ids), 1)) if embeddings is None else np.asarray(embeddings, dtype=np.float64)
-        cfg = config if embeddings is not None else dataclasses.replace(config, method="top", feature_radius=0.0)
-        lpos = [positions[served_audit]] + ([np.asarray(labelled_positions)] if labelled_positions is not None else [])
-        lemb = [emb[served_audit]]
-        if labelled_embeddings is not None and embeddings is not None and np.shape(labelled_embeddings)[0]:
-            lemb.append(np.asarray(labelled_embeddings, dtype=np.float64))
-        sel = select_batch(
-            -base[idx], emb[idx], positions[idx], kk,
-            labelled_embeddings=np.concatenate(lemb) if embeddings is not None else None,
-            labelled_positions=np.concatenate(lpos).reshape(-1, 6), n_labelled=n_labelled, config=cfg, seed=seed,
-        )  # fmt: skip
-        picked = idx[sel.order]
-    chosen = set(picked.tolist())
-    order = [ids[i] for i in picked] + [ids[i] for i in rest_order if i not in chosen]
-    return interleave_audit(order, audit_in, audit_every)
+    row = {t: i for i, t in enumerate(ids)}
+    pos = np.asarray(positions)
+    summary = {} if embeddings is None else {"embedding": np.asarray(embeddings)}
+    stack = StackAware(
+        _FixedQueue(np.asarray(base_scores, dtype=np.float64)), lambda xs: pos[[row[int(t)] for t in xs]], k=k,
+        config=config, labelled_positions=None if labelled_positions is None else lambda: labelled_positions,
+    )  # fmt: skip
+    queue = StackAwareQueue(stack, list(audit), audit_every)
+    return queue(None, ids, PoolScores(summary, np.ones(len(ids))), labelled_embeddings=labelled_embeddings,
+                 seed=seed).picked  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _FixedQueue:
+    """A queue selector with given scores (``stack_aware_order``)."""
+
+    scores: np.ndarray
+
+    def __call__(self, strategy: Any, ids: list[int], scores: Any, **_: Any) -> Ranking:
+        order = np.argsort(self.scores, kind="stable")
+        return Ranking(list(ids), [int(ids[i]) for i in order], self.scores)
 
 
 def rank_scores(ids: Sequence[int], order: Sequence[int]) -> np.ndarray:
@@ -212,46 +202,46 @@ def rank_scores(ids: Sequence[int], order: Sequence[int]) -> np.ndarray:
     return np.asarray([rank[int(t)] / n for t in ids], dtype=np.float64)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StackAwareQueue:
-    """The product's selector: the base queue (``QueueOrder``, any strategy) re-ordered so that the next
-    ``k`` = TRAIN_BATCH_SIZE tasks hold no near-duplicates in the stack or in feature space, with the audit tasks
-    interleaved at their rate; scores are ranks (comparable within one re-scoring, which pushes the whole pool).
+    """The product's selector: ``selection.StackAware`` (the benchmark's selector, around ``QueueOrder``) plus the
+    audit places: the audit tasks of the pool are never picked, the ones served within the next ``stack.k`` places
+    count as picked for the exclusion rules (``StackAware.served``), and all of them are interleaved one every
+    ``audit_every`` places (``interleave_audit``). Scores are ranks of the served order (comparable within one
+    re-scoring, which pushes the whole pool)."""
 
-    Embeddings come from the pool summary (``labelstudio.loop.score_tiles`` adds the bottleneck embedding to every
-    strategy's summary when BATCH_DIVERSITY is on); without them only the stack rule applies.
-    """
-
-    base: Any  # Selector (QueueOrder)
-    tasks: dict[int, dict]
-    k: int
-    config: BatchConfig
-    labelled_ids: Sequence[int] = ()
+    stack: StackAware
     audit: Sequence[int] = ()
     audit_every: int = 0
-    wants_labelled_embeddings: bool = True
+
+    @property
+    def config(self) -> BatchConfig | None:
+        return self.stack.config
+
+    @property
+    def wants_labelled_embeddings(self) -> bool:
+        return self.stack.wants_labelled_embeddings
 
     def __call__(
         self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
     ) -> Ranking:
-        base = self.base(strategy, ids, scores, labelled_embeddings=labelled_embeddings, seed=seed)
-        emb = scores.summary.get("embedding")
-        labelled = [int(t) for t in self.labelled_ids]
-        order = stack_aware_order(
-            ids, base.scores, emb, positions_of(ids, self.tasks), k=self.k, config=self.config,
-            labelled_positions=positions_of(labelled, self.tasks),
-            labelled_embeddings=labelled_embeddings if emb is not None else None, n_labelled=len(labelled),
-            audit=self.audit, audit_every=self.audit_every, seed=seed,
-        )  # fmt: skip
+        pool = {int(t) for t in ids}
+        audit = [a for a in (int(x) for x in self.audit) if a in pool]
+        served = audit[: audit_slots(self.stack.k, len(audit), self.audit_every)]
+        stack = dataclasses.replace(self.stack, held_out=tuple(audit), served=tuple(served))
+        ranking = stack(strategy, ids, scores, labelled_embeddings=labelled_embeddings, seed=seed)
+        held = set(audit)
+        order = interleave_audit([t for t in ranking.picked if int(t) not in held], audit, self.audit_every)
         return Ranking(list(ids), order, rank_scores(ids, order))
 
 
 def product_selector(
     settings: Settings, num_classes: int, tasks: dict[int, dict], labelled_ids: Sequence[int], audit: Sequence[int]
 ) -> Any:
-    """The job's selector: ``StackAwareQueue`` over ``QueueOrder`` when BATCH_DIVERSITY is on; off, the strategy's
-    order with the audit tasks still interleaved (the audit rate does not depend on diversity), or plain
-    ``QueueOrder`` (the strategy's own scores) when there is no audit task to serve either."""
+    """The job's selector: ``StackAwareQueue`` (``selection.StackAware`` over ``QueueOrder``, positions from the task
+    data, plus the audit places) when BATCH_DIVERSITY is on; off, the strategy's order with the audit tasks still
+    interleaved (the audit rate does not depend on diversity), or plain ``QueueOrder`` (the strategy's own scores)
+    when there is no audit task to serve either."""
     from ml_backend.active_learning.audit import audit_every
 
     every = audit_every(settings.audit_fraction)
@@ -260,7 +250,9 @@ def product_selector(
     cfg = batch_config(settings)
     if not settings.batch_diversity:
         cfg = dataclasses.replace(cfg, method="top", feature_radius=0.0, neighbourhood=Neighbourhood(z_radius=-1))
-    return StackAwareQueue(
-        QueueOrder(num_classes), tasks, settings.train_batch_size, cfg, list(labelled_ids), list(audit), every,
-        wants_labelled_embeddings=settings.batch_diversity,
+    labelled = [int(t) for t in labelled_ids]
+    stack = StackAware(
+        QueueOrder(num_classes), lambda ids: positions_of(ids, tasks), k=settings.train_batch_size, config=cfg,
+        labelled_positions=lambda: positions_of(labelled, tasks), wants_labelled_embeddings=settings.batch_diversity,
     )  # fmt: skip
+    return StackAwareQueue(stack, list(audit), every)

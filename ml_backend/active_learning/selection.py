@@ -116,6 +116,11 @@ class StackAware:
     For a queue the picked tiles take the ``k`` lowest queue scores (strictly increasing, in pick order) and the
     rest keep the inner order after them, so the same score values are reused and Label Studio serves the batch
     first. For a plain batch, ``picked`` is the k tiles.
+
+    ``held_out``: pool ids never picked (the product's audit tasks, which it serves at their own places); they
+    follow the batch in the inner order like the rest. ``served``: pool ids the caller serves within this batch
+    (the product's audit places): they take ``len(served)`` of the ``k`` places, are never picked, and exclude their
+    near-duplicates (stack and feature rule) like picked tiles.
     """
 
     inner: Any  # TopK | QueueOrder
@@ -125,6 +130,8 @@ class StackAware:
     labelled_positions: Callable[[], np.ndarray] | None = None
     # run_round embeds the labelled tiles for this selector (feature rule against them, TypiClust's covered clusters)
     wants_labelled_embeddings: bool = False
+    held_out: Sequence[int] = ()
+    served: Sequence[int] = ()
 
     def __call__(
         self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
@@ -139,7 +146,8 @@ class StackAware:
         if n == 0:
             return ranking
         emb = scores.summary.get("embedding") if isinstance(scores.summary, dict) else None
-        if emb is None or np.shape(emb)[0] != n:
+        features = not (emb is None or np.shape(emb)[0] != n)
+        if not features:
             emb, labelled_embeddings = np.zeros((n, 1)), None
             cfg = _no_feature_rule(cfg)
         elif labelled_embeddings is not None and np.shape(labelled_embeddings)[1:] != np.shape(emb)[1:]:
@@ -148,18 +156,35 @@ class StackAware:
         if lpos is not None and len(lpos) == 0:
             lpos = None
         k = min(self.k, n)
+        emb, positions = np.asarray(emb, dtype=np.float64), np.asarray(self.positions(ids))
+        n_labelled = None if lpos is None else len(lpos)
+        cand = None
+        if len(self.held_out) or len(self.served):
+            index = {int(t): i for i, t in enumerate(ids)}
+            held = {int(t) for t in (*self.held_out, *self.served)}
+            cand = np.asarray([i for i, t in enumerate(ids) if int(t) not in held], dtype=np.int64)
+            seat = np.asarray([index[int(t)] for t in self.served if int(t) in index], dtype=np.int64)
+            k = max(0, min(self.k - seat.size, cand.size))
+            if n_labelled is None:
+                n_labelled = 0 if labelled_embeddings is None else int(np.shape(labelled_embeddings)[0])
+            if seat.size:  # served tiles exclude like picks: first in the labelled rows, then the labelled tiles
+                lpos = np.concatenate([positions[seat], *([] if lpos is None else [np.asarray(lpos)])])
+                if features:
+                    lab = [] if labelled_embeddings is None else [np.asarray(labelled_embeddings, dtype=np.float64)]
+                    labelled_embeddings = np.concatenate([emb[seat], *lab])
+            info, emb, positions = info[cand], emb[cand], positions[cand]
         batch = select_batch(
             info,
-            np.asarray(emb, dtype=np.float64),
-            np.asarray(self.positions(ids)),
+            emb,
+            positions,
             k,
             labelled_embeddings=labelled_embeddings,
             labelled_positions=lpos,
-            n_labelled=None if lpos is None else len(lpos),
+            n_labelled=n_labelled,
             config=cfg,
             seed=seed,
         )
-        head = [int(i) for i in batch.order]
+        head = [int(i) if cand is None else int(cand[i]) for i in batch.order]
         chosen = set(head)
         if ranking.scores is None:
             arr = np.asarray(ids, dtype=np.int64)
@@ -176,6 +201,7 @@ class StackAware:
 
 
 def _no_feature_rule(cfg: Any) -> Any:
+    """Without embeddings only the stack rule applies: the inner ranking with the exclusions ("top")."""
     from dataclasses import replace
 
-    return replace(cfg, feature_radius=0.0)
+    return replace(cfg, method="top", feature_radius=0.0)

@@ -314,28 +314,27 @@ def _watch_socket(sock: socket.socket | None) -> None:
         watch.add(sock)
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    """Registers its socket with the current fetch's watchdog (new connections and reused pooled ones)."""
+class _Watched:
+    """Mixin: registers the connection's socket with the current fetch's watchdog (new and reused pooled ones)."""
+
+    sock: socket.socket | None
 
     def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
+        sock = super()._new_conn()  # type: ignore[misc]
         _watch_socket(sock)
         return sock
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         _watch_socket(self.sock)
-        return super().getresponse(*args, **kwargs)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _watch_socket(sock)
-        return sock
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
 
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        _watch_socket(self.sock)
-        return super().getresponse(*args, **kwargs)
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _HTTPPool(HTTPConnectionPool):

@@ -65,6 +65,17 @@ def _prediction(cfg, probs: np.ndarray) -> tuple[list[dict], np.ndarray]:
     return result, predicted
 
 
+def _magenta_until(canvas, done, timeout_s: float = 30.0) -> int:
+    """Magenta pixels on the canvas once ``done(count)`` holds (the canvas repaints asynchronously), or the last count
+    seen when ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        count = _magenta_pixels(canvas.screenshot())
+        if done(count) or time.monotonic() > deadline:
+            return count
+        time.sleep(0.3)
+
+
 def _annotations(ls, task_id: int) -> list[dict]:
     from ml_backend.labelstudio.client import as_dict
 
@@ -109,9 +120,9 @@ def test_labelling_page_shows_mask_uncertainty_and_suggestion(label_studio, ls, 
     assert any(n.startswith("Mitochondria") for n in names), names
     assert "Uncertain" in names and "Suggested region" in names, names
     assert len(names) == 3, names
-    page.wait_for_timeout(1500)  # the brush layers are painted onto the canvas after the list appears
     canvas = page.locator(".lsf-main-content, .lsf-main-view").first
-    shown = _magenta_pixels(canvas.screenshot())
+    # the brush layers are painted onto the canvas after the list appears (later on a loaded machine)
+    shown = _magenta_until(canvas, lambda n: n > 500)
     assert shown > 500, f"uncertainty layer not drawn ({shown} magenta pixels)"
     shot = artifacts / "label-studio-uncertainty.png"
     page.screenshot(path=str(shot))
@@ -121,14 +132,12 @@ def test_labelling_page_shows_mask_uncertainty_and_suggestion(label_studio, ls, 
     uncertain_item.hover()
     toggle = uncertain_item.locator(".lsf-outliner-item__control_type_visibility button")
     toggle.click()
-    page.wait_for_timeout(800)
-    hidden = _magenta_pixels(canvas.screenshot())
+    hidden = _magenta_until(canvas, lambda n: n < shown / 5)
     assert hidden < shown / 5, (shown, hidden)
     page.screenshot(path=str(artifacts / "label-studio-uncertainty-hidden.png"))
     uncertain_item.hover()
     toggle.click()
-    page.wait_for_timeout(800)
-    assert _magenta_pixels(canvas.screenshot()) > shown / 2
+    assert _magenta_until(canvas, lambda n: n > shown / 2) > shown / 2
 
     # --- submit: Label Studio keeps all three regions in the annotation; training sees only the mask
     page.get_by_role("button", name="submit").first.click()

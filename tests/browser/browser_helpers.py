@@ -30,3 +30,16 @@ def login(page: Any, server: Any) -> None:
     page.fill("input[name=password]", server.password)
     page.click("button[type=submit]")
     page.wait_for_url(lambda url: "/user/login" not in url)
+
+
+def region_titles(page: Any, at_least: int, timeout_ms: int = 60_000) -> list[str]:
+    """The titles in the editor's Regions list once it holds ``at_least`` entries, read in the page in one go: Label
+    Studio re-renders the list as layers and images load, so a wait followed by a separate read can see it empty."""
+    return page.wait_for_function(
+        """(n) => {
+            const t = [...document.querySelectorAll('.lsf-outliner-item__title')].map(e => e.innerText.trim());
+            return t.length >= n ? t : null;
+        }""",
+        arg=at_least,
+        timeout=timeout_ms,
+    ).json_value()

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from browser_helpers import REPO, login
+from browser_helpers import REPO, login, region_titles
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -78,12 +78,7 @@ def test_annotator_and_team_lead_views(label_studio, ls, start_backend, scripts,
     try:
         login(page, label_studio)
         page.goto(f"{label_studio.url}/projects/{pid}/data?tab={view}&task={first_task}")
-        names = page.wait_for_function(  # read in the page, in one go: the list is re-rendered as layers load
-            """() => {
-                const t = [...document.querySelectorAll('.lsf-outliner-item__title')].map(e => e.innerText.trim());
-                return t.length >= 3 ? t : null;
-            }"""
-        ).json_value()
+        names = region_titles(page, 3)
         assert any(n.startswith("Mitochondria") for n in names), names  # the pre-annotation region
         assert "Uncertain" in names and "Suggested region" in names, names
         page.wait_for_timeout(1500)  # brush layers are painted onto the canvas after the list appears

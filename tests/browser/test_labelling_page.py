@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_helpers import REPO, login
+from browser_helpers import REPO, login, region_titles
 
 pytestmark = pytest.mark.integration
 
@@ -114,9 +114,7 @@ def test_labelling_page_shows_mask_uncertainty_and_suggestion(label_studio, ls, 
     # --- the labelling page: three regions listed, the layer drawn
     login(page, label_studio)
     page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task_id}")
-    titles = page.locator(".lsf-outliner-item__title")
-    page.wait_for_function("document.querySelectorAll('.lsf-outliner-item__title').length >= 3", timeout=60_000)
-    names = [t.strip() for t in titles.all_inner_texts()]
+    names = region_titles(page, 3)
     assert any(n.startswith("Mitochondria") for n in names), names
     assert "Uncertain" in names and "Suggested region" in names, names
     assert len(names) == 3, names
@@ -197,8 +195,7 @@ def test_25d_page_shows_the_neighbouring_slices(label_studio, ls, page, artifact
     ).json_value()
     assert {src.split("/")[-1] for src in loaded} >= {"image_prev.png", "image.png", "image_next.png"}
     # the editor re-renders the Regions list once every image has loaded: wait for it to be back
-    page.wait_for_function("document.querySelectorAll('.lsf-outliner-item__title').length >= 1", timeout=30_000)
-    assert page.locator(".lsf-outliner-item__title").all_inner_texts()[0].strip().startswith("Mitochondria")
+    assert region_titles(page, 1, timeout_ms=30_000)[0].startswith("Mitochondria")
     page.wait_for_timeout(1000)
     shot = artifacts / "label-studio-25d.png"
     page.screenshot(path=str(shot))

@@ -11,11 +11,14 @@ share it: the product wraps ``QueueOrder``, the benchmark ``TopK``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,8 +112,10 @@ class StackAware:
     on top); ``strategies.batch.select_batch`` picks ``k`` tiles under the stack neighbourhood rule (``positions``:
     pool ids -> [stack, z, y, x, size]; ``labelled_positions``: the labelled tiles' rows, whose neighbours are
     skipped) and the feature rule (bottleneck embeddings from the scored pool's ``summary["embedding"]``; without
-    them the feature rule is off and only the stack rule applies). ``config.method``: "top" keeps the inner ranking
-    with the exclusions only; "auto" switches TypiClust (Hacohen et al. 2022, low budget) / uncertainty-weighted
+    them the feature rule is off and only the stack rule applies). A z radius of "auto" is measured on the pool's
+    ``summary["thumbnail"]`` (``strategies.batch.thumbnail``; without them: the fallback radius). ``config.method``:
+    "top" keeps the inner ranking with the exclusions only; "stochastic" draws it (softrank, Kirsch et al. 2023);
+    "auto" switches TypiClust (Hacohen et al. 2022, low budget) / uncertainty-weighted
     k-means (Zhdanov 2019, high budget); "typiclust" / "weighted_kmeans" force one.
 
     For a queue the picked tiles take the ``k`` lowest queue scores (strictly increasing, in pick order) and the
@@ -140,12 +145,15 @@ class StackAware:
 
         cfg = self.config or BatchConfig(method="top")
         ranking, info = _informativeness(
-            self.inner, strategy, ids, scores, labelled_embeddings, seed, cfg.method == "top"
+            self.inner, strategy, ids, scores, labelled_embeddings, seed, cfg.method in ("top", "stochastic")
         )
         n = len(ids)
         if n == 0:
             return ranking
         emb = scores.summary.get("embedding") if isinstance(scores.summary, dict) else None
+        thumbs = scores.summary.get("thumbnail") if isinstance(scores.summary, dict) else None
+        if thumbs is not None and np.shape(thumbs)[0] != n:
+            thumbs = None
         features = not (emb is None or np.shape(emb)[0] != n)
         if not features:
             emb, labelled_embeddings = np.zeros((n, 1)), None
@@ -173,6 +181,7 @@ class StackAware:
                     lab = [] if labelled_embeddings is None else [np.asarray(labelled_embeddings, dtype=np.float64)]
                     labelled_embeddings = np.concatenate([emb[seat], *lab])
             info, emb, positions = info[cand], emb[cand], positions[cand]
+            thumbs = None if thumbs is None else np.asarray(thumbs)[cand]
         batch = select_batch(
             info,
             emb,
@@ -183,7 +192,13 @@ class StackAware:
             n_labelled=n_labelled,
             config=cfg,
             seed=seed,
+            z_features=thumbs,
         )
+        log.info(
+            "stack-aware batch: %d tiles, method %s, z radius %s%s, %d picked after relaxing the rules",
+            len(batch.order), cfg.method, batch.z_radius, " (measured)" if cfg.neighbourhood.is_auto else "",
+            batch.relaxed,
+        )  # fmt: skip
         head = [int(i) if cand is None else int(cand[i]) for i in batch.order]
         chosen = set(head)
         if ranking.scores is None:

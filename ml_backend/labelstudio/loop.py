@@ -63,6 +63,11 @@ def score_tiles(
     if getattr(settings, "batch_diversity", False):
         strategy = WithEmbedding(strategy)
     scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
+    if getattr(settings, "batch_diversity", False) and images:
+        from ml_backend.strategies.batch import thumbnail
+
+        # The stack rule's "auto" z radius is measured on what the tiles look like (strategies.batch).
+        scored.summary["thumbnail"] = np.stack([thumbnail(im) for im in images])
     return scored.summary, results, scored.pixels
 
 

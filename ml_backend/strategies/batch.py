@@ -12,6 +12,16 @@ same reason. Two rules fix that for every strategy:
    candidate closer than ``feature_radius`` (a fraction of the pool's median pairwise distance) to a picked or
    labelled tile is skipped.
 
+How far apart slices must be to stop being near-duplicates depends on the stack: in an isotropic FIB-SEM stack
+(5-10 nm sections) slice z and z+3 are nearly the same image, in a serial-section TEM stack (VNC: 50 nm sections)
+slice z+1 already shows different membranes. ``Neighbourhood(z_radius="auto")`` measures it on the
+pool (``estimate_z_radius``): the largest z distance at which tiles at the same xy still look more alike than all
+but ``AUTO_QUANTILE`` of unrelated tile pairs. "Look alike" is measured on normalised 8 x 8 thumbnails of the
+tiles (``thumbnail``), not on the U-Net's features: it is a property of the images, and a model trained on 20
+tiles separates neighbouring slices poorly from unrelated tiles. A fixed radius over-excludes anisotropic stacks
+(issue 11 measured VNC's late batches running out of allowed mitochondria with a radius of 3) and under-excludes
+isotropic ones.
+
 Both rules are hard while candidates remain and relax (in that order: feature radius first, then stack
 neighbourhood) only when every remaining tile is excluded, so a batch always has ``min(k, n)`` tiles.
 
@@ -32,7 +42,14 @@ lowered test IoU on an isotropic stack). ``select_batch`` therefore switches on 
 
 ``coverage_order`` orders a whole pool before any label (the cold start): the k-means/typicality picks first, then
 farthest-first traversal (greedy k-center, Sener & Savarese 2018) with the same exclusions, so the queue can be
-sorted by it and the first tiles served span the data. Everything is a pure function of numpy arrays (seeded).
+sorted by it and the first tiles served span the data.
+
+Method ``"stochastic"`` draws the batch instead of taking the top of the ranking: Kirsch et al. 2023 ("Stochastic
+Batch Acquisition: A Simple Baseline for Deep Active Learning", TMLR) show that sampling tiles with probability
+proportional to rank^-1 (softrank, Gumbel-top-k) matches or beats top-k and costly batch methods, because the top
+of a score ranking is redundant and concentrated on one kind of sample (for EM: boundary-heavy, foreground-rich
+tiles, the class-prior shift issue 11 measured); the exclusions apply to every draw. Everything is a pure function of
+numpy arrays (seeded).
 """
 
 from __future__ import annotations
@@ -52,9 +69,13 @@ __all__ = [
     "Neighbourhood",
     "StackPositions",
     "coverage_order",
+    "estimate_z_radius",
     "is_low_budget",
+    "resolve_neighbourhood",
     "select_batch",
+    "softrank_keys",
     "stack_conflicts",
+    "thumbnail",
     "typicality",
 ]
 
@@ -109,17 +130,113 @@ class Neighbourhood:
     disables the rule.
     """
 
-    z_radius: int = 3
+    z_radius: int | str = 3
     xy_margin: int = 0
     min_overlap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.xy_margin < 0 or not 0.0 <= self.min_overlap < 1.0:
             raise ValueError(f"need xy_margin >= 0 and 0 <= min_overlap < 1, got {self.xy_margin}, {self.min_overlap}")
+        if self.z_radius != AUTO and (isinstance(self.z_radius, str) or self.z_radius < -1):
+            raise ValueError(f"z_radius must be an integer >= -1 or {AUTO!r}, got {self.z_radius!r}")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.z_radius == AUTO
+
+
+AUTO = "auto"
+AUTO_QUANTILE = 0.01  # "near-duplicate": closer than all but 1% of unrelated tile pairs (a one-sided 1% test)
+THUMBNAIL = 8  # thumbnail side (pixels): coarse enough that imaging noise averages out
+AUTO_MAX_Z_RADIUS = 8
+AUTO_FALLBACK_Z_RADIUS = 1  # no embeddings to measure with: the neighbouring slices only
+_AUTO_ANCHORS = 2000  # tiles whose same-xy neighbours are measured (bounds the O(n * anchors) cost)
+_AUTO_UNRELATED = 4000  # unrelated pairs that set the distance scale
+_AUTO_MIN_PAIRS = 8  # fewer same-xy pairs at a z distance than this: stop measuring there
+
+
+def thumbnail(image: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
+    """(size * size,) block means of a tile (the centre channel of a (C, H, W) context tile), standardised to mean 0
+    and standard deviation 1 so that slice-to-slice brightness and contrast drift do not count as difference."""
+    a = np.asarray(image, dtype=np.float64)
+    if a.ndim == 3:
+        a = a[a.shape[0] // 2]
+    if a.ndim != 2 or min(a.shape) < 1:
+        raise ValueError(f"thumbnail needs an (H, W) or (C, H, W) image, got {np.shape(image)}")
+    rows = np.linspace(0, a.shape[0], size + 1).astype(int)[:-1]
+    cols = np.linspace(0, a.shape[1], size + 1).astype(int)[:-1]
+    t = np.add.reduceat(np.add.reduceat(a, rows, axis=0), cols, axis=1)
+    counts = np.outer(np.diff(np.append(rows, a.shape[0])), np.diff(np.append(cols, a.shape[1])))
+    t = (t / np.maximum(counts, 1)).ravel()
+    return (t - t.mean()) / (t.std() + 1e-9)
+
+
+def estimate_z_radius(
+    features: np.ndarray,
+    positions: StackPositions | np.ndarray,
+    *,
+    quantile: float = AUTO_QUANTILE,
+    max_radius: int = AUTO_MAX_Z_RADIUS,
+    seed: int = 0,
+) -> int:
+    """The z distance (slices) up to which tiles at the same xy of a stack are near-duplicates, measured on the pool.
+
+    ``features``: (n, D) per tile, ideally ``thumbnail``s. Pairs of tiles of one stack whose boxes overlap by more
+    than half, ``dz`` slices apart, are compared with unrelated pairs (different stack, or boxes that do not
+    overlap): the radius is the largest ``dz`` such that for every ``1 <= d <= dz`` the median same-xy distance at
+    ``d`` lies below the ``quantile`` of the unrelated distances. 0 when even adjacent slices differ like unrelated
+    tiles (only the same slice is then excluded).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    pos = positions if isinstance(positions, StackPositions) else StackPositions.from_array(positions)
+    n = x.shape[0]
+    if n < 2 or len(pos) != n:
+        return 0
+    rng = np.random.default_rng([seed, 11])
+    same = Neighbourhood(z_radius=max_radius, min_overlap=0.5)
+    by_dz: dict[int, list[float]] = {}
+    for i in rng.permutation(n)[:_AUTO_ANCHORS]:
+        near = np.flatnonzero(stack_conflicts(pos, int(i), pos, same) & (pos.z != pos.z[i]))
+        if near.size:
+            d = np.sqrt(((x[near] - x[i]) ** 2).sum(axis=1))
+            for dz, dist in zip(np.abs(pos.z[near] - pos.z[i]).tolist(), d.tolist(), strict=True):
+                by_dz.setdefault(int(dz), []).append(dist)
+    a, b = rng.integers(0, n, _AUTO_UNRELATED), rng.integers(0, n, _AUTO_UNRELATED)
+    oy = np.minimum(pos.y[a] + pos.h[a], pos.y[b] + pos.h[b]) - np.maximum(pos.y[a], pos.y[b])
+    ox = np.minimum(pos.x[a] + pos.w[a], pos.x[b] + pos.w[b]) - np.maximum(pos.x[a], pos.x[b])
+    unrelated = (a != b) & ((pos.stack[a] != pos.stack[b]) | (oy <= 0) | (ox <= 0))
+    if unrelated.sum() < _AUTO_MIN_PAIRS:
+        return 0
+    scale = np.quantile(np.sqrt(((x[a[unrelated]] - x[b[unrelated]]) ** 2).sum(axis=1)), quantile)
+    radius = 0
+    for dz in range(1, max_radius + 1):
+        d = by_dz.get(dz, [])
+        if len(d) < _AUTO_MIN_PAIRS or not np.median(d) < scale:
+            break
+        radius = dz
+    return radius
+
+
+def resolve_neighbourhood(
+    nb: Neighbourhood, features: np.ndarray | None, positions: StackPositions, seed: int = 0
+) -> Neighbourhood:
+    """``nb`` with an integer radius: "auto" measured on ``features`` (``estimate_z_radius``; thumbnails), or
+    ``AUTO_FALLBACK_Z_RADIUS`` without features to measure with."""
+    if not nb.is_auto:
+        return nb
+    from dataclasses import replace
+
+    f = None if features is None else np.asarray(features, dtype=np.float64)
+    if f is None or f.ndim != 2 or f.shape[0] != len(positions) or f.shape[1] == 0 or np.ptp(f) == 0:
+        return replace(nb, z_radius=AUTO_FALLBACK_Z_RADIUS)
+    return replace(nb, z_radius=estimate_z_radius(f, positions, seed=seed))
 
 
 def stack_conflicts(pos: StackPositions, i: int, others: StackPositions, nb: Neighbourhood) -> np.ndarray:
-    """(len(others),) bool: which ``others`` are near-duplicates of tile ``i`` of ``pos`` under ``nb``."""
+    """(len(others),) bool: which ``others`` are near-duplicates of tile ``i`` of ``pos`` under ``nb`` (an integer
+    radius: resolve "auto" first with ``resolve_neighbourhood``)."""
+    if nb.is_auto:
+        raise ValueError('resolve z_radius="auto" with resolve_neighbourhood before testing conflicts')
     if nb.z_radius < 0 or len(others) == 0:
         return np.zeros(len(others), dtype=bool)
     m = nb.xy_margin
@@ -137,12 +254,15 @@ def stack_conflicts(pos: StackPositions, i: int, others: StackPositions, nb: Nei
     )
 
 
+METHODS = ("auto", "typiclust", "weighted_kmeans", "top", "stochastic")
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """Parameters of ``select_batch`` / ``coverage_order`` (defaults: see the module docstring)."""
 
     neighbourhood: Neighbourhood = field(default_factory=Neighbourhood)
-    method: str = "auto"  # "auto" (budget switch) | "typiclust" | "weighted_kmeans" | "top"
+    method: str = "auto"  # "auto" (budget switch) | "typiclust" | "weighted_kmeans" | "top" | "stochastic"
     feature_radius: float = 0.05  # x median pairwise embedding distance; 0 disables the feature rule
     candidates_factor: int = 10  # weighted k-means clusters the top candidates_factor * k tiles by score
     low_budget_labels: int | None = None  # None: max(2 k, low_budget_fraction * (pool + labelled))
@@ -151,7 +271,7 @@ class BatchConfig:
     max_clusters: int = 500  # TypiClust caps the cluster count (the paper's code uses 500)
 
     def __post_init__(self) -> None:
-        if self.method not in {"auto", "typiclust", "weighted_kmeans", "top"}:
+        if self.method not in METHODS:
             raise ValueError(f"unknown batch method {self.method!r}")
         if self.feature_radius < 0 or self.candidates_factor < 1 or self.typicality_neighbours < 1:
             raise ValueError("feature_radius >= 0, candidates_factor >= 1, typicality_neighbours >= 1 required")
@@ -160,11 +280,13 @@ class BatchConfig:
 @dataclass
 class BatchSelection:
     """``order``: picked pool indices, first = most wanted; ``regime``: "low_budget" | "high_budget" | the method;
-    ``relaxed``: picks made after every remaining tile was excluded (0 when the rules held for the whole batch)."""
+    ``relaxed``: picks made after every remaining tile was excluded (0 when the rules held for the whole batch);
+    ``z_radius``: the radius the stack rule used."""
 
     order: np.ndarray
     regime: str
     relaxed: int = 0
+    z_radius: int | None = None  # the stack rule's radius in slices (measured when the config says "auto")
 
 
 def is_low_budget(n_labelled: int, n_total: int, k: int, config: BatchConfig) -> bool:
@@ -220,9 +342,11 @@ class _Picker:
         labelled_x: np.ndarray | None,
         labelled_pos: StackPositions | None,
         seed: int,
+        z_features: np.ndarray | None = None,
     ) -> None:
         n = x.shape[0]
-        self.x, self.pos, self.nb = x, pos, config.neighbourhood
+        self.x, self.pos = x, pos
+        self.nb = resolve_neighbourhood(config.neighbourhood, z_features, pos, seed)
         self.chosen = np.zeros(n, dtype=bool)
         self.stack_blocked = np.zeros(n, dtype=bool)
         self.feat_blocked = np.zeros(n, dtype=bool)
@@ -366,6 +490,7 @@ def select_batch(
     n_labelled: int | None = None,
     config: BatchConfig | None = None,
     seed: int = 0,
+    z_features: np.ndarray | None = None,
 ) -> BatchSelection:
     """Pick ``min(k, n)`` pool tiles (indices, most wanted first) without near-duplicates in stack or features.
 
@@ -373,6 +498,7 @@ def select_batch(
     embeddings: (n, D) bottleneck features (``model.embed``). positions: ``StackPositions`` / (n, 5|6) array, or
     None when tiles have no stack position. ``labelled_*``: the already labelled tiles (their neighbours are
     skipped; TypiClust counts them as covering their clusters). ``n_labelled`` defaults to the labelled rows given.
+    ``z_features``: (n, D) ``thumbnail``s the "auto" z radius is measured on (None: the fallback radius).
     """
     cfg = config or BatchConfig()
     s = np.asarray(scores, dtype=np.float64)
@@ -406,14 +532,25 @@ def select_batch(
     regime = {"typiclust": "low_budget", "weighted_kmeans": "high_budget"}.get(method, method)
     if k == 0:
         return BatchSelection(np.zeros(0, dtype=np.int64), regime)
-    picker = _Picker(x, pos, cfg, lx, lpos, seed)
+    picker = _Picker(x, pos, cfg, lx, lpos, seed, z_features)
     if method == "typiclust":
         _typiclust(picker, x, lx, k, cfg, seed)
     elif method == "weighted_kmeans":
         _weighted_kmeans(picker, x, s, k, cfg, seed)
+    elif method == "stochastic":
+        picker.fill_by(softrank_keys(s, seed), k)
     else:  # "top": the score ranking with the exclusion rules only
         picker.fill_by(s, k)
-    return BatchSelection(np.asarray(picker.order, dtype=np.int64), regime, picker.relaxed)
+    return BatchSelection(np.asarray(picker.order, dtype=np.int64), regime, picker.relaxed, int(picker.nb.z_radius))
+
+
+def softrank_keys(scores: np.ndarray, seed: int, beta: float = 1.0) -> np.ndarray:
+    """Gumbel-top-k keys of softrank acquisition (Kirsch et al. 2023): the k largest keys are a draw without
+    replacement with P(tile) proportional to rank^-beta (rank 1 = highest score; ties broken by index)."""
+    s = np.asarray(scores, dtype=np.float64)
+    rank = np.empty(s.size, dtype=np.float64)
+    rank[np.argsort(-s, kind="stable")] = np.arange(1, s.size + 1)
+    return -beta * np.log(rank) + np.random.default_rng([seed, 13]).gumbel(size=s.size)
 
 
 def coverage_order(
@@ -424,6 +561,7 @@ def coverage_order(
     config: BatchConfig | None = None,
     seed: int = 0,
     method: str = "typiclust",
+    z_features: np.ndarray | None = None,
 ) -> np.ndarray:
     """A full ordering of the pool (every index once) for the first batches, before any label.
 
@@ -445,7 +583,7 @@ def coverage_order(
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     k = max(0, min(k, n))
-    picker = _Picker(x, pos, cfg, None, None, seed)
+    picker = _Picker(x, pos, cfg, None, None, seed, z_features)
     head = min(n, max(k, _FULL_TRAVERSAL))
     if method == "random":
         priority = np.random.default_rng([seed, 7]).permutation(n).astype(np.float64)

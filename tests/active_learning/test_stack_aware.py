@@ -38,7 +38,7 @@ def _groups_of(picked, ids, group):
     return [int(group[index[t]]) for t in picked]
 
 
-@pytest.mark.parametrize("method", ["top", "weighted_kmeans", "auto"])
+@pytest.mark.parametrize("method", ["top", "weighted_kmeans", "auto", "stochastic"])
 @pytest.mark.parametrize("embeddings", [True, False])
 def test_topk_batch_has_one_tile_per_group(method, embeddings):
     ids, pos, group, scores = _pool()

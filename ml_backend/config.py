@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     model_depth: int = Field(4, ge=1, validation_alias=_env("MODEL_DEPTH", "model_depth"))
     model_dropout: float = Field(0.2, ge=0, lt=1, validation_alias=_env("MODEL_DROPOUT", "model_dropout"))
     model_norm: str = Field("batch", validation_alias=_env("MODEL_NORM", "model_norm"))  # batch|group|instance|none
+    # 2.5D context (issue 11): the slices z + offset the model reads as input channels (comma-separated, must hold
+    # 0, e.g. "-1,0,1"); neighbours are the same tile window on the same stack (ml_backend.data.context rules: edges
+    # clamped, missing slices replaced by the tile's own). "0" = plain 2-D. A stored model built for other offsets
+    # is not fine-tuned: the next training starts a new model.
+    context_offsets: str = Field("0", validation_alias=_env("CONTEXT_OFFSETS", "context_offsets"))
     # Training.
     learning_rate: float = Field(5e-4, gt=0, validation_alias=_env("LEARNING_RATE", "learning_rate"))
     # A project's first version trains from scratch: the papers' initial rate (1e-3) rather than the fine-tuning one.
@@ -177,6 +182,20 @@ class Settings(BaseSettings):
         if value not in {"weighted_kmeans", "typiclust", "auto", "top"}:
             raise ValueError(f"expected weighted_kmeans, typiclust, auto or top, got {value!r}")
         return value
+
+    @field_validator("context_offsets")
+    @classmethod
+    def _context_offsets(cls, value: str) -> str:
+        from ml_backend.data.context import parse_offsets
+
+        return ",".join(str(o) for o in parse_offsets(str(value)))
+
+    @property
+    def context_offset_list(self) -> tuple[int, ...]:
+        """CONTEXT_OFFSETS as integers (validated: distinct, holding 0)."""
+        from ml_backend.data.context import parse_offsets
+
+        return parse_offsets(self.context_offsets)
 
     @field_validator("uncertainty_thresholds")
     @classmethod

@@ -30,7 +30,26 @@ from ml_backend.benchmarks.run import run_all
 log = logging.getLogger("al_benchmark")
 
 
+def _join_context(argv: list[str] | None) -> list[str] | None:
+    """``--context -1,0,1`` as ``--context=-1,0,1`` (argparse would take "-1,0,1" for an option)."""
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    args, out = list(argv), []
+    i = 0
+    while i < len(args):
+        if args[i] == "--context" and i + 1 < len(args) and args[i + 1].startswith("-"):
+            out.append(f"--context={args[i + 1]}")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = _join_context(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", help="folder of image slices or multi-page TIFF (default: VNC stack1/raw if present)")
     ap.add_argument("--masks", help="matching masks (default: VNC stack1/mitochondria)")
@@ -52,8 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report-only", action="store_true", help="only aggregate the saved runs")
     ap.add_argument("--force", action="store_true", help="allow a different protocol in an existing output dir")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument(
+        "--context",
+        help="2.5D context: comma-separated slice offsets read as input channels, holding 0 (e.g. -1,0,1; "
+        "default 0 = plain 2-D)",
+    )
     for f in Protocol.__dataclass_fields__.values():  # every protocol field can be overridden
-        if f.name in {"data", "images", "masks", "synthetic_n", "synthetic_size", "volume_setting"}:
+        if f.name in {"data", "images", "masks", "synthetic_n", "synthetic_size", "volume_setting", "context_offsets"}:
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.name == "full_seeds":
@@ -92,9 +116,16 @@ def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
             raise SystemExit(
                 f"VNC data not found at {vnc} (set VNC_DATA_DIR, or give --images/--masks, or --synthetic)"
             )
+    if getattr(a, "context", None):
+        from ml_backend.data.context import parse_offsets
+
+        try:
+            p.context_offsets = list(parse_offsets(a.context))
+        except ValueError as exc:
+            raise SystemExit(f"--context: {exc}") from None
     for name in Protocol.__dataclass_fields__:
         v = getattr(a, name, None)
-        if v is None or name in {"data", "images", "masks", "synthetic_n", "synthetic_size"}:
+        if v is None or name in {"data", "images", "masks", "synthetic_n", "synthetic_size", "context_offsets"}:
             continue
         if name == "full_seeds":
             v = [int(s) for s in str(v).split(",") if s.strip() != ""]
@@ -153,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     saved = out / "protocol.json"
     if saved.exists() and not a.force:
         old = json.loads(saved.read_text())
+        # Fields added to the protocol later (e.g. context_offsets) read as their default in older output dirs.
+        defaults = json.loads(json.dumps(asdict(Protocol())))
+        old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         if old != json.loads(json.dumps(asdict(p))):
             diff = {k: (old.get(k), v) for k, v in asdict(p).items() if old.get(k) != v}
             raise SystemExit(f"{out} holds runs of a different protocol {diff}; use another --out or --force")

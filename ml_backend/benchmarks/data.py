@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 class Dataset:
     """A seed's pool of tiles (with positions and ground truth) and its test slices."""
 
-    pool_images: np.ndarray  # (N, tile, tile) float32 normalised
+    pool_images: np.ndarray  # (N, tile, tile) float32 normalised; (N, C, tile, tile) with 2.5D context
     pool_masks: np.ndarray  # (N, tile, tile) int64 {0, 1}
     pool_positions: np.ndarray  # (N, 3) z, y, x in the training half
-    test_images: list[np.ndarray]  # (h, W) float32 slices of the test region
+    test_images: list[np.ndarray]  # (h, W) float32 slices of the test region; (C, h, W) with 2.5D context
     test_masks: list[np.ndarray]  # (h, W) uint8
 
 
@@ -86,13 +86,23 @@ def pool_positions(shape: tuple[int, int, int], tile: int, pool_size: int, seed:
 
 
 def build_dataset(raw: np.ndarray, masks: np.ndarray, p: Protocol, seed: int) -> Dataset:
+    """The seed's pool and test slices; with ``p.context_offsets`` other than [0] every pool tile and test slice is
+    (C, ...) with the same window on slices z + offset of the volume (``data.context``: edges clamped)."""
     pos = pool_positions(raw.shape, p.tile, p.pool_size, seed)
     t = p.tile
-    imgs = np.stack([raw[k, y : y + t, x : x + t] for k, y, x in pos])
     msks = np.stack([masks[k, y : y + t, x : x + t] for k, y, x in pos]).astype(np.int64)
     half = raw.shape[1] // 2
     zs = range(0, raw.shape[0], max(1, p.test_every))
-    return Dataset(imgs, msks, pos, [raw[k, half:] for k in zs], [masks[k, half:] for k in zs])
+    offsets = tuple(int(o) for o in (p.context_offsets or [0]))
+    if offsets == (0,):  # plain 2-D: exactly the published protocol's arrays
+        imgs = np.stack([raw[k, y : y + t, x : x + t] for k, y, x in pos])
+        return Dataset(imgs, msks, pos, [raw[k, half:] for k in zs], [masks[k, half:] for k in zs])
+    from ml_backend.data.context import context_batch, read_context
+
+    imgs = context_batch(raw, pos, t, offsets).astype(np.float32)
+    h, w = raw.shape[1:]
+    tests = [read_context(raw, k, half, 0, (h - half, w), offsets).image for k in zs]
+    return Dataset(imgs, msks, pos, tests, [masks[k, half:] for k in zs])
 
 
 _VOLUMES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # one volume per process and data source

@@ -67,6 +67,9 @@ class Protocol:
     first_batch: str = "random"
     z_radius: int = 3
     feature_radius: float = 0.05
+    # 2.5D context (issue 11): the slices z + offset each tile and test slice is read from, as the U-Net's input
+    # channels (ml_backend.data.context: edges clamped into the stack). [0]: plain 2-D, today's protocol.
+    context_offsets: list[int] = field(default_factory=lambda: [0])
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -164,7 +164,9 @@ def _fresh_model(p: Protocol, seed: int):
     from ml_backend.model import build_model
 
     torch.manual_seed(seed)
-    return build_model("unet", width=p.width, depth=p.depth, dropout=p.dropout, norm=p.norm)
+    offsets = [int(o) for o in (p.context_offsets or [0])]
+    context = {} if offsets == [0] else {"in_channels": len(offsets), "context_offsets": offsets}  # 2.5D context
+    return build_model("unet", width=p.width, depth=p.depth, dropout=p.dropout, norm=p.norm, **context)
 
 
 def initial_labelled(ds: Dataset, p: Protocol, seed: int, embeddings: np.ndarray | None = None) -> list[int]:

@@ -24,7 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ContextTile", "SliceReader", "context_batch", "read_context", "resolve_offsets", "slice_reader"]
+__all__ = [
+    "ContextTile",
+    "SliceReader",
+    "as_channels",
+    "context_batch",
+    "model_offsets",
+    "parse_offsets",
+    "read_context",
+    "resolve_offsets",
+    "slice_reader",
+    "spatial_shape",
+]
 
 DEFAULT_OFFSETS = (-1, 0, 1)
 
@@ -137,3 +148,41 @@ def context_batch(
     if len(pos) == 0:
         return np.zeros((0, len(offs), size, size), dtype=np.float32)
     return np.stack([read_context(reader, int(z), int(y), int(x), size, offs).image for z, y, x in pos])
+
+
+def parse_offsets(text: str | Sequence[int]) -> tuple[int, ...]:
+    """Offsets from a comma-separated string (``"-1,0,1"``, the CONTEXT_OFFSETS setting) or a sequence, validated."""
+    if isinstance(text, str):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        return resolve_offsets(values)
+    return resolve_offsets(text)
+
+
+def model_offsets(model: object) -> tuple[int, ...]:
+    """The slice offsets a model (or its hparams dict) was built for: ``hparams["context_offsets"]`` when recorded,
+    else (0,) for a
+    one-channel model (every model before 2.5D context) or a centred range for an unrecorded C-channel one."""
+    hp = model if isinstance(model, Mapping) else getattr(model, "hparams", None) or {}
+    recorded = hp.get("context_offsets")
+    if recorded:
+        return resolve_offsets(recorded)
+    c = int(hp.get("in_channels", 1))
+    return tuple(range(-(c // 2), c - c // 2))
+
+
+def spatial_shape(image: np.ndarray) -> tuple[int, int]:
+    """(H, W) of a model input: an (H, W) image or a (C, H, W) context tile."""
+    shape = np.shape(image)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"expected an (H, W) image or a (C, H, W) context tile, got shape {shape}")
+    return int(shape[-2]), int(shape[-1])
+
+
+def as_channels(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) view of a model input ((H, W) becomes (1, H, W)), so one code path feeds any channel count."""
+    arr = np.asarray(image)
+    spatial_shape(arr)
+    return arr[None] if arr.ndim == 2 else arr

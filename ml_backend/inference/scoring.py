@@ -76,8 +76,9 @@ def score_images(
     seed: int = 0,
     on_probs: Callable[[int, np.ndarray], None] | None = None,
 ) -> PoolScores:
-    """Summaries of ``images`` (normalised float32 (H, W), any sizes) for ``strategy``; ``on_probs(i, (C, H, W))``
-    receives each image's probabilities (for masks) without a second forward pass where possible."""
+    """Summaries of ``images`` (normalised float32 (H, W), or (C, H, W) 2.5D context tiles; any sizes) for
+    ``strategy``; ``on_probs(i, (classes, H, W))`` receives each image's probabilities (for masks) without a second
+    forward pass where possible."""
     from ml_backend.config import torch_device
 
     device = torch_device(cfg.device)
@@ -87,7 +88,7 @@ def score_images(
         groups.setdefault(tuple(np.shape(img)), []).append(i)
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for shape, idx in groups.items():
-        if shape[0] <= cfg.tile_size and shape[1] <= cfg.tile_size:
+        if shape[-2] <= cfg.tile_size and shape[-1] <= cfg.tile_size:
             group = [images[i] for i in idx]
             summary = _score_small(model, group, idx, strategy, cfg, device, ensemble, seed, on_probs)
         else:
@@ -103,7 +104,7 @@ def score_images(
         for idx, values in pieces:
             arr[idx] = values
         out[k] = arr
-    pixels = np.array([np.shape(img)[0] * np.shape(img)[1] for img in images], dtype=np.int64)
+    pixels = np.array([np.shape(img)[-2] * np.shape(img)[-1] for img in images], dtype=np.int64)
     return PoolScores(out, pixels)
 
 
@@ -151,8 +152,8 @@ def _score_large(
         return strategy.summarize(PoolBatch(probs=probs[None]))
     del probs
     t = cfg.tile_size
-    h, w = image.shape
-    crops = [image[y : y + t, x : x + t] for y in tile_starts(h, t, 0) for x in tile_starts(w, t, 0)]
+    h, w = image.shape[-2:]
+    crops = [image[..., y : y + t, x : x + t] for y in tile_starts(h, t, 0) for x in tile_starts(w, t, 0)]
     scored = score_images(model, crops, strategy, cfg, ensemble=ensemble, seed=seed)
     return combine_crop_summaries(scored, getattr(strategy, "aggregation", "sum"))
 
@@ -191,6 +192,8 @@ def embed_images(model: Any, images: Sequence[np.ndarray], device: Any, batch_si
             while stop < len(images) and stop - start < batch_size and np.shape(images[stop]) == shape:
                 stop += 1
             x = np.stack([np.asarray(images[i], dtype=np.float32) for i in range(start, stop)])
-            out.append(model.embed(torch.from_numpy(np.ascontiguousarray(x))[:, None].to(device)).float().cpu().numpy())
+            xt = torch.from_numpy(np.ascontiguousarray(x))
+            xt = xt[:, None] if xt.ndim == 3 else xt  # (N, H, W) or (N, C, H, W) context tiles
+            out.append(model.embed(xt.to(device)).float().cpu().numpy())
             start = stop
     return np.concatenate(out, axis=0) if out else np.zeros((0, 1), dtype=np.float32)

@@ -77,22 +77,26 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _as_image(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32: an (H, W) image as one channel, a (C, H, W) 2.5D context tile as it is."""
     arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ValueError(f"predict_tiled expects a single-channel (H, W) image, got shape {arr.shape}")
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"predict_tiled expects an (H, W) image or a (C, H, W) context tile, got shape {arr.shape}")
     if arr.size == 0:
         raise ValueError(f"empty image of shape {arr.shape}")
-    return arr.astype(np.float32, copy=False)
+    arr = arr.astype(np.float32, copy=False)
+    return arr[None] if arr.ndim == 2 else arr
 
 
 def predict_batch(model: nn.Module, images: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
-    """Softmax probabilities (N, C, H, W) float32 for equal-size tiles in one forward pass (no tiling)."""
+    """Softmax probabilities (N, classes, H, W) float32 for equal-size tiles (N, H, W) or 2.5D context tiles
+    (N, C, H, W) in one forward pass (no tiling)."""
     arr = np.asarray(images, dtype=np.float32)
-    if arr.ndim != 3 or arr.size == 0:
-        raise ValueError(f"predict_batch expects a non-empty (N, H, W) array, got shape {arr.shape}")
+    if arr.ndim not in (3, 4) or arr.size == 0:
+        raise ValueError(f"predict_batch expects a non-empty (N, H, W) or (N, C, H, W) array, got shape {arr.shape}")
     dev = _resolve_device(model, device)
     with _eval_mode(model), torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1).to(dev)
+        x = torch.from_numpy(np.ascontiguousarray(arr))
+        x = (x.unsqueeze(1) if x.ndim == 3 else x).to(dev)
         return torch.softmax(model(x).float(), dim=1).cpu().numpy()
 
 
@@ -106,7 +110,8 @@ def predict_tiled(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Per-pixel class probabilities (C, H, W) float32 (softmax; sums to 1) for a normalised (H, W) image."""
+    """Per-pixel class probabilities (classes, H, W) float32 (softmax; sums to 1) for a normalised (H, W) image
+    or a (C, H, W) 2.5D context tile (every channel is cut into the same tiles)."""
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
     if not 0 <= overlap < tile:
@@ -114,7 +119,13 @@ def predict_tiled(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     img = _as_image(image)
-    h, w = img.shape
+    want = int((getattr(model, "hparams", None) or {}).get("in_channels", img.shape[0]))
+    if img.shape[0] != want:
+        raise ValueError(
+            f"the model reads {want} input channel(s) but the image has shape {np.shape(image)}: give an (H, W) "
+            f"image to a one-channel model, a ({want}, H, W) context tile otherwise"
+        )
+    h, w = img.shape[-2:]
     th, tw = min(tile, h), min(tile, w)
     ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
     # Per-row / per-column windows and their sums: the blended weight at (y, x) is wy_sum[y] * wx_sum[x].
@@ -136,7 +147,7 @@ def predict_tiled(
         return windows[key]
 
     out: np.ndarray | None = None
-    buf = np.empty((batch_size, 1, th, tw), dtype=np.float32)
+    buf = np.empty((batch_size, img.shape[0], th, tw), dtype=np.float32)
     pending: list[tuple[int, int]] = []
 
     def flush() -> None:
@@ -155,7 +166,7 @@ def predict_tiled(
     with _eval_mode(model), torch.inference_mode():
         for i, y in enumerate(tqdm(ys, desc="tile rows", disable=not progress, leave=False)):
             for j, x in enumerate(xs):
-                buf[len(pending), 0] = img[y : y + th, x : x + tw]
+                buf[len(pending)] = img[:, y : y + th, x : x + tw]
                 pending.append((i, j))
                 if len(pending) == batch_size:
                     flush()

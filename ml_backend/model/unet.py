@@ -68,6 +68,7 @@ class UNet(nn.Module):
         depth: int = 4,
         dropout: float = 0.2,
         norm: str = "group",
+        context_offsets: list[int] | tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 2 or width < 1 or depth < 1:
@@ -87,6 +88,14 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "norm": norm,
         }
+        if context_offsets is not None:  # 2.5D context: which slices the input channels are (kept in checkpoints)
+            offsets = [int(o) for o in context_offsets]
+            if len(offsets) != in_channels or 0 not in offsets or len(set(offsets)) != len(offsets):
+                raise ValueError(
+                    f"context_offsets {offsets} must be {in_channels} distinct slice offsets including 0 (one per "
+                    "input channel)"
+                )
+            self.hparams["context_offsets"] = offsets
         self.depth = depth
         self.dropout = float(dropout)
         chans = [width * 2**i for i in range(depth + 1)]

@@ -66,7 +66,8 @@ def score_pool(
     seed: int = 0,
     on_batch: Callable[[int, PoolBatch], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Score a pool of tiles (N, H, W) float32 (normalised) for ``strategy``; returns the concatenated summary.
+    """Score a pool of tiles (N, H, W) or (N, C, H, W) (2.5D context) float32 (normalised) for ``strategy``;
+    returns the concatenated summary.
 
     ``seed`` seeds the dropout masks of the MC passes (per chunk, without touching the global torch RNG), so the
     result is deterministic. ``on_batch(start_index, batch)`` lets a caller reuse the chunk's probabilities (e.g.
@@ -78,8 +79,10 @@ def score_pool(
 
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     x_all = np.asarray(images, dtype=np.float32)
-    if x_all.ndim != 3:
-        raise ValueError(f"images must have shape (N, H, W), got {x_all.shape}")
+    if x_all.ndim == 3:  # (N, H, W): one channel
+        x_all = x_all[:, None]
+    if x_all.ndim != 4:
+        raise ValueError(f"images must have shape (N, H, W) or (N, C, H, W) (2.5D context), got {x_all.shape}")
     if x_all.shape[0] == 0:
         raise ValueError("empty pool: no images to score")
     if batch_size < 1:
@@ -105,7 +108,7 @@ def score_pool(
     try:
         with torch.inference_mode():
             for chunk_idx, start in enumerate(tqdm(starts, desc=f"score {strategy.name}", disable=not progress)):
-                x = torch.from_numpy(x_all[start : start + batch_size]).unsqueeze(1).to(dev)
+                x = torch.from_numpy(x_all[start : start + batch_size]).to(dev)
                 xp, h, w = _pad(x, multiple)
                 feats = model.encode(xp)
                 probs = torch.softmax(model.decode(feats)[..., :h, :w].float(), dim=1)

@@ -39,19 +39,24 @@ def sample_crops(
     crop: int,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``crop`` x ``crop`` windows of the tiles ``indices`` -> (N,1,crop,crop) float32, (N,crop,crop) int64.
+    """Random ``crop`` x ``crop`` windows of the tiles ``indices`` -> (N,C,crop,crop) float32, (N,crop,crop) int64.
 
-    Tiles smaller than the crop are padded (image with 0, mask with IGNORE so the padding never counts as a label).
+    Tiles are (H, W) (C = 1) or (C, H, W) 2.5D context tiles (every channel gets the same window). Tiles smaller
+    than the crop are padded (image with 0, mask with IGNORE so the padding never counts as a label).
     """
-    out_img = np.zeros((len(indices), 1, crop, crop), dtype=np.float32)
+    channels = 1 if len(indices) == 0 or np.ndim(images[indices[0]]) == 2 else int(np.shape(images[indices[0]])[0])
+    out_img = np.zeros((len(indices), channels, crop, crop), dtype=np.float32)
     out_mask = np.full((len(indices), crop, crop), IGNORE, dtype=np.int64)
     for j, i in enumerate(indices):
         img, msk = images[i], masks[i]
-        h, w = img.shape
+        img = img[None] if img.ndim == 2 else img
+        if img.shape[0] != channels:
+            raise ValueError(f"tile {i} has {img.shape[0]} channels, tile {indices[0]} has {channels}")
+        h, w = img.shape[-2:]
         y0 = int(rng.integers(0, h - crop + 1)) if h > crop else 0
         x0 = int(rng.integers(0, w - crop + 1)) if w > crop else 0
         ch, cw = min(crop, h), min(crop, w)
-        out_img[j, 0, :ch, :cw] = img[y0 : y0 + ch, x0 : x0 + cw]
+        out_img[j, :, :ch, :cw] = img[:, y0 : y0 + ch, x0 : x0 + cw]
         out_mask[j, :ch, :cw] = msk[y0 : y0 + ch, x0 : x0 + cw]
     return torch.from_numpy(out_img), torch.from_numpy(out_mask)
 
@@ -68,7 +73,10 @@ def augment_batch(
     generator: torch.Generator,
     config: AugmentConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a batch: images (N,1,H,W) float, masks (N,H,W) int64 -> same shapes, same device.
+    """Augment a batch: images (N,C,H,W) float, masks (N,H,W) int64 -> same shapes, same device.
+
+    Every channel of a sample (2.5D context: the neighbouring slices) gets the sample's geometric transform and
+    intensity jitter, so the slices stay aligned with each other and with the mask.
 
     Random draws come from ``generator`` (a CPU generator, for reproducibility independent of the device).
     """

@@ -92,36 +92,47 @@ def train_config(settings: Settings, **overrides: Any):
 
 
 def new_model(settings: Settings, num_classes: int) -> Any:
-    """A fresh U-Net whose initial weights depend on SEED only (not on earlier use of the global RNG)."""
+    """A fresh U-Net whose initial weights depend on SEED only (not on earlier use of the global RNG); one input
+    channel per CONTEXT_OFFSETS slice (the offsets are recorded in its hparams, hence in its checkpoints)."""
     import torch
 
     from ml_backend.model import build_model
 
+    offsets = settings.context_offset_list
+    context = {} if offsets == (0,) else {"context_offsets": list(offsets)}  # 2-D: hparams as before
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         return build_model(
             "unet",
-            in_channels=1,
+            in_channels=len(offsets),
             num_classes=num_classes,
             width=settings.model_width,
             depth=settings.model_depth,
             dropout=settings.model_dropout,
             norm=settings.model_norm,
+            **context,
         )
 
 
 def initial_model(registry: Any, config: Any, settings: Settings) -> tuple[Any, str | None, str]:
-    """(model, parent version, how): the current version to fine-tune, or a new U-Net when there is none or its
-    classes no longer match the label config."""
+    """(model, parent version, how): the current version to fine-tune, or a new U-Net when there is none, its
+    classes no longer match the label config, or its input slices no longer match CONTEXT_OFFSETS."""
+    from ml_backend.data.context import model_offsets
+
     current = registry.load_current()
     if current is not None:
         model, meta = current
         hp = getattr(model, "hparams", {})
-        if int(hp.get("num_classes", -1)) == config.num_classes and int(hp.get("in_channels", 1)) == 1:
+        offsets = settings.context_offset_list
+        same_classes = int(hp.get("num_classes", -1)) == config.num_classes
+        same_input = int(hp.get("in_channels", 1)) == len(offsets) and model_offsets(model) == offsets
+        if same_classes and same_input:
             return model, meta["version"], "fine-tuned"
         log.warning(
-            "project %s: current %s predicts %s classes, label config has %d: training a new model from scratch",
-            registry.project_id, meta["version"], hp.get("num_classes"), config.num_classes,
+            "project %s: current %s predicts %s classes from slices %s, label config has %d classes and "
+            "CONTEXT_OFFSETS %s: training a new model from scratch",
+            registry.project_id, meta["version"], hp.get("num_classes"), list(model_offsets(model)),
+            config.num_classes, list(offsets),
         )  # fmt: skip
     return new_model(settings, config.num_classes), None, "from scratch"
 

@@ -125,8 +125,12 @@ def _check_inputs(images: list[np.ndarray], masks: list[np.ndarray], what: str) 
     for k, (img, msk) in enumerate(zip(images, masks, strict=True)):
         img = np.asarray(img, dtype=np.float32)
         msk = np.asarray(msk)
-        if img.ndim != 2 or img.shape != msk.shape or img.size == 0:
-            raise ValueError(f"{what}[{k}]: image {img.shape} and mask {msk.shape} must be equal non-empty 2-D shapes")
+        # (H, W), or (C, H, W) with 2.5D context (ml_backend.data.context); the mask is always (H, W).
+        if img.ndim not in (2, 3) or img.shape[-2:] != msk.shape or msk.ndim != 2 or img.size == 0:
+            raise ValueError(
+                f"{what}[{k}]: image {img.shape} ((H, W) or (C, H, W)) and mask {msk.shape} ((H, W)) must have "
+                "equal non-empty spatial shapes"
+            )
         if not np.isfinite(img).all():
             raise ValueError(f"{what}[{k}]: image contains NaN or inf")
         msk = msk.astype(np.int64)
@@ -146,12 +150,16 @@ def _lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, image: np.ndarray, device: torch.device) -> np.ndarray:
-    """(C, H, W) softmax of one normalised image; tiled inference for large images to bound memory."""
-    if image.size > _DIRECT_FORWARD_MAX_PIXELS:
+    """(classes, H, W) softmax of one normalised (H, W) or (C, H, W) image; tiled inference for large images to
+    bound memory."""
+    h, w = image.shape[-2:]
+    if h * w > _DIRECT_FORWARD_MAX_PIXELS:
         from ml_backend.inference.tiling import predict_tiled
 
         return predict_tiled(model, image, device=device)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
+    arr = np.ascontiguousarray(image, dtype=np.float32)
+    x = torch.from_numpy(arr)[None, None] if arr.ndim == 2 else torch.from_numpy(arr)[None]
+    x = x.to(device)
     return model(x).float().softmax(dim=1)[0].cpu().numpy()
 
 
@@ -228,7 +236,8 @@ def recalibrate_batchnorm(
             by_shape.setdefault(np.shape(img), []).append(np.asarray(img, dtype=np.float32))
         for group in by_shape.values():
             for i in range(0, len(group), batch_size):
-                x = torch.from_numpy(np.stack(group[i : i + batch_size]))[:, None].to(device)
+                x = torch.from_numpy(np.stack(group[i : i + batch_size]))
+                x = (x[:, None] if x.ndim == 3 else x).to(device)  # (N, H, W) or (N, C, H, W) context tiles
                 model(x)
     finally:
         for m, mom in zip(bns, momenta, strict=True):
@@ -255,7 +264,8 @@ def fine_tune(
 ) -> TrainResult:
     """Fine-tune ``model`` in place on (image, mask) tiles and load the selected (best/averaged) weights into it.
 
-    images: normalised float32 (H, W) tiles; masks: int64 (H, W) class indices or IGNORE. Without ``val_images`` a
+    images: normalised float32 (H, W) tiles, or (C, H, W) with 2.5D context (one channel per slice offset, as the
+    model's ``in_channels``); masks: int64 (H, W) class indices or IGNORE. Without ``val_images`` a
     stable ``val_fraction`` of the tiles is held out (at least one when there are >= 2). ``calibration_images``
     (unlabelled tiles representative of the data, e.g. the pool) re-estimate BatchNorm statistics of the selected
     weights (``recalibrate_batchnorm``). The model is returned to the device it came from, in eval mode.
@@ -390,8 +400,8 @@ def fine_tune(
     calibrated = 0
     if calibration_images:
         cal = [np.asarray(img, dtype=np.float32) for img in calibration_images]
-        if any(img.ndim != 2 or img.size == 0 or not np.isfinite(img).all() for img in cal):
-            raise ValueError("calibration_images must be finite non-empty 2-D images")
+        if any(img.ndim not in (2, 3) or img.size == 0 or not np.isfinite(img).all() for img in cal):
+            raise ValueError("calibration_images must be finite non-empty (H, W) or (C, H, W) images")
         calibrated = recalibrate_batchnorm(model.to(device), cal, device)
     model.to(home).eval()
     seconds = time.monotonic() - t0

@@ -81,6 +81,7 @@ def cold_start(pid: int, settings: Settings, progress: JobProgress | None = None
     import torch
 
     from ml_backend.labelstudio.client import connect, list_tasks
+    from ml_backend.labelstudio.neighbours import NeighbourIndex, load_context_image
     from ml_backend.labelstudio.project import project_label_config
     from ml_backend.labelstudio.tasks import load_task_image
     from ml_backend.training.pretrain import pretrain
@@ -96,18 +97,24 @@ def cold_start(pid: int, settings: Settings, progress: JobProgress | None = None
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
     if not tasks:
         return {"status": "no-tasks"}
+    offsets = settings.context_offset_list  # 2.5D context: the new model reads these slices as channels
+    index = NeighbourIndex.from_tasks(tasks, config.image_key) if offsets != (0,) else None
     with progress.phase("read"):
         images: dict[int, np.ndarray] = {}
         for tid in sorted(tasks):
             try:
-                images[tid] = load_task_image(tasks[tid], config, settings)
+                images[tid] = (
+                    load_task_image(tasks[tid], config, settings)
+                    if index is None
+                    else load_context_image(tasks[tid], config, settings, offsets, index)
+                )
             except Exception as exc:  # an unreadable tile is left out of pretraining and of the coverage order
                 log.warning("project %s: task %s not read for pretraining: %s", pid, tid, exc)
     if not images:
         return {"status": "no-images", "tasks": len(tasks)}
     sample = _sample(sorted(images), settings.pretrain_tiles, settings.seed)
     model = new_model(settings, config.num_classes)
-    cfg = pretrain_config(settings, min(min(images[t].shape) for t in sample))
+    cfg = pretrain_config(settings, min(min(images[t].shape[-2:]) for t in sample))
     folder = pretrained_path(registry).parent
 
     def report(info: dict) -> None:
@@ -155,7 +162,7 @@ def coverage_queue(
     from ml_backend.active_learning.audit import audit_every, audit_task_ids
     from ml_backend.active_learning.plan import batch_config, interleave_audit, positions_of
     from ml_backend.inference.scoring import embed_images
-    from ml_backend.strategies.batch import coverage_order
+    from ml_backend.strategies.batch import coverage_order, thumbnail
 
     pool = [t for t in sorted(images) if not _labelled(tasks[t])]
     audit = [a for a in audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed) if a in set(pool)]
@@ -163,8 +170,9 @@ def coverage_queue(
     order: list[int] = []
     if rest:
         emb = embed_images(model, [images[t] for t in rest], device)
+        thumbs = np.stack([thumbnail(images[t]) for t in rest])  # the "auto" z radius is measured on them
         idx = coverage_order(emb, positions_of(rest, tasks), settings.train_batch_size, config=batch_config(settings),
-                             seed=settings.seed, method="random")  # fmt: skip
+                             seed=settings.seed, method="random", z_features=thumbs)  # fmt: skip
         order = [rest[i] for i in idx]
     return interleave_audit(order, audit, audit_every(settings.audit_fraction))
 

@@ -34,9 +34,11 @@ from ml_backend.active_learning import LabelledSet, LabelledTile, RoundPlan, Tra
 from ml_backend.active_learning.audit import AuditGate, audit_task_ids, split_audit
 from ml_backend.active_learning.plan import log_plan, product_plan, product_selector
 from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import ScoringConfig
 from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
 from ml_backend.labelstudio.loop import AnnotatedTasks, LabelStudioSink
+from ml_backend.labelstudio.neighbours import NeighbourIndex, load_context_image
 from ml_backend.labelstudio.project import project_label_config
 from ml_backend.labelstudio.tasks import calibration_crops, load_task_image
 from ml_backend.queue.coordination import run_exclusive
@@ -135,10 +137,17 @@ class ProjectSnapshot:
     annotations: dict[int, dict]
     current: dict | None
     signature: str
+    _neighbours: NeighbourIndex | None = field(default=None, repr=False)
 
     @property
     def unlabelled(self) -> list[int]:
         return sorted(tid for tid in self.tasks if tid not in self.annotations)
+
+    def neighbours(self) -> NeighbourIndex:
+        """Every task's tile by stack, window and slice (2.5D context), built once per job."""
+        if self._neighbours is None:
+            self._neighbours = NeighbourIndex.from_tasks(self.tasks, self.config.image_key)
+        return self._neighbours
 
 
 def _read_project(pid: int, settings: Settings, conn: Any, registry: ModelRegistry) -> ProjectSnapshot:
@@ -182,11 +191,16 @@ def _nothing_to_do(pid: int, snap: ProjectSnapshot, force: bool) -> tuple[dict |
     return None, True
 
 
-def _decode(pid: int, snap: ProjectSnapshot, settings: Settings) -> LabelledSet:
-    """The usable labelled tiles (a bad annotation is skipped and listed, never fatal, unless none is usable)."""
+def _decode(pid: int, snap: ProjectSnapshot, settings: Settings, offsets: tuple[int, ...] = (0,)) -> LabelledSet:
+    """The usable labelled tiles (a bad annotation is skipped and listed, never fatal, unless none is usable);
+    ``offsets`` other than (0,): (C, H, W) images with the neighbouring slices (2.5D context, CONTEXT_OFFSETS)."""
     t0 = time.monotonic()
     config = snap.config
-    load = lambda t: load_task_image(t, config, settings)  # noqa: E731
+    if offsets == (0,):
+        load = lambda t: load_task_image(t, config, settings)  # noqa: E731
+    else:
+        index = snap.neighbours()
+        load = lambda t: load_context_image(t, config, settings, offsets, index)  # noqa: E731
     tiles, skipped = decode_annotations(snap.tasks, snap.annotations, config, load)
     log.info("project %s: %d annotated tiles decoded in %.1f s (%d skipped)", pid, len(tiles), time.monotonic() - t0,
              len(skipped))  # fmt: skip
@@ -220,7 +234,10 @@ def _train_and_rescore(
         if done is not None:
             return done
         strategy = project_strategy(pid, settings)
-        labelled = _decode(pid, snap, settings)
+        # The input slices of the model this round uses: the stored version's when re-delivering it, else
+        # CONTEXT_OFFSETS (training.recipe.initial_model starts a new model when the stored one reads others).
+        offsets = model_offsets((snap.current or {}).get("hparams") or {}) if resume else settings.context_offset_list
+        labelled = _decode(pid, snap, settings, offsets)
     audit = audit_task_ids(sorted(snap.tasks), settings.audit_fraction, settings.seed)
     train_tiles, audit_tiles = split_audit(labelled.tiles, set(audit))
     if not train_tiles and not resume:
@@ -233,7 +250,9 @@ def _train_and_rescore(
         if settings.audit_fraction > 0:  # AUDIT_FRACTION=0: no audit split, every version is promoted
             evaluate = AuditGate(audit_tiles, lambda: _live(registry), settings, settings.audit_min_tiles,
                                  settings.promotion_tolerance)  # fmt: skip
-        calibration = lambda: calibration_crops(snap.tasks, snap.config, settings)  # noqa: E731
+        calibration = lambda: calibration_crops(  # noqa: E731
+            snap.tasks, snap.config, settings, offsets=offsets, index=snap.neighbours()
+        )
         plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
                             progress=progress.train_step)  # fmt: skip
         log_plan(registry, plan, len(labelled.tiles))

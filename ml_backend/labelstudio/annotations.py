@@ -49,8 +49,9 @@ def decode_annotations(
 ) -> tuple[list[LabelledTile], list[dict]]:
     """(usable tiles, skipped) from the latest annotation per task.
 
-    ``load_image(task) -> float32 (H, W)``. Each mask is decoded at the image's size, so an RLE of the wrong size,
-    an unknown label or an undecodable RLE is an error for that task only: logged and listed in ``skipped``.
+    ``load_image(task) -> float32 (H, W)`` (or (C, H, W) with 2.5D context). Each mask is decoded at the image's
+    size, so an RLE of the wrong size, an unknown label or an undecodable RLE is an error for that task only: logged
+    and listed in ``skipped``.
     Sparse configs need at least one painted pixel (a tile with only unknown pixels teaches nothing).
     """
     from ml_backend.labelstudio.labelconfig import LabelConfigError
@@ -73,7 +74,7 @@ def decode_annotations(
             if not isinstance(result, list):
                 raise ValueError(f"annotation result must be a list, got {type(result).__name__}")
             image = load_image(task)
-            mask = annotation_training_mask(result, overlay, image.shape[0], image.shape[1])
+            mask = annotation_training_mask(result, overlay, image.shape[-2], image.shape[-1])  # (H, W) or (C, H, W)
             if not (mask != IGNORE).any():
                 raise ValueError("annotation has no labelled pixel (sparse config: paint background too)")
             return LabelledTile(int(task_id), ann.get("id"), image, np.asarray(mask, dtype=np.int64))

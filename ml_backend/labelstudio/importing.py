@@ -6,8 +6,11 @@ tiles is shifted inwards so every tile has full size; slices smaller than a tile
 as lossless PNG (8-bit stays 8-bit, 16-bit stays 16-bit; float data is scaled to 16-bit) under a folder inside
 Label Studio's local-files document root, and imported as tasks whose image is ``/data/local-files/?d=<relative
 path>``. A local storage covering that folder is created (never synced: syncing would add a second task per file)
-so that Label Studio serves the files. Task data: the image plus ``source`` (stack path), ``slice``, ``tile_x``,
-``tile_y``, ``tile_width``, ``tile_height``.
+so that Label Studio serves the files. Task data: the image plus ``source`` (the slice's file), ``stack`` (the
+imported path), ``slice``, ``tile_x``, ``tile_y``, ``tile_width``, ``tile_height``, and ``<image key>_prev`` /
+``<image key>_next``: the URLs of the same tile window on slices z-1 and z+1 of the stack (the tile's own URL at the
+stack's ends or where that slice has no such tile), which ``label_config/dense_25d.xml`` shows beside the tile and
+2.5D context (CONTEXT_OFFSETS, ``labelstudio.neighbours``) reads.
 
 Idempotent: tasks whose image URL already exists in the project are skipped, files already written are kept.
 When new tasks were created, the command queues the project's cold start (``enqueue_cold_start``: pretraining on
@@ -134,6 +137,7 @@ def make_tiles(
         slices = read_stack(stack_path)
         folder = out_dir / _slug(stack_path.stem if stack_path.is_file() else stack_path.name)
         before, written = len(tiles), 0
+        by_slice: dict[tuple[int, int, int, int, int], str] = {}  # (z, y, x, h, w) -> URL, for the neighbours
         for sl in tqdm(slices, desc=f"tiling {stack_path.name}", unit="slice", disable=not progress):
             arr = to_png_array(sl.image)
             h, w = arr.shape[:2]
@@ -142,12 +146,15 @@ def make_tiles(
                 name = f"{_slug(Path(sl.source).stem)}_z{sl.index:04d}_y{y:05d}_x{x:05d}_{tile}.png"
                 path = folder / name
                 written += _write_if_missing(path, _png_bytes(crop))
+                url = local_files_url(path, document_root)
+                by_slice[(int(sl.index), int(y), int(x), int(crop.shape[0]), int(crop.shape[1]))] = url
                 tiles.append(
                     Tile(
                         path,
                         {
-                            image_key: local_files_url(path, document_root),
+                            image_key: url,
                             "source": str(Path(sl.source)),
+                            "stack": str(stack_path),
                             "slice": int(sl.index),
                             "tile_x": int(x),
                             "tile_y": int(y),
@@ -156,9 +163,24 @@ def make_tiles(
                         },
                     )
                 )
+        add_neighbour_urls(tiles[before:], by_slice, image_key)
         log.info("%s: %d slices, %d tiles (%d new files) in %s", stack_path, len(slices), len(tiles) - before, written,
                  folder)  # fmt: skip
     return tiles
+
+
+def add_neighbour_urls(tiles: list[Tile], by_slice: dict[tuple[int, int, int, int, int], str], image_key: str) -> None:
+    """Write ``<image key>_prev`` / ``_next`` into the task data of one stack's tiles: the URL of the same window
+    (y, x, h, w) on slice z-1 / z+1, or the tile's own URL at the stack's ends and where that slice has no such tile
+    (``data.context``'s rules: edges replicate, a missing neighbour is the tile itself)."""
+    from ml_backend.labelstudio.neighbours import neighbour_keys
+
+    keys = neighbour_keys(image_key)
+    for t in tiles:
+        d = t.data
+        z, y, x, h, w = d["slice"], d["tile_y"], d["tile_x"], d["tile_height"], d["tile_width"]
+        for offset, key in keys.items():
+            d[key] = by_slice.get((z + offset, y, x, h, w), d[image_key])
 
 
 def project_image_key(ls: Any, project_id: int) -> str:

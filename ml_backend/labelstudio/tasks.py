@@ -4,6 +4,7 @@ sample of project crops that re-estimates BatchNorm statistics after a training.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,27 +23,44 @@ def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
     return fetch_image(task_image_url(task, config), settings)  # same validated, bounded route as /predict
 
 
-def calibration_crops(tasks: dict[int, dict], config: Any, settings: Settings, *, workers: int = 8) -> list[np.ndarray]:
+def calibration_crops(
+    tasks: dict[int, dict],
+    config: Any,
+    settings: Settings,
+    *,
+    workers: int = 8,
+    offsets: Sequence[int] = (0,),
+    index: Any = None,
+) -> list[np.ndarray]:
     """Up to BN_CALIBRATION_TILES random TRAIN_CROP crops, one per task of a seeded sample of all the project's
-    tasks: representative images for ``recalibrate_batchnorm``. A task whose image fails is skipped (logged)."""
+    tasks: representative images for ``recalibrate_batchnorm``. A task whose image fails is skipped (logged).
+    ``offsets`` other than (0,): (C, crop, crop) crops with the neighbouring slices (``labelstudio.neighbours``,
+    ``index`` a ``NeighbourIndex`` of the project's tasks), as the model reads them."""
     n = min(settings.bn_calibration_tiles, len(tasks))
     if n <= 0:
         return []
     rng = np.random.default_rng([settings.seed, 7])
     ids = sorted(tasks)
     chosen = [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
-    offsets = rng.random((n, 2))
+    corners = rng.random((n, 2))
+    offs = tuple(int(o) for o in offsets)
+    if offs == (0,):
+        load_input = lambda task: load_task_image(task, config, settings)  # noqa: E731
+    else:
+        from ml_backend.labelstudio.neighbours import load_context_image
+
+        load_input = lambda task: load_context_image(task, config, settings, offs, index)  # noqa: E731
 
     def one(k: int) -> np.ndarray | None:
         try:
-            img = load_task_image(tasks[chosen[k]], config, settings)
+            img = load_input(tasks[chosen[k]])
         except Exception as exc:  # calibration is best effort: a missing image must not fail the training
             log.warning("task %s: image unavailable for BatchNorm calibration: %s", chosen[k], exc)
             return None
         c = settings.train_crop
-        y0 = int(offsets[k, 0] * max(0, img.shape[0] - c + 1))
-        x0 = int(offsets[k, 1] * max(0, img.shape[1] - c + 1))
-        return np.ascontiguousarray(img[y0 : y0 + c, x0 : x0 + c])
+        y0 = int(corners[k, 0] * max(0, img.shape[-2] - c + 1))
+        x0 = int(corners[k, 1] * max(0, img.shape[-1] - c + 1))
+        return np.ascontiguousarray(img[..., y0 : y0 + c, x0 : x0 + c])
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # image fetches are I/O bound
         crops = list(pool.map(one, range(n)))

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,11 @@ import numpy as np
 
 from ml_backend.active_learning import QueueOrder, ScoredPool
 from ml_backend.config import Settings
+from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import PoolScores
 from ml_backend.labelstudio.annotations import task_image_url
 from ml_backend.labelstudio.loop import predictions_for, score_tiles
+from ml_backend.labelstudio.neighbours import NeighbourIndex, context_urls, stack_context_images
 from ml_backend.labelstudio.tasks import load_task_image
 from ml_backend.training.recipe import TrainedModel
 
@@ -59,11 +62,20 @@ def compute_chunk(
     from ml_backend.strategies import get_strategy
 
     strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
+    offsets = model_offsets(model)  # the version's input slices (2.5D context); (0,) = the tile alone
+    neighbours = ctx.get("neighbours") or {}
     images, ok_ids, failed = [], [], []
     for tid in task_ids:
-        task = {"id": tid, "data": {config.image_key: ctx["urls"][str(tid)]}}
+        url = ctx["urls"][str(tid)]
+        task = {"id": tid, "data": {config.image_key: url}}
         try:
-            images.append(load_task_image(task, config, settings))
+            image = load_task_image(task, config, settings)
+            if offsets != (0,):
+                stored = dict(zip(ctx.get("context_offsets") or [], neighbours.get(str(tid)) or [], strict=False))
+                urls = {o: (url if o == 0 else stored.get(o)) for o in offsets}  # absent: the tile itself
+                fetch = lambda u: load_task_image({"id": tid, "data": {config.image_key: u}}, config, settings)  # noqa: E731,B023
+                image = stack_context_images(image, urls, offsets, fetch, label=f"task {tid}")
+            images.append(image)
             ok_ids.append(tid)
         except Exception as exc:  # an unreadable image drops that task from this round only
             log.warning("project %s: task %s not scored: %s: %s", pid, tid, type(exc).__name__, exc)
@@ -111,9 +123,11 @@ def start_rescore(
     *,
     n_ensemble: int = 0,
     helpers: bool = True,
+    offsets: Sequence[int] = (0,),
 ) -> RescoreRound | None:
     """Split the pool into chunks, store their context in Redis and enqueue ``rescore_chunk`` helpers (at the front
-    of the queue, for idle workers); None when no task has an image to score."""
+    of the queue, for idle workers); None when no task has an image to score. ``offsets`` (the model's input
+    slices, 2.5D context) other than (0,): each task's neighbour URLs, found in ``tasks``, go into the context too."""
     urls: dict[str, str] = {}
     for tid in task_ids:
         try:
@@ -132,6 +146,13 @@ def start_rescore(
         "urls": urls,
         "ensemble": [f"ensemble_{i}" for i in range(n_ensemble)],
     }
+    offs = tuple(int(o) for o in offsets)
+    if offs != (0,):
+        index = NeighbourIndex.from_tasks(tasks, config.image_key)
+        ctx["context_offsets"] = list(offs)
+        ctx["neighbours"] = {
+            str(tid): [context_urls(tasks[tid], offs, config.image_key, index)[o] for o in offs] for tid in ids
+        }
     conn.set(rescore_key(pid, version, "ctx"), json.dumps(ctx), ex=RESCORE_TTL_S)
     rnd = RescoreRound(pid, version, chunks, ctx)
     if helpers and len(chunks) > 1:
@@ -255,7 +276,7 @@ def rescore_pool(
     ensemble = list(ensemble or [])
     rnd = start_rescore(
         pid, version, config, label_xml, strategy, tasks, task_ids, settings, conn,
-        n_ensemble=len(ensemble), helpers=helpers,
+        n_ensemble=len(ensemble), helpers=helpers, offsets=model_offsets(model),
     )  # fmt: skip
     if rnd is None:
         return []
@@ -283,7 +304,7 @@ class RedisPoolScorer:
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
         rnd = start_rescore(
             self.pid, version, self.config, self.label_xml, strategy, self.tasks, ids, self.settings, self.conn,
-            n_ensemble=len(trained.ensemble), helpers=self.helpers,
+            n_ensemble=len(trained.ensemble), helpers=self.helpers, offsets=model_offsets(trained.model),
         )  # fmt: skip
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))

@@ -98,15 +98,28 @@ def _image_url(task: dict, config: BrushConfig) -> str:
     return url
 
 
-def _load(task: dict, config: BrushConfig, settings: Any) -> np.ndarray:
+def _load(
+    task: dict, config: BrushConfig, settings: Any, offsets: tuple[int, ...] = (0,), index: Any = None
+) -> np.ndarray:
+    """The model input of a task: its image, plus the neighbouring slices as channels when the model reads 2.5D
+    context (``offsets`` other than (0,); ``labelstudio.neighbours``: a neighbour that cannot be had is the tile
+    itself, never a task error)."""
     from ml_backend.imaging import ImageDecodeError
     from ml_backend.labelstudio.media import MediaError, fetch_image
 
     url = _image_url(task, config)
     try:
-        return fetch_image(url, settings)  # validated, bounded fetch; decodes (only images are cached)
+        image = fetch_image(url, settings)  # validated, bounded fetch; decodes (only images are cached)
     except (MediaError, ImageDecodeError) as exc:
         raise TaskError(str(exc)) from exc
+    if offsets == (0,):
+        return image
+    from ml_backend.labelstudio.neighbours import context_urls, stack_context_images
+
+    urls = context_urls(task, offsets, config.image_key, index)
+    return stack_context_images(
+        image, urls, offsets, lambda u: fetch_image(u, settings), label=f"task {task.get('id')}"
+    )
 
 
 def _strategy_for_request(strategy: Any, settings: Any) -> Any:
@@ -124,7 +137,7 @@ def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: 
     from ml_backend.inference.scoring import ScoringConfig, score_images
     from ml_backend.strategies import get_strategy, uncertainty_to_queue_score
 
-    h, w = images[0].shape
+    h, w = images[0].shape[-2:]  # (H, W), or (C, H, W) with 2.5D context
     if "mc_probs" in strategy.needs and h * w > MC_MAX_PIXELS:
         strategy = get_strategy(FALLBACK_STRATEGY, aggregation=strategy.aggregation)
     probs_all: list[Any] = [None] * len(images)
@@ -204,6 +217,7 @@ def predict_tasks(
     threads end with media's own per-fetch deadline, FETCH_DEADLINE_S).
     """
     from ml_backend.config import torch_device
+    from ml_backend.data.context import model_offsets
     from ml_backend.strategies import cold_start_scores
 
     n = len(tasks)
@@ -239,6 +253,14 @@ def predict_tasks(
         )
     request_strategy = _strategy_for_request(strategy, settings)
     device = torch_device(settings.device)
+    # 2.5D context: the model's input slices; neighbours from the tasks' <image>_prev/_next, else from the other
+    # tasks of this request (labelstudio.neighbours), else the tile itself.
+    offsets = model_offsets(model)
+    index = None
+    if offsets != (0,):
+        from ml_backend.labelstudio.neighbours import NeighbourIndex
+
+        index = NeighbourIndex.from_tasks([tasks[i] for i in good], config.image_key)
 
     if deadline is None:
         deadline = time.monotonic() + float(settings.predict_deadline_s)
@@ -253,7 +275,7 @@ def predict_tasks(
     try:
 
         def submit(idx: list[int]) -> dict[int, Future]:
-            return {i: pool.submit(_load, tasks[i], config, settings) for i in idx}
+            return {i: pool.submit(_load, tasks[i], config, settings, offsets, index) for i in idx}
 
         pending = submit(windows[0])
         for w, idx in enumerate(windows):

@@ -289,6 +289,13 @@ def fine_tune(
     if not keep:
         raise ValueError("no labelled pixel in the training tiles (every mask pixel is IGNORE)")
     tr_img, tr_msk = [tr_img[i] for i in keep], [tr_msk[i] for i in keep]
+    want = int((getattr(model, "hparams", None) or {}).get("in_channels", 0))
+    got = {1 if img.ndim == 2 else int(img.shape[0]) for img in tr_img + v_img}
+    if want and got != {want}:
+        raise ValueError(
+            f"the model reads {want} input channel(s) (2.5D context offsets) but the tiles have {sorted(got)}: "
+            "build the tiles with the model's offsets (ml_backend.data.context.model_offsets)"
+        )
     n_cls = _num_classes(model)
     top = max(int(m.max()) for m in tr_msk + v_msk)
     if n_cls is not None and top >= n_cls:

@@ -91,6 +91,8 @@ def test_fine_tune_on_context_tiles_really_trains(volume_tiles):
     assert result.metrics["val_iou"] is not None
     with pytest.raises(ValueError, match="spatial"):
         fine_tune(model, [images[0]], [masks[0][:16]], cfg)
+    with pytest.raises(ValueError, match="reads 3 input channel"):
+        fine_tune(model, [images[0][1]], [masks[0]], cfg)  # a 2-D tile for a context model: a clear error
 
 
 def test_context_offsets_are_recorded_in_the_checkpoint(tmp_path):

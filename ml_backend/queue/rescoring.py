@@ -54,6 +54,11 @@ def _unpack_summary(data: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return arrays, pixels
 
 
+def _url_loader(tid: int, config: Any, settings: Settings) -> Any:
+    """A neighbour's image by URL, through the same route as the task's own (``load_task_image``)."""
+    return lambda url: load_task_image({"id": tid, "data": {config.image_key: url}}, config, settings)
+
+
 def compute_chunk(
     pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], config: Any,
     settings: Settings, conn: Any,
@@ -73,7 +78,7 @@ def compute_chunk(
             if offsets != (0,):
                 stored = dict(zip(ctx.get("context_offsets") or [], neighbours.get(str(tid)) or [], strict=False))
                 urls = {o: (url if o == 0 else stored.get(o)) for o in offsets}  # absent: the tile itself
-                fetch = lambda u: load_task_image({"id": tid, "data": {config.image_key: u}}, config, settings)  # noqa: E731,B023
+                fetch = _url_loader(tid, config, settings)
                 image = stack_context_images(image, urls, offsets, fetch, label=f"task {tid}")
             images.append(image)
             ok_ids.append(tid)

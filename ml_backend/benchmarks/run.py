@@ -105,6 +105,10 @@ class LocalScorer:
         if self.embed and "embedding" not in scores.summary:
             dev = torch_device(self.cfg.device)
             scores.summary["embedding"] = embed_images(trained.model, imgs, dev, batch_size=EMBED_BATCH)
+        if self.embed and "thumbnail" not in scores.summary:
+            from ml_backend.strategies.batch import thumbnail
+
+            scores.summary["thumbnail"] = np.stack([thumbnail(im) for im in imgs])
         return ScoredPool(list(ids), scores)
 
 
@@ -149,13 +153,22 @@ def evaluate_test(model, ds: Dataset, p: Protocol) -> dict[str, float]:
     from ml_backend.inference.tiling import predict_tiled
     from ml_backend.training.metrics import confusion_counts, dice_from_counts, iou_from_counts
 
-    tp = fp = fn = 0
+    tp = fp = fn = pixels = 0
     dev = torch_device(p.device)
     for img, msk in zip(ds.test_images, ds.test_masks, strict=True):
         probs = predict_tiled(model, img, tile=p.infer_tile, overlap=p.infer_overlap, device=dev)
         a, b, c = confusion_counts(probs.argmax(axis=0), msk, ignore=None)
-        tp, fp, fn = tp + a, fp + b, fn + c
-    return {"iou": iou_from_counts(tp, fp, fn), "dice": dice_from_counts(tp, fp, fn)}
+        tp, fp, fn, pixels = tp + a, fp + b, fn + c, pixels + msk.size
+    # Precision, recall and the predicted foreground fraction (against the true one) tell a model that over-segments
+    # after a foreground-heavy batch (a class-prior shift) from one that misses objects (issue 11's diagnosis).
+    return {
+        "iou": iou_from_counts(tp, fp, fn),
+        "dice": dice_from_counts(tp, fp, fn),
+        "precision": tp / max(1, tp + fp),
+        "recall": tp / max(1, tp + fn),
+        "predicted_foreground": (tp + fp) / max(1, pixels),
+        "true_foreground": (tp + fn) / max(1, pixels),
+    }
 
 
 def _fresh_model(p: Protocol, seed: int):
@@ -200,9 +213,17 @@ def batch_config(p: Protocol, method: str):
     return BatchConfig(neighbourhood=Neighbourhood(z_radius=p.z_radius), method=method, feature_radius=p.feature_radius)
 
 
-# "<strategy>+<suffix>": StackAware with this batch method. "wkm" is the product's default (DIVERSITY_METHOD
-# weighted_kmeans, plan.StackAwareQueue) and, like the product, also feeds the labelled tiles' embeddings.
-ARM_SELECTORS = {"stack": "top", "div": "auto", "wkm": "weighted_kmeans"}
+# "<strategy>+<suffix>": StackAware with this batch method and z radius (None: the protocol's ``z_radius``).
+# "wkm" is the product's former default (DIVERSITY_METHOD weighted_kmeans) and, like the product, also feeds the
+# labelled tiles' embeddings. "astack" / "softrank": the z radius measured on the pool (strategies.batch
+# .estimate_z_radius); "softrank" draws the batch (Kirsch et al. 2023) instead of taking the ranking's top.
+ARM_SELECTORS: dict[str, tuple[str, int | str | None]] = {
+    "stack": ("top", None),
+    "div": ("auto", None),
+    "wkm": ("weighted_kmeans", None),
+    "astack": ("top", "auto"),
+    "softrank": ("stochastic", "auto"),
+}
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
@@ -212,7 +233,18 @@ def parse_arm(arm: str) -> tuple[str, str | None]:
         return base, None
     if suffix not in ARM_SELECTORS:
         raise ValueError(f"unknown selector suffix {suffix!r} in {arm!r}; expected one of {sorted(ARM_SELECTORS)}")
-    return base, ARM_SELECTORS[suffix]
+    return base, ARM_SELECTORS[suffix][0]
+
+
+def arm_batch_config(p: Protocol, arm: str):
+    """The BatchConfig of a "<strategy>+<suffix>" arm (its method, and its z radius or the protocol's)."""
+    from dataclasses import replace
+
+    from ml_backend.strategies.batch import Neighbourhood
+
+    method, z_radius = ARM_SELECTORS[arm.partition("+")[2]]
+    cfg = batch_config(p, method)
+    return cfg if z_radius is None else replace(cfg, neighbourhood=Neighbourhood(z_radius=z_radius))
 
 
 def scoring_config(p: Protocol) -> ScoringConfig:
@@ -307,6 +339,7 @@ def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | Non
         "boundary_per_tile": float(sum(boundary_length(m) for m in masks) / max(1, len(lab))),
         "iou": test["iou"],
         "dice": test["dice"],
+        **{k: test[k] for k in ("precision", "recall", "predicted_foreground") if k in test},
         "val_iou": None if train is None else train.get("val_iou"),
         "best_step": None if train is None else train.get("best_step"),
         "seconds": seconds,
@@ -342,7 +375,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
             TopK(p.k),
             lambda ids: stack_positions(ds, p, ids),
             k=p.k,
-            config=batch_config(p, batch_method),
+            config=arm_batch_config(p, strategy_name),
             labelled_positions=lambda: stack_positions(ds, p, lab),  # the current labelled set (late binding)
             wants_labelled_embeddings=batch_method == "weighted_kmeans",
         )

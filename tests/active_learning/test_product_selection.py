@@ -277,5 +277,38 @@ def test_every_strategy_summary_carries_the_embedding_the_stack_aware_queue_read
     assert np.isfinite(summary["embedding"]).all() and summary["value"].shape == (3,)
     assert list(pixels) == [48 * 48, 48 * 48, 96 * 96] and len(results) == 3
     off, _, _ = score_tiles(model, images, get_strategy("entropy"), config, settings.replace(batch_diversity=False))
-    assert "embedding" not in off
+    assert "embedding" not in off and "thumbnail" not in off
     np.testing.assert_allclose(off["value"][:2], summary["value"][:2], rtol=1e-5)  # same scores for small tiles
+    # the thumbnails the "auto" z radius is measured on, one per tile whatever its size
+    assert summary["thumbnail"].shape == (3, 64) and np.isfinite(summary["thumbnail"]).all()
+
+
+def test_auto_z_radius_setting_measures_the_radius_on_the_pools_thumbnails(monkeypatch, caplog):
+    """DIVERSITY_Z_RADIUS=auto: a stack whose columns repeat one image on 8 slices is measured at radius 7, so the
+    next batch (drawn: DIVERSITY_METHOD=stochastic) takes one tile per column."""
+    from ml_backend.strategies.batch import thumbnail
+
+    monkeypatch.setenv("DIVERSITY_Z_RADIUS", "auto")
+    monkeypatch.setenv("DIVERSITY_METHOD", "stochastic")
+    settings = Settings.from_env(train_batch_size=6, audit_fraction=0.0, diversity_feature_radius=0.0)
+    assert settings.diversity_z_radius == "auto" and settings.diversity_method == "stochastic"
+    tasks = _groups_pool(n_groups=6, depth=8)
+    ids = sorted(tasks)
+    rng = np.random.default_rng(0)
+    columns = [rng.random((64, 64)) for _ in range(6)]
+    thumbs = np.stack([thumbnail(columns[task_position(tasks[t])[3] // 64] + 0.01 * rng.random((64, 64)))
+                       for t in ids])  # fmt: skip
+    values = rng.random(len(ids))
+    summary = {"value": values, "embedding": rng.normal(size=(len(ids), 4)), "thumbnail": thumbs}
+    select = product_selector(settings, 2, tasks, [], [])
+    with caplog.at_level("INFO", logger="ml_backend.active_learning.selection"):
+        ranking = select(get_strategy("entropy"), ids, PoolScores(summary, np.ones(len(ids))),
+                         labelled_embeddings=None, seed=0)  # fmt: skip
+    first = ranking.picked[:6]
+    assert len({task_position(tasks[t])[3] for t in first}) == 6
+    assert "z radius 7 (measured)" in caplog.text
+    monkeypatch.setenv("DIVERSITY_Z_RADIUS", "-2")
+    from ml_backend.config import ConfigError
+
+    with pytest.raises(ConfigError, match="DIVERSITY_Z_RADIUS"):
+        Settings.from_env()

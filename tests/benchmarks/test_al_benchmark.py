@@ -138,11 +138,14 @@ def test_volume_data_arms_and_cold_start_options(bench, tmp_path):
         "--init-steps", "4", "--steps", "3", "--full-steps", "4", "--full-seeds", "", "--batch-size", "2",
         "--infer-tile", "64", "--infer-overlap", "8", "--test-every", "2", "--seeds", "0", "--workers", "1",
         "--device", "cpu", "--pretrain-steps", "2", "--first-batch", "coverage",
-        "--strategies", "random,entropy,entropy+stack,entropy+div", "--out", str(out),
+        "--strategies", "random,entropy,entropy+stack,entropy+div,entropy+softrank", "--out", str(out),
     ]  # fmt: skip
     assert bench.main(args) == 0
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert set(runs) == {f"{a}__seed0" for a in ("random", "entropy", "entropy+stack", "entropy+div")}
+    arms = ("random", "entropy", "entropy+stack", "entropy+div", "entropy+softrank")
+    assert set(runs) == {f"{a}__seed0" for a in arms}
+    assert runs["entropy+softrank__seed0"]["params"]["selector"] == "stochastic"
+    assert all({"precision", "recall", "predicted_foreground"} <= set(x) for x in runs["entropy__seed0"]["rounds"][1:])
     first = {tuple(r["labelled_order"][:4]) for r in runs.values()}
     assert len(first) == 1  # the same coverage-ordered initial tiles for every arm
     assert runs["entropy+stack__seed0"]["params"]["selector"] == "top"
@@ -157,3 +160,26 @@ def test_volume_data_arms_and_cold_start_options(bench, tmp_path):
     assert (out / "gain_vs_random.png").exists() and (out / "initial" / "pretrain_seed0.pt").exists()
     with pytest.raises(SystemExit, match="unknown strategies"):
         bench.main([*args, "--strategies", "entropy+nope"])
+
+    # The diagnosis re-trains round 1 of a saved run exactly: the same test IoU as the run recorded.
+    from ml_backend.benchmarks.diagnose import diagnose
+
+    row = diagnose(out, "entropy", 0, 1)
+    assert row["iou"] == pytest.approx(runs["entropy__seed0"]["rounds"][1]["iou"], abs=1e-6)
+    assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["iou_prior_corrected"] <= 1.0
+
+
+def test_prior_correction_moves_the_foreground_posterior_towards_the_reference_prior():
+    import numpy as np
+
+    from ml_backend.benchmarks.diagnose import prior_corrected
+
+    fg = np.linspace(0.01, 0.99, 50).reshape(1, 5, 10)
+    probs = np.concatenate([1 - fg, fg])
+    same = prior_corrected(probs, 0.1, 0.1)
+    np.testing.assert_allclose(same, probs)
+    lower = prior_corrected(probs, 0.2, 0.05)  # trained on a foreground-heavier set than the reference
+    assert (lower[1] < probs[1]).all() and np.allclose(lower.sum(axis=0), 1.0)
+    # Bayes: odds scale by (pi_ref / pi_train) / ((1 - pi_ref) / (1 - pi_train))
+    odds = lower[1] / lower[0]
+    np.testing.assert_allclose(odds, probs[1] / probs[0] * (0.05 / 0.2) / (0.95 / 0.8), rtol=1e-6)

@@ -100,12 +100,13 @@ def log_plan(registry: Any, plan: RoundPlan, n_tiles: int) -> None:
 
 
 def task_position(task: dict) -> tuple[int, int, int, int, int, int] | None:
-    """(stack, z, y, x, h, w) from the task data the importer writes (``source``, ``slice``, ``tile_y``, ...); None
-    when the task does not say where it comes from (then it excludes nothing). The stack id is a CRC of the source
-    path: stable across jobs and processes."""
+    """(stack, z, y, x, h, w) from the task data the importer writes (``stack``, ``slice``, ``tile_y``, ...); None
+    when the task does not say where it comes from (then it excludes nothing). The stack id is a CRC of the stack
+    path (``stack``; older imports only have ``source``, which is the stack for a TIFF but one file per slice for a
+    folder of slices): stable across jobs and processes."""
     data = task.get("data") or {}
     try:
-        src = data["source"]
+        src = data.get("stack") or data["source"]
         z, y, x = int(data["slice"]), int(data["tile_y"]), int(data["tile_x"])
         h, w = int(data["tile_height"]), int(data["tile_width"])
     except (KeyError, TypeError, ValueError):

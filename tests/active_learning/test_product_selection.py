@@ -63,6 +63,11 @@ def test_task_positions_come_from_the_importers_task_data():
     assert (z, y, x, h, w) == (3, 128, 64, 32, 32)
     assert task_position(_task(8, 0, 0, 0, source="/data/other.tif"))[0] != stack
     assert task_position({"id": 9, "data": {"image": "x"}}) is None
+    # A folder of slices: one source file per slice, one stack (the importer's ``stack`` key)
+    a, b = _task(10, 0, 0, 0, source="/data/folder/z000.png"), _task(11, 1, 0, 0, source="/data/folder/z001.png")
+    assert task_position(a)[0] != task_position(b)[0]  # an old import: every slice its own stack
+    a["data"]["stack"] = b["data"]["stack"] = "/data/folder"
+    assert task_position(a)[0] == task_position(b)[0]
     pos = positions_of([9, 7], {7: t, 9: {"id": 9, "data": {}}})
     assert pos.shape == (2, 6) and pos[0, 0] < 0 and pos[1, 0] == stack  # no position: its own stack
 

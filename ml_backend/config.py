@@ -149,9 +149,10 @@ class Settings(BaseSettings):
     # .audit, ml_backend.jobs.pretrain). BATCH_DIVERSITY: the next TRAIN_BATCH_SIZE tasks of the queue hold no
     # near-duplicates (same stack, overlapping xy within DIVERSITY_Z_RADIUS slices, or closer than
     # DIVERSITY_FEATURE_RADIUS x the pool's median embedding distance); DIVERSITY_METHOD picks them
-    # (top | weighted_kmeans | typiclust | auto, strategies.batch). "top" (the strategy's order with the exclusions)
-    # is the default because the benchmark measured it best on VNC (+8.5% vs random over rounds 1-5 against
-    # -2.9% for weighted_kmeans, 3 seeds; benchmarks/stack_aware.md).
+    # (top | stochastic | weighted_kmeans | typiclust | auto, strategies.batch). "top" (the strategy's order with
+    # the exclusions) and a radius of 3 are the defaults because the benchmark measured them best over both data kinds
+    # (VNC +8.5%, generated isotropic volume +0.5% vs random over rounds 1-5, 3 seeds; a measured radius, "auto",
+    # and softrank draws, "stochastic", were not ahead on both; benchmarks/stack_aware.md).
     batch_diversity: bool = Field(True, validation_alias=_env("BATCH_DIVERSITY", "batch_diversity"))
     diversity_z_radius: int | Literal["auto"] = Field(
         3, validation_alias=_env("DIVERSITY_Z_RADIUS", "diversity_z_radius")

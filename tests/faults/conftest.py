@@ -53,6 +53,10 @@ class RqWorker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        # The worker's own session: its scheduler and horse outlive a kill -9 of the worker, and the orphaned
+        # scheduler would keep taking its lock in the Redis that later tests share.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def log(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
@@ -81,7 +85,8 @@ def start_worker(label_studio, tmp_path) -> Iterator[Callable[..., RqWorker]]:
         name = f"fault-{uuid.uuid4().hex[:6]}"
         with open(log_path, "wb") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker", "--name", name], env=env,
-                                    cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+                                    cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
         worker = RqWorker(proc, log_path)
         started.append(worker)
         return worker

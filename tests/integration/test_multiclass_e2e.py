@@ -10,7 +10,9 @@ annotated tiles decode back to their 3-class ground truth.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +86,7 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
         worker = subprocess.Popen(
             [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"mc-{uuid.uuid4().hex[:6]}"],
             env=worker_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
 
     def logs() -> str:
@@ -161,3 +164,5 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
             worker.wait(timeout=20)
         except subprocess.TimeoutExpired:
             worker.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # its scheduler and horse too
+            os.killpg(worker.pid, signal.SIGKILL)

@@ -9,7 +9,9 @@ the unlabelled tasks and pushes predictions. Then "Start training" (START_TRAINI
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -106,6 +108,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         worker = subprocess.Popen(
             [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"e2e-{uuid.uuid4().hex[:6]}"],
             env=worker_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
 
     def logs() -> str:
@@ -233,3 +236,5 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # its scheduler and horse too
+            os.killpg(worker.pid, signal.SIGKILL)

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -133,6 +135,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         worker = subprocess.Popen(
             [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"stack-{uuid.uuid4().hex[:6]}"],
             env=worker_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
 
     def logs() -> str:
@@ -236,3 +239,5 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
             worker.wait(timeout=20)
         except subprocess.TimeoutExpired:
             worker.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # its scheduler and horse too
+            os.killpg(worker.pid, signal.SIGKILL)

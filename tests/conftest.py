@@ -182,6 +182,66 @@ def ls(label_studio):
 
 
 @dataclass
+class RqWorker:
+    """One ``python -m ml_backend.cli worker`` in its own session (it execs ``rq worker``: the pid IS the worker)."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def kill9(self, *, with_horse: bool = False) -> None:
+        """SIGKILL the rq worker. Alone, its forked work horse notices and stops itself within about a second;
+        ``with_horse`` kills the horse at the same instant (an OOM kill or a lost machine), so the job stops exactly
+        where it was."""
+        import psutil
+
+        victims = [self.process.pid]
+        if with_horse:
+            victims = [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)] + victims
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """Warm shutdown, then SIGKILL of the whole process group: the worker's scheduler and horse outlive a killed
+        worker, and an orphaned scheduler keeps taking its lock in the Redis that later tests share."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def log(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
+
+
+@pytest.fixture
+def start_rq_worker(tmp_path):
+    """start_rq_worker(env, prefix) -> RqWorker: the documented ``python -m ml_backend.cli worker`` with ``env``, its
+    log under tmp_path; every worker is stopped (process group included) at the end of the test."""
+    import uuid
+
+    started: list[RqWorker] = []
+
+    def start(env: dict[str, str], prefix: str = "worker") -> RqWorker:
+        log_path = tmp_path / f"{prefix}-worker-{len(started)}.log"
+        cmd = [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"{prefix}-{uuid.uuid4().hex[:6]}"]
+        with open(log_path, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = RqWorker(proc, log_path)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@dataclass
 class Backend:
     url: str
     process: subprocess.Popen

@@ -6,11 +6,8 @@ The session's Label Studio, gunicorn backend and Redis come from tests/conftest.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import tifffile
 from fault_helpers import DENSE, REPO, TILE, TRAIN_ENV
@@ -26,49 +22,12 @@ from fault_helpers import DENSE, REPO, TILE, TRAIN_ENV
 from ml_backend.labelstudio.client import latest_annotations, list_tasks
 
 
-@dataclass
-class RqWorker:
-    """One ``python -m ml_backend.cli worker`` (it execs ``rq worker``: the pid IS the rq worker)."""
-
-    process: subprocess.Popen
-    log_path: Path
-
-    def kill9(self, *, with_horse: bool = False) -> None:
-        """SIGKILL the rq worker. Alone, its forked work horse notices and stops itself within about a second;
-        ``with_horse`` kills the horse at the same instant (an OOM kill or a lost machine), so the job stops exactly
-        where it was."""
-        victims = [self.process.pid]
-        if with_horse:
-            victims = [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)] + victims
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        # The worker's own session: its scheduler and horse outlive a kill -9 of the worker, and the orphaned
-        # scheduler would keep taking its lock in the Redis that later tests share.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def log(self, chars: int = 6000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
-
-
 @pytest.fixture
-def start_worker(label_studio, tmp_path) -> Iterator[Callable[..., RqWorker]]:
-    """start_worker(model_dir, redis_url, **env) -> RqWorker; every worker is stopped at the end of the test."""
-    started: list[RqWorker] = []
+def start_worker(label_studio, start_rq_worker) -> Callable[..., Any]:
+    """start_worker(model_dir, redis_url, **env) -> RqWorker (tests/conftest.py) with the fault tests' training
+    settings; every worker is stopped at the end of the test."""
 
-    def start(model_dir: Path, redis_url: str, **env_overrides: str) -> RqWorker:
-        log_path = tmp_path / f"worker-{len(started)}.log"
+    def start(model_dir: Path, redis_url: str, **env_overrides: str) -> Any:
         env = {
             **os.environ,
             **TRAIN_ENV,
@@ -82,18 +41,9 @@ def start_worker(label_studio, tmp_path) -> Iterator[Callable[..., RqWorker]]:
             "DEVICE": "auto",
             **env_overrides,
         }
-        name = f"fault-{uuid.uuid4().hex[:6]}"
-        with open(log_path, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker", "--name", name], env=env,
-                                    cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
-        worker = RqWorker(proc, log_path)
-        started.append(worker)
-        return worker
+        return start_rq_worker(env, "fault")
 
-    yield start
-    for worker in started:
-        worker.stop()
+    return start
 
 
 @dataclass

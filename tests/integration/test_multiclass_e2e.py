@@ -10,11 +10,7 @@ annotated tiles decode back to their 3-class ground truth.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -60,7 +56,7 @@ def _wait(predicate, timeout: float, what: str, on_timeout=None):
 
 
 def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend, scripts, multiclass_stack,
-                                                 redis_url, tmp_path):  # fmt: skip
+                                                 redis_url, tmp_path, start_rq_worker):  # fmt: skip
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
     from ml_backend.registry import ModelRegistry
@@ -74,7 +70,6 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
            "MODEL_WIDTH": "8", "MODEL_DEPTH": "3", "RESCORE_CHUNK": "4", "STRATEGY": "entropy", "AUDIT_FRACTION": "0",
            "UNCERTAINTY_MIN_PIXELS": "1", "UNCERTAINTY_THRESHOLDS": "0.05"}  # fmt: skip
     backend = start_backend(model_dir, **env)
-    worker_log = tmp_path / "worker.log"
     worker_env = {
         **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.api_key,
@@ -82,15 +77,12 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
         "DEVICE": "auto",
     }  # fmt: skip
-    with open(worker_log, "wb") as fh:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"mc-{uuid.uuid4().hex[:6]}"],
-            env=worker_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    worker = start_rq_worker(worker_env, "mc")  # the documented `python -m ml_backend.cli worker`
 
     def logs() -> str:
-        return f"--- worker\n{worker_log.read_text(errors='replace')[-6000:]}\n--- backend\n{backend.log_tail(3000)}"
+        return (
+            f"--- worker\n{worker.log_path.read_text(errors='replace')[-6000:]}\n--- backend\n{backend.log_tail(3000)}"
+        )
 
     try:
         setup, importer = scripts("setup_project"), scripts("import_tiles")
@@ -159,10 +151,4 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
         assert uncertainty_regions > 0, "no per-pixel uncertainty layer was delivered"
         assert len(set(scores.values())) > 1, f"queue scores do not differ: {scores}"
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # its scheduler and horse too
-            os.killpg(worker.pid, signal.SIGKILL)
+        worker.stop()

@@ -9,9 +9,7 @@ the unlabelled tasks and pushes predictions. Then "Start training" (START_TRAINI
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -72,7 +70,7 @@ def _predictions(task: dict, version: str) -> list[dict]:
 
 
 def test_webhook_batch_trains_publishes_and_reorders_the_queue(
-    label_studio, ls, start_backend, scripts, em_stack, redis_url, tmp_path
+    label_studio, ls, start_backend, scripts, em_stack, redis_url, tmp_path, start_rq_worker
 ):
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
@@ -92,7 +90,6 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         "AUDIT_FRACTION": "0",  # every annotation is a training tile here (audit split: test_stack_aware_e2e)
     }
     backend = start_backend(model_dir, **train_env)
-    worker_log = tmp_path / "worker.log"
     worker_env = {
         **os.environ,
         **train_env,
@@ -104,16 +101,11 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         "OMP_NUM_THREADS": "1",
         "DEVICE": "auto",
     }
-    with open(worker_log, "wb") as fh:  # the documented command: python -m ml_backend.cli worker
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"e2e-{uuid.uuid4().hex[:6]}"],
-            env=worker_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    worker = start_rq_worker(worker_env, "e2e")  # the documented `python -m ml_backend.cli worker`
 
     def logs() -> str:
         return (
-            f"--- worker log\n{worker_log.read_text(errors='replace')[-6000:]}\n"
+            f"--- worker log\n{worker.log_path.read_text(errors='replace')[-6000:]}\n"
             f"--- backend log\n{backend.log_tail(3000)}"
         )
 
@@ -171,7 +163,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         assert job.meta["phase"] == "upload" and job.meta["progress"]["steps"] == 30
         assert {"read_s", "train_s", "score_s", "upload_s"} <= set(job.meta["timings"])
         assert job.return_value()["status"] == "trained" and job.return_value()["predictions"] == 16 - BATCH
-        worker_output = worker_log.read_text(errors="replace")  # progress is in the worker's log too
+        worker_output = worker.log_path.read_text(errors="replace")  # progress is in the worker's log too
         assert (
             f"project {pid}: step 30/30 loss" in worker_output and f"project {pid}: promoted {version}" in worker_output
         )
@@ -229,12 +221,6 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         )  # fmt: skip
         assert status.returncode == 0, status.stderr
         assert f"current version : {second}" in status.stdout and (tmp_path / "curve.png").is_file()
-        assert worker.poll() is None, logs()
+        assert worker.process.poll() is None, logs()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # its scheduler and horse too
-            os.killpg(worker.pid, signal.SIGKILL)
+        worker.stop()

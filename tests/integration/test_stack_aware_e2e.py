@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -100,7 +98,7 @@ def _truth(labels: np.ndarray, task: dict) -> np.ndarray:
 
 
 def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_backend, scripts, volume, redis_url,
-                                                      tmp_path, monkeypatch):  # fmt: skip
+                                                      tmp_path, start_rq_worker, monkeypatch):  # fmt: skip
     import redis
     from rq.job import Job
     from rq.serializers import JSONSerializer
@@ -124,22 +122,18 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         "PRETRAIN": "true", "PRETRAIN_STEPS": "30", "PRETRAIN_CROP": "64", "PRETRAIN_TIME_BUDGET_S": "120",
     }  # fmt: skip
     backend = start_backend(model_dir, **env)
-    worker_log = tmp_path / "worker.log"
     worker_env = {
         **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.api_key,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
     }  # fmt: skip
-    with open(worker_log, "wb") as fh:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"stack-{uuid.uuid4().hex[:6]}"],
-            env=worker_env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    worker = start_rq_worker(worker_env, "stack")  # the documented `python -m ml_backend.cli worker`
 
     def logs() -> str:
-        return f"--- worker\n{worker_log.read_text(errors='replace')[-8000:]}\n--- backend\n{backend.log_tail(3000)}"
+        return (
+            f"--- worker\n{worker.log_path.read_text(errors='replace')[-8000:]}\n--- backend\n{backend.log_tail(3000)}"
+        )
 
     conn = redis.Redis.from_url(redis_url)
     try:
@@ -234,10 +228,4 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         assert status.returncode == 0, status.stderr[-2000:]
         assert f"promotion       : {why}" in status.stdout  # what the team lead reads
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # its scheduler and horse too
-            os.killpg(worker.pid, signal.SIGKILL)
+        worker.stop()

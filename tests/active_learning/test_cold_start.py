@@ -24,14 +24,6 @@ XML = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _settings(tmp_path, **kw) -> Settings:
     return Settings.from_env(model_dir=tmp_path, model_width=4, model_depth=2, train_crop=32, device="cpu",
                              tile_size=64, tile_overlap=8, val_fraction=0.0, bn_calibration_tiles=0,

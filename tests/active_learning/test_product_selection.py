@@ -26,14 +26,6 @@ from ml_backend.strategies import get_strategy
 from ml_backend.strategies.batch import BatchConfig, Neighbourhood
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _task(tid: int, z: int, y: int, x: int, size: int = 64, source: str = "/data/stack.tif") -> dict:
     return {"id": tid, "data": {"image": f"/t/{tid}.png", "source": source, "slice": z, "tile_y": y, "tile_x": x,
                                 "tile_width": size, "tile_height": size}}  # fmt: skip

@@ -26,14 +26,6 @@ from ml_backend.training import TrainConfig
 from ml_backend.training.recipe import EnsembleSpec, ModelState
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model("unet", width=4, depth=2)

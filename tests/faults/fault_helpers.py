@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
+from waiting import wait_until
 
 from ml_backend.labelstudio.client import as_dict
 
@@ -31,15 +29,7 @@ TRAIN_ENV = {
 }
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, *, poll: float = 0.5, logs=None) -> Any:
-    """The first truthy value of ``predicate()`` within ``timeout`` s, else fail naming ``what`` (+ logs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{logs() if logs else ''}")
+wait_for = wait_until  # the suite's one polling helper (tests/waiting.py)
 
 
 def job_meta(conn: redis.Redis, job_id: str) -> dict:

@@ -11,13 +11,13 @@ annotated tiles decode back to their 3-class ground truth.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from waiting import wait_until
 
 from ml_backend.labelstudio.client import as_dict, list_tasks
 
@@ -43,16 +43,6 @@ def multiclass_stack(tmp_path_factory):
             for x in (0, 64):
                 truth[(z, y, x)] = vol.labels[z, y : y + TILE, x : x + TILE].astype(np.int64)
     return base / "stack.tif", truth
-
-
-def _wait(predicate, timeout: float, what: str, on_timeout=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{on_timeout() if on_timeout else ''}")
 
 
 def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend, scripts, multiclass_stack,
@@ -111,9 +101,9 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
                                               tasks[tid]["data"]["tile_x"])], config)}  # fmt: skip
         assert labels_sent == {"Mitochondria", "Nuclei"}
 
-        version = _wait(registry.current_version, 600, "a 3-class model version", on_timeout=logs)
-        _wait(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == version, 300,
-              "the project's model_version", on_timeout=logs)  # fmt: skip
+        version = wait_until(registry.current_version, 600, "a 3-class model version", logs=logs)
+        wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == version, 300,
+              "the project's model_version", logs=logs)  # fmt: skip
         meta = registry.current_meta()
         assert meta["n_annotations"] == BATCH
         model, _ = registry.load(version)

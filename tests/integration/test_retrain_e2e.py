@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import tifffile
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from waiting import wait_until
 
 from ml_backend.labelstudio.client import as_dict, latest_annotations, list_tasks
 
@@ -48,17 +48,6 @@ def em_stack(tmp_path_factory):
             for x in (0, 64):
                 truth[(z, y, x)] = masks[z, y : y + TILE, x : x + TILE].astype(np.int64)
     return base / "stack.tif", truth
-
-
-def _wait(predicate, timeout: float, what: str, poll: float = 1.0, on_timeout=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    detail = on_timeout() if on_timeout else ""
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{detail}")
 
 
 def _view_order(ls, project_id: int, view_id: int) -> list[int]:
@@ -139,10 +128,10 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
             if tid != batch[-1]:
                 assert registry.current_version() is None  # no training before the batch is complete
 
-        version = _wait(registry.current_version, 600, "a new model version", on_timeout=logs)
-        project_version = _wait(
+        version = wait_until(registry.current_version, 600, "a new model version", logs=logs)
+        project_version = wait_until(
             lambda: (v := as_dict(ls.projects.get(id=pid)).get("model_version")) == version and v,
-            300, "the project's model_version to be set", on_timeout=logs,
+            300, "the project's model_version to be set", logs=logs,
         )  # fmt: skip
         assert project_version == version
 
@@ -157,7 +146,7 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         conn = redis.Redis.from_url(redis_url)
         job = Job.fetch(meta["job"], connection=conn, serializer=JSONSerializer)
         # the job sets the project's model_version in its last phase; it is marked finished a moment later
-        _wait(lambda: job.get_status(refresh=True) == "finished", 120, "the training job to finish", on_timeout=logs)
+        wait_until(lambda: job.get_status(refresh=True) == "finished", 120, "the training job to finish", logs=logs)
         job.refresh()  # the meta as the finished job left it (fetched above while the job was still running)
         assert job.kwargs["project_id"] == pid and job.kwargs["force"] is False
         assert job.meta["phase"] == "upload" and job.meta["progress"]["steps"] == 30
@@ -199,15 +188,15 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         backends = [as_dict(b) for b in ls.ml.list(project=pid)]
         assert len(backends) == 1
         ls.ml.train(id=backends[0]["id"])
-        second = _wait(
+        second = wait_until(
             lambda: (v := registry.current_version()) != version and v, 600, "START_TRAINING's version",
-            on_timeout=logs,
+            logs=logs,
         )  # fmt: skip
         meta2 = registry.meta(second)
         assert meta2["parent"] == version and meta2["initialised"] == "fine-tuned"
         assert meta2["trigger"] == "START_TRAINING"
-        _wait(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == second, 300, "model_version update",
-              on_timeout=logs)  # fmt: skip
+        wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == second, 300, "model_version update",
+              logs=logs)  # fmt: skip
         assert len(latest_annotations(list_tasks(ls, pid))) == BATCH
 
         # nothing is left queued or locked, and the operator CLI sees both versions

@@ -18,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from waiting import wait_until
 
 from ml_backend.labelstudio.client import as_dict, list_tasks
 
@@ -45,16 +45,6 @@ def volume(tmp_path_factory):
     vol = generate_volume((10, 256, 256), setting="isotropic", seed=11, foreground=0.1)
     tifffile.imwrite(base / "volume.tif", vol.image, photometric="minisblack")
     return base / "volume.tif", vol.labels
-
-
-def _wait(predicate, timeout: float, what: str, on_timeout=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{on_timeout() if on_timeout else ''}")
 
 
 def _queue(tasks: dict[int, dict], version: str) -> list[int]:
@@ -155,9 +145,9 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
         assert len(tasks) == 10 * 16
         audit = set(audit_task_ids(sorted(tasks), AUDIT_FRACTION, 0))
-        job = _wait(lambda: Job.fetch(f"pretrain-{pid}", connection=conn, serializer=JSONSerializer), 30,
+        job = wait_until(lambda: Job.fetch(f"pretrain-{pid}", connection=conn, serializer=JSONSerializer), 30,
                     "the pretraining job")  # fmt: skip
-        _wait(lambda: job.get_status(refresh=True) in ("finished", "failed"), 600, "pretraining", on_timeout=logs)
+        wait_until(lambda: job.get_status(refresh=True) in ("finished", "failed"), 600, "pretraining", logs=logs)
         job.refresh()
         summary = job.return_value()
         assert job.get_status() == "finished" and summary["status"] == "pretrained", logs()
@@ -182,9 +172,9 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         # --- 2. annotate the first batch from the ground truth: the first version starts from the pretrained weights
         for tid in first:
             ls.annotations.create(id=tid, result=mask_to_results(_truth(labels, tasks[tid]), config))
-        v1 = _wait(registry.current_version, 900, "the first version", on_timeout=logs)
-        _wait(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == v1, 300, "the second queue",
-              on_timeout=logs)  # fmt: skip
+        v1 = wait_until(registry.current_version, 900, "the first version", logs=logs)
+        wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == v1, 300, "the second queue",
+              logs=logs)  # fmt: skip
         meta1 = registry.current_meta()
         assert meta1["initialised"] == "pretrained"
         train_ids = [t for t in first if t not in audit]
@@ -213,7 +203,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
             last = json.loads(raw) if raw else {}
             return last if last.get("version") not in (None, v1) else None
 
-        last = _wait(refused, 900, "the second training job", on_timeout=logs)
+        last = wait_until(refused, 900, "the second training job", logs=logs)
         assert last["status"] == "not-promoted" and last["promoted"] is False, last
         why = last["promotion"]["reason"]
         assert last["promotion"]["promoted"] is False and "not promoted" in why and v1 in why

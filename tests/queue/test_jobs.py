@@ -359,7 +359,10 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
     for a, b in zip(shared, local, strict=True):
         assert a["model_version"] == b["model_version"] == out.version
         assert a["score"] == pytest.approx(b["score"], abs=1e-6) and 0.0 <= a["score"] <= 1.0
-        assert strip_ids(a["result"]) == strip_ids(b["result"])  # same masks (region ids are random)
+        # the same masks up to float noise: two processes may round a borderline pixel differently
+        mask_a, mask_b = (results_to_mask(p["result"], config, 96, 96) for p in (a, b))
+        assert np.mean(mask_a != mask_b) <= MASK_TOLERANCE, f"task {a['task']}: masks differ beyond tolerance"
+        assert [r["type"] for r in a["result"]] == [r["type"] for r in b["result"]]
     # the masks are the model's predictions, decodable at the tile size
     for pred in shared:
         mask = results_to_mask(pred["result"], config, 96, 96)
@@ -367,8 +370,7 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
     assert conn.keys("mlb:project:9:rescore:*") == []  # the round cleans up after itself
 
 
-def strip_ids(results: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "id"} for r in results]
+MASK_TOLERANCE = 0.002  # fraction of pixels; one 96 x 96 tile's borderline pixels
 
 
 def test_rescore_with_a_batch_strategy_ranks_the_whole_pool(tmp_path, data, redis_url, image_server):

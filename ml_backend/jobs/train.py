@@ -104,7 +104,7 @@ def project_strategy(project_id: int, settings: Settings) -> Any:
     except ProjectError as exc:  # an unreadable state file must not stop the training: the defaults apply
         log.warning("project %s: %s; using STRATEGY=%s", project_id, exc, settings.strategy)
         state = {}
-    return stored_strategy(state, settings)
+    return stored_strategy(state, settings, project=project_id)  # bad stored params: the default, warned
 
 
 def train_project(project_id: int, force: bool = False, reason: str = "manual") -> dict:

@@ -502,6 +502,6 @@ def _project_strategy(store: ProjectStore, pid: str, settings: Settings) -> Any:
     from ml_backend.strategies.resolve import StrategyError, stored_strategy
 
     try:
-        return stored_strategy(store.state(pid), settings)
+        return stored_strategy(store.state(pid), settings, project=pid)
     except StrategyError as exc:
         raise ProjectError(f"project {pid}: the stored {exc}") from exc

@@ -20,11 +20,12 @@ and ``predict.py`` fails just that task (``task_id``).
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "MAX_ID",
@@ -100,11 +101,18 @@ def check_json_depth(text: str, what: str = "request body") -> None:
         raise BadRequest(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels")
 
 
+def _refuse_constant(name: str) -> Any:
+    """``NaN``, ``Infinity``, ``-Infinity``: Python's json accepts them, JSON does not; a parameter of Infinity once
+    reached state.json and overflowed the selection."""
+    raise ValueError(f"{name} is not a JSON number (non-finite numbers are refused)")
+
+
 def loads_limited(text: str, what: str = "request body") -> Any:
-    """``json.loads`` after the depth check; huge integers stay text; BadRequest on anything malformed."""
+    """``json.loads`` after the depth check; huge integers stay text; NaN/Infinity and anything else malformed is a
+    BadRequest."""
     check_json_depth(text, what)
     try:
-        return json.loads(text, parse_int=_parse_int)
+        return json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise BadRequest(f"malformed JSON in {what}: {exc}") from exc
 
@@ -223,7 +231,14 @@ _TEXT_KIND = {"'schema'": "the label config XML as a string", "'label_config'": 
 
 
 class ExtraParams(_Body):
-    """/setup's ``extra_params`` (what the user typed in Label Studio's model settings), validated."""
+    """/setup's ``extra_params`` (what the user typed in Label Studio's model settings), validated.
+
+    Unknown keys are refused, not ignored (unlike the request's own fields, this object is typed by a user: a
+    misspelt or misplaced key, e.g. ``n_init`` outside ``strategy_params``, must not silently do nothing). The
+    strategy's parameters are checked against its declared ``Params`` by ``projects.strategy_from_params``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     strategy: str | None = None
     aggregation: str | None = None
@@ -246,6 +261,20 @@ class ExtraParams(_Body):
         for key, item in value.items():
             if len(key) > MAX_NAME_CHARS or isinstance(item, (dict, list, BigIntLiteral)):
                 raise ValueError(f"extra_params.strategy_params[{_show(key)}] must be a number, string or boolean")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"extra_params.strategy_params[{_show(key)}] is {item!r}: numbers must be finite")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            unknown = [key for key in value if key not in cls.model_fields]
+            if unknown:
+                raise ValueError(
+                    f"extra_params has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(_show, unknown))}; "
+                    f"allowed: {', '.join(cls.model_fields)} (a strategy's own parameters go in strategy_params)"
+                )
         return value
 
 

@@ -71,7 +71,8 @@ class ProjectStore:
         new.update(mode=config.mode, from_name=config.from_name, to_name=config.to_name, labels=list(config.labels))
         if new != state:
             new["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write_atomic(folder / STATE_FILE, json.dumps(new, indent=1, sort_keys=True))
+            # allow_nan=False: never write NaN/Infinity, which are not JSON (other readers refuse the file)
+            write_atomic(folder / STATE_FILE, json.dumps(new, indent=1, sort_keys=True, allow_nan=False))
         return new
 
     def config(self, project_id: str, xml: str | None = None) -> tuple[BrushConfig, str]:

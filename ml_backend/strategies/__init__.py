@@ -6,6 +6,7 @@
 >>> selection = strategy.select(summary, k=20, seed=0)    # values (N,), order (k,) most informative first
 
 Registered: random, entropy, least_confidence, margin, bald, kmeans, coreset, suggestive, effort_aware, hybrid.
+Each declares its parameters, with types and bounds, as ``Strategy.Params`` (``params``; ``strategy_params_model``).
 """
 
 # ruff: noqa: I001  (import order = registration order = the order available_strategies() lists)
@@ -17,7 +18,9 @@ from .base import (
     available_strategies,
     get_strategy,
     register_strategy,
+    strategy_params_model,
 )
+from .params import StrategyParams, StrategyParamsError
 from .random import RandomStrategy
 from .uncertainty import BaldStrategy, EntropyStrategy, LeastConfidenceStrategy, MarginStrategy, pixel_entropy
 from .diversity import CoresetStrategy, KMeansStrategy, greedy_max_cover, k_center_greedy
@@ -41,6 +44,8 @@ __all__ = [
     "RandomStrategy",
     "Selection",
     "Strategy",
+    "StrategyParams",
+    "StrategyParamsError",
     "SuggestiveStrategy",
     "annotation_effort",
     "available_strategies",
@@ -58,5 +63,6 @@ __all__ = [
     "register_strategy",
     "score_pool",
     "soft_dice",
+    "strategy_params_model",
     "uncertainty_to_queue_score",
 ]

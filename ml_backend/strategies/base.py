@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args
 
 import numpy as np
 
-AGGREGATIONS = ("sum", "mean")
+from .params import Aggregation, StrategyParams, validate_params
+
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 OPTIONAL_INPUTS = frozenset({"mc_probs", "embeddings", "ensemble_probs"})
 
 # Probabilities are clipped here before log so that p = 0 contributes 0 * log(tiny) = 0, not NaN.
@@ -81,23 +83,27 @@ class Strategy:
 
     Subclasses set ``needs`` (optional PoolBatch fields they read) and implement ``_summarize`` and ``_select``;
     the public methods add the validation every strategy shares, so each strategy fails the same way on bad input.
-    ``summary_keys`` lists the keys ``select`` requires in the summary.
+    ``summary_keys`` lists the keys ``select`` requires in the summary. ``Params`` declares the constructor's
+    parameters (types, bounds, defaults: ``params.StrategyParams``); the constructor validates its keyword arguments
+    against it and keeps the result as ``config``, which is all a strategy reads its parameters from.
     """
 
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset()
     summary_keys: ClassVar[tuple[str, ...]] = ("value",)
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
 
-    def __init__(self, *, aggregation: str = "sum") -> None:
-        self.aggregation = check_aggregation(aggregation)
+    def __init__(self, **params: Any) -> None:
+        self.config = validate_params(self.Params, params, self.name)
+        self.aggregation: str = self.config.aggregation
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params().items()))
         return f"{type(self).__name__}({params})"
 
     def params(self) -> dict[str, Any]:
-        """Constructor parameters (for logs and model metadata)."""
-        return {"aggregation": self.aggregation}
+        """Constructor parameters, validated (for logs, model metadata and state.json: they construct it again)."""
+        return self.config.model_dump()
 
     # ------------------------------------------------------------------ public API
     def summarize(self, batch: PoolBatch) -> dict[str, np.ndarray]:
@@ -161,11 +167,34 @@ def register_strategy(name: str) -> Callable[[S], S]:
         unknown = cls.needs - OPTIONAL_INPUTS
         if unknown:
             raise ValueError(f"strategy {name!r} needs unknown PoolBatch fields {sorted(unknown)}")
+        _check_params_model(name, cls.Params)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
 
     return decorator
+
+
+def _check_params_model(name: str, model: Any) -> None:
+    """A registered strategy declares bounded parameters: a StrategyParams model refusing unknown keys and
+    non-finite numbers, every field described (the README table is generated from it), defaults that validate."""
+    if not (isinstance(model, type) and issubclass(model, StrategyParams)):
+        raise TypeError(f"strategy {name!r}: Params must be a StrategyParams subclass, got {model!r}")
+    config = model.model_config
+    if config.get("extra") != "forbid" or config.get("allow_inf_nan") is not False:
+        raise ValueError(f"strategy {name!r}: Params must forbid unknown keys and non-finite numbers")
+    undescribed = [field for field, info in model.model_fields.items() if not info.description]
+    if undescribed:
+        raise ValueError(f"strategy {name!r}: Params fields {undescribed} need a description")
+    model.model_validate(model().model_dump())  # pydantic does not check defaults by itself
+
+
+def strategy_params_model(name: str) -> type[StrategyParams]:
+    """The parameter model of registered strategy ``name`` (what /setup validates ``strategy_params`` against)."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available_strategies())}")
+    return _REGISTRY[key].Params
 
 
 def available_strategies() -> list[str]:
@@ -185,12 +214,6 @@ def get_strategy(name: str, **params: Any) -> Strategy:
 
 
 # ---------------------------------------------------------------------- validation helpers
-def check_aggregation(aggregation: str) -> str:
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    return aggregation
-
-
 def check_k(k: int, n: int) -> int:
     """Validated number of tiles to select, clipped to the pool size (k > N returns the whole pool)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):

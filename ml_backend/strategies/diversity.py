@@ -10,10 +10,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from pydantic import Field
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from .base import PoolBatch, Selection, Strategy, batch_values, register_strategy
+from .params import StrategyParams
 
 # Above this many candidate x pool similarity entries (float32: 4 bytes each) max-cover recomputes rows per step.
 _MAX_COVER_DENSE_LIMIT = 50_000_000
@@ -143,17 +145,17 @@ class KMeansStrategy(Strategy):
     Parameter ``n_init``: k-means++ restarts (1, scikit-learn's "auto" for k-means++).
     """
 
+    class Params(StrategyParams):
+        # each restart is a full k-means on the pool; past a few, the selection barely changes
+        n_init: int = Field(1, ge=1, le=20, description="k-means++ restarts; each one costs a full clustering")
+
     needs = frozenset({"embeddings"})
     summary_keys = ("value", "embedding")
+    config: Params
 
-    def __init__(self, *, aggregation: str = "sum", n_init: int = 1) -> None:
-        super().__init__(aggregation=aggregation)
-        if n_init < 1:
-            raise ValueError(f"n_init must be >= 1, got {n_init}")
-        self.n_init = int(n_init)
-
-    def params(self):
-        return {**super().params(), "n_init": self.n_init}
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        self.n_init = self.config.n_init
 
     def _summarize(self, batch: PoolBatch) -> dict[str, np.ndarray]:
         emb = np.asarray(batch.embeddings, dtype=np.float32)

@@ -8,7 +8,10 @@ effort axis and this strategy's effort estimate are in the same unit.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
+from pydantic import Field
 
 from .base import (
     PoolBatch,
@@ -20,9 +23,11 @@ from .base import (
     ranked_selection,
     register_strategy,
 )
+from .params import StrategyParams
 from .uncertainty import pixel_entropy
 
-GAINS = ("uncertainty", "dice")
+Gain = Literal["uncertainty", "dice"]
+GAINS: tuple[str, ...] = get_args(Gain)
 
 
 def boundary_lengths(masks: np.ndarray) -> np.ndarray:
@@ -87,19 +92,20 @@ class EffortAwareStrategy(Strategy):
     painted whole, so the whole predicted outline is the estimate. Forward passes: 1.
     """
 
+    class Params(StrategyParams):
+        gain: Gain = Field("uncertainty", description="expected gain: the tile's entropy, or 1 - estimated Dice")
+        # a floor above any tile's outline only makes every effort equal; 1e6 pixel edges is far beyond that
+        effort_floor: float | None = Field(
+            None, gt=0.0, le=1e6, description="least effort of a tile, pixel edges (null: (H + W) / 4)"
+        )
+
     summary_keys = ("value", "effort", "gain")
+    config: Params
 
-    def __init__(self, *, aggregation: str = "sum", gain: str = "uncertainty", effort_floor: float | None = None):
-        super().__init__(aggregation=aggregation)
-        if gain not in GAINS:
-            raise ValueError(f"gain must be one of {GAINS}, got {gain!r}")
-        if effort_floor is not None and not effort_floor > 0:
-            raise ValueError(f"effort_floor must be > 0 pixels, got {effort_floor}")
-        self.gain = gain
-        self.effort_floor = effort_floor
-
-    def params(self):
-        return {**super().params(), "gain": self.gain, "effort_floor": self.effort_floor}
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        self.gain = self.config.gain
+        self.effort_floor = self.config.effort_floor
 
     def _summarize(self, batch: PoolBatch) -> dict[str, np.ndarray]:
         p = as_float(batch.probs)

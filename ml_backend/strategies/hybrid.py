@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
+from pydantic import Field
 
 from .base import PoolBatch, Selection, Strategy, batch_values, register_strategy, top_k
 from .diversity import k_center_greedy, max_cover_select
+from .params import StrategyParams
+from .suggestive import MAX_CANDIDATES_FACTOR
 from .uncertainty import BaldStrategy, EntropyStrategy, LeastConfidenceStrategy, MarginStrategy
 
 _UNCERTAINTY = {
@@ -14,7 +19,9 @@ _UNCERTAINTY = {
     "margin": MarginStrategy,
     "bald": BaldStrategy,
 }
-DIVERSITY = ("coreset", "maxcover")
+Uncertainty = Literal["entropy", "least_confidence", "margin", "bald"]  # the keys of _UNCERTAINTY
+Diversity = Literal["coreset", "maxcover"]
+DIVERSITY: tuple[str, ...] = get_args(Diversity)
 
 
 @register_strategy("hybrid")
@@ -31,36 +38,28 @@ class HybridStrategy(Strategy):
     decoder 1 + T for bald), the embedding comes from the same encoder pass.
     """
 
+    class Params(StrategyParams):
+        uncertainty: Uncertainty = Field("entropy", description="the uncertainty that picks the candidates")
+        diversity: Diversity = Field(
+            "coreset", description="how k tiles are picked among them: greedy k-center or max-cover of the pool"
+        )
+        candidates_factor: float = Field(
+            4.0,
+            ge=1.0,
+            le=MAX_CANDIDATES_FACTOR,
+            description="K = candidates_factor x k most uncertain tiles are the candidates",
+        )
+
     summary_keys = ("value", "embedding")
+    config: Params
 
-    def __init__(
-        self,
-        *,
-        aggregation: str = "sum",
-        uncertainty: str = "entropy",
-        diversity: str = "coreset",
-        candidates_factor: float = 4.0,
-    ) -> None:
-        super().__init__(aggregation=aggregation)
-        if uncertainty not in _UNCERTAINTY:
-            raise ValueError(f"uncertainty must be one of {sorted(_UNCERTAINTY)}, got {uncertainty!r}")
-        if diversity not in DIVERSITY:
-            raise ValueError(f"diversity must be one of {DIVERSITY}, got {diversity!r}")
-        if not candidates_factor >= 1.0:
-            raise ValueError(f"candidates_factor must be >= 1 (K >= k candidates), got {candidates_factor}")
-        self.uncertainty = uncertainty
-        self.diversity = diversity
-        self.candidates_factor = float(candidates_factor)
-        self._inner = _UNCERTAINTY[uncertainty](aggregation=aggregation)
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        self.uncertainty = self.config.uncertainty
+        self.diversity = self.config.diversity
+        self.candidates_factor = float(self.config.candidates_factor)
+        self._inner = _UNCERTAINTY[self.uncertainty](aggregation=self.aggregation)
         self.needs = self._inner.needs | {"embeddings"}  # instance attribute: depends on the uncertainty part
-
-    def params(self):
-        return {
-            **super().params(),
-            "uncertainty": self.uncertainty,
-            "diversity": self.diversity,
-            "candidates_factor": self.candidates_factor,
-        }
 
     def _summarize(self, batch: PoolBatch) -> dict[str, np.ndarray]:
         value = self._inner._summarize(batch)["value"]

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from .base import PoolBatch, Selection, Strategy, aggregate, as_float, batch_values, register_strategy, top_k
 from .diversity import max_cover_select
+from .params import StrategyParams
+
+# K = factor * k candidates; max-cover costs O(k K N): 50 x k = 1,000 candidates for a batch of 20 is plenty
+MAX_CANDIDATES_FACTOR = 50.0
 
 
 def bootstrap_indices(n: int, members: int, seed: int = 0) -> list[np.ndarray]:
@@ -37,17 +42,21 @@ class SuggestiveStrategy(Strategy):
     Forward passes: E full ensemble forwards + the deterministic pass (for the descriptor and the pre-annotation).
     """
 
+    class Params(StrategyParams):
+        candidates_factor: float = Field(
+            2.0,
+            ge=1.0,
+            le=MAX_CANDIDATES_FACTOR,
+            description="K = candidates_factor x k most uncertain tiles enter max-cover (the paper: 2)",
+        )
+
     needs = frozenset({"ensemble_probs", "embeddings"})
     summary_keys = ("value", "embedding")
+    config: Params
 
-    def __init__(self, *, aggregation: str = "sum", candidates_factor: float = 2.0) -> None:
-        super().__init__(aggregation=aggregation)
-        if not candidates_factor >= 1.0:
-            raise ValueError(f"candidates_factor must be >= 1 (K >= k candidates), got {candidates_factor}")
-        self.candidates_factor = float(candidates_factor)
-
-    def params(self):
-        return {**super().params(), "candidates_factor": self.candidates_factor}
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        self.candidates_factor = float(self.config.candidates_factor)
 
     def _summarize(self, batch: PoolBatch) -> dict[str, np.ndarray]:
         ens = as_float(batch.ensemble_probs)

@@ -168,7 +168,7 @@ REQUEST_ROWS = [
         "/setup",
         _body(project=PROJECT, schema=DENSE_XML, extra_params={"strategy_params": {"nonsense": 1}}),
         400,
-        "unexpected keyword argument 'nonsense'",
+        r"unknown parameter 'nonsense' \(allowed parameters: aggregation\)",
     ),
     (
         "/setup",

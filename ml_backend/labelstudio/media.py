@@ -19,6 +19,14 @@ Security rules (issue 9), each enforced here and tested in ``tests/labelstudio/t
 * The ``Authorization`` token is added per hop, only when that hop's (scheme, host, port) equals
   ``LABEL_STUDIO_URL``'s. Redirects are followed here, never by requests: at most ``MAX_REDIRECTS``, each target
   validated and allow-listed like the original URL.
+* On Label Studio's host:port only its media routes are requested (issue 16: an image URL of
+  ``/api/projects/1/next/`` made the backend lock a task for 24 h with its token): ``/data/upload/<file>``,
+  ``/data/local-files/?d=``, ``/storage-data/uploaded/``, ``/tasks/<id>/resolve/``, ``/projects/<id>/resolve/`` and
+  their ``/presign/`` aliases (Label Studio 1.23.2's ``data_import/urls.py`` and ``io_storages/urls.py``). The path
+  is decoded once and checked before any connection, for the first URL and every redirect: double encoding, ``;``
+  parameters, ``.``/``..`` and empty segments, backslashes and control characters are refused; the request then
+  goes to the canonical re-encoded path, so what was checked is what is sent. Other origins (``MEDIA_ALLOWED_HOSTS``)
+  never get the token and are not path-restricted.
 * The session ignores the environment (``trust_env = False``): no ``~/.netrc`` credentials can be attached to a
   foreign host and no proxy from ``HTTP(S)_PROXY`` sees the token; cookies are never stored or sent.
   ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` are still honoured for TLS verification.
@@ -35,6 +43,11 @@ Cache: files that decoded as images are kept under ``MODEL_DIR/cache/media/`` ke
 URL (Label Studio names uploads uniquely, and tiles do not change once imported), bounded by ``MEDIA_CACHE_BYTES``
 with least-recently-used eviction (a hit touches the file's mtime). Several processes share the cache: every step
 tolerates files vanishing under it. Every failure is a ``MediaError`` that says which URL and why.
+
+Degraded disk (issue 16): when ``MODEL_DIR/cache`` cannot be written (full, read-only, not a directory) downloads are
+staged in a private directory under the system temporary directory (``TMPDIR``) instead and nothing is cached;
+predictions keep working. ``cache_problem(settings)`` probes the cache and says what is wrong, for ``/status`` and
+``/health?details=1``.
 """
 
 from __future__ import annotations
@@ -48,6 +61,7 @@ import os
 import re
 import socket
 import ssl
+import tempfile
 import threading
 import time
 import uuid
@@ -55,7 +69,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, unquote, urljoin, urlparse
+from urllib.parse import parse_qs, quote, unquote, unquote_to_bytes, urljoin, urlparse
 
 import numpy as np
 import requests
@@ -65,7 +79,15 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import parse_url
 
-__all__ = ["MediaError", "cache_dir", "fetch_image", "fetch_image_bytes", "resolve_local_file"]
+__all__ = [
+    "MediaError",
+    "cache_dir",
+    "cache_problem",
+    "fetch_image",
+    "fetch_image_bytes",
+    "label_studio_media_path",
+    "resolve_local_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +110,22 @@ _SAFE_DECODE_MESSAGE = re.compile(
     r"image too large to decode safely)"
 )
 
+# Label Studio 1.23.2's routes that serve task media, matched against the decoded path below LABEL_STUDIO_URL's:
+# data_import/urls.py (data/upload/<path:filename>, storage-data/uploaded/?filepath=) and io_storages/urls.py
+# (data/local-files/?d=, tasks|projects/<int>/resolve|presign/?fileuri=). Nothing else on Label Studio is fetched.
+_MEDIA_PATHS = (
+    re.compile(r"/data/upload/.+"),
+    re.compile(r"/data/local-files/?"),
+    re.compile(r"/storage-data/uploaded/"),
+    re.compile(r"/(?:tasks|projects)/[0-9]+/(?:resolve|presign)/"),
+)
+MEDIA_PATHS_TEXT = (
+    "/data/upload/<file>, /data/local-files/?d=<path>, /storage-data/uploaded/?filepath=, "
+    "/tasks/<id>/resolve/, /projects/<id>/resolve/ (or /presign/)"
+)
+_PCT_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+_PATH_SAFE = "/-._~!$&'()*+,=:@"  # RFC 3986 pchar without ';' (refused) and '%' (re-encoded)
+
 T = TypeVar("T")
 
 
@@ -102,6 +140,58 @@ def cache_dir(settings: Any) -> Path:
 def _temp_dir(settings: Any) -> Path:
     """Next to the cache (same file system, so a finished download is renamed into it, not copied)."""
     return Path(settings.model_dir) / "cache" / "media-tmp"
+
+
+_fallback_lock = threading.Lock()
+_fallback: Path | None = None
+
+
+def _fallback_dir() -> Path:
+    """This process's private staging directory under TMPDIR (mkdtemp: mode 0700, unpredictable name), used
+    when MODEL_DIR/cache cannot be written; re-created if something removed it."""
+    global _fallback
+    with _fallback_lock:
+        if _fallback is None or not _fallback.is_dir():
+            _fallback = Path(tempfile.mkdtemp(prefix="ml-backend-media-"))
+        return _fallback
+
+
+def _probe_writable(directory: Path) -> None:
+    """Create ``directory`` and write one byte in it (a full disk can still create empty files); OSError if not."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".probe-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0")
+            fh.flush()
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def _os_error_text(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def cache_problem(settings: Any) -> str | None:
+    """Why the media cache under MODEL_DIR/cache cannot be written right now, or None when it can.
+
+    Probed on each call (cheap: one small file) rather than remembered, so every gunicorn worker answers the same
+    and the warning disappears as soon as the disk is fixed.
+    """
+    if int(getattr(settings, "media_cache_bytes", 0) or 0) <= 0:
+        return None
+    where = _temp_dir(settings)
+    try:
+        _probe_writable(where)
+        _probe_writable(cache_dir(settings))
+    except OSError as exc:
+        return (
+            f"the image cache under {Path(settings.model_dir) / 'cache'} cannot be written ({_os_error_text(exc)}): "
+            f"downloads are staged in {tempfile.gettempdir()} (TMPDIR) and not cached, so every prediction "
+            "downloads its image again; free space or fix the permissions of MODEL_DIR"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- URL validation
@@ -257,6 +347,57 @@ def _check_allowed(target: Target, shown: str, settings: Any, *, redirect: bool 
         f"cannot fetch {shown}: {where} is not Label Studio's and not in MEDIA_ALLOWED_HOSTS "
         "(comma-separated host or host:port entries, '*' for any host)"
     )
+
+
+def _is_label_studio(target: Target, settings: Any) -> bool:
+    """Same host:port as LABEL_STUDIO_URL (any scheme): where the token may go, so where the path rule applies."""
+    ls = _label_studio(settings)
+    return ls is not None and (ls.host, ls.port) == (target.host, target.port)
+
+
+def label_studio_media_path(target: Target, settings: Any) -> Target:
+    """``target`` with its path in canonical form when it is one of Label Studio's media routes; MediaError saying
+    why otherwise (the message names the decoded path, never the token).
+
+    The path is percent-decoded once (as Django does before routing), then refused when decoding leaves another
+    escape (double encoding), or when it holds ``;`` parameters, ``.``/``..`` or empty (``//``) segments, backslashes
+    or control characters: proxies and servers disagree about those, so they could route a path we checked as media
+    somewhere else. The result is re-encoded from the decoded form, so what was checked is what is requested.
+    """
+    raw, sep, query = target.path.partition("?")
+    try:
+        path = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MediaError("its path is not valid UTF-8 once percent-decoded") from None
+    if _PCT_RE.search(path):
+        raise MediaError(f"its path {path[:200]!r} is percent-encoded twice")
+    if _CONTROL_RE.search(path) or "\\" in path:
+        raise MediaError("its path holds control characters or a backslash once percent-decoded")
+    if ";" in path:
+        raise MediaError(f"its path {path[:200]!r} holds ';' parameters")
+    segments = path.split("/")[1:]
+    if any(seg in (".", "..") for seg in segments) or any(seg == "" for seg in segments[:-1]):
+        raise MediaError(f"its path {path[:200]!r} holds '.', '..' or empty segments")
+    ls = _label_studio(settings)
+    prefix = ls.path.split("?", 1)[0].rstrip("/") if ls is not None else ""
+    relative = path[len(prefix) :] if prefix and path.startswith(prefix + "/") else path
+    if not any(rule.fullmatch(relative) for rule in _MEDIA_PATHS):
+        raise MediaError(f"{path[:200]!r} is not one of Label Studio's media paths ({MEDIA_PATHS_TEXT})")
+    canonical = quote(path, safe=_PATH_SAFE) + (f"?{query}" if sep else "")
+    return Target(target.scheme, target.host, target.port, canonical)
+
+
+def _guard_label_studio(target: Target, shown: str, settings: Any) -> Target:
+    """The first hop: a Label Studio URL is reduced to its canonical media path or refused before connecting."""
+    if not _is_label_studio(target, settings):
+        return target
+    try:
+        return label_studio_media_path(target, settings)
+    except MediaError as exc:
+        raise MediaError(
+            f"cannot fetch {shown} from Label Studio: {exc}; refused before connecting, so the backend's token "
+            "never reaches Label Studio's API"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- deadline watchdog
@@ -494,6 +635,15 @@ def _redirect_target(resp: requests.Response, current: Target, shown: str, trust
             f"cannot fetch {shown}: redirected to {where} that is not Label Studio's and not in MEDIA_ALLOWED_HOSTS "
             "(comma-separated host or host:port entries, '*' for any host)"
         )
+    if _is_label_studio(nxt, settings):
+        try:
+            return label_studio_media_path(nxt, settings)
+        except MediaError as exc:
+            log.warning("media: %s redirected to Label Studio outside its media paths: %s", shown, exc)
+            raise MediaError(
+                f"cannot fetch {shown}: redirected to a Label Studio path that is not a media path "
+                f"({MEDIA_PATHS_TEXT}); refused before connecting"
+            ) from None
     return nxt
 
 
@@ -651,24 +801,52 @@ def _fetch(url: Any, settings: Any, load: Callable[[Path, str, bool], T], *, use
     shown = url if len(url) <= 300 else url[:300] + "..."
     if url.startswith("/"):
         shown = target.url if len(target.url) <= 300 else shown
+    token = str(getattr(settings, "label_studio_api_key", "") or "")
+    if token and token in shown:  # task data may carry it; error messages and logs never do
+        shown = shown.replace(token, "<token>")
     _check_allowed(target, shown, settings)
+    target = _guard_label_studio(target, shown, settings)
     cached = cache_dir(settings) / hashlib.sha256(target.url.encode()).hexdigest()
     if use_cache and _cache_get(cached):
         try:
             return load(cached, shown, True)
         except MediaError:
             cached.unlink(missing_ok=True)  # not what we cache any more: fetch it again
-    try:
-        tmp = _download(target, shown, settings, _temp_dir(settings))
-    except OSError as exc:  # the temp directory cannot be written
-        raise MediaError(f"cannot store the download of {shown}: {exc.strerror or type(exc).__name__}") from None
+    tmp, staged_in_cache = _download_staged(target, shown, settings)
     try:
         result = load(tmp, shown, True)
-        if use_cache:
+        if use_cache and staged_in_cache:
             _cache_put(tmp, cached, settings)
         return result
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _download_staged(target: Target, shown: str, settings: Any) -> tuple[Path, bool]:
+    """(downloaded file, whether it sits beside the cache): MODEL_DIR/cache/media-tmp, else this process's
+    directory under TMPDIR when the cache's disk cannot take it (full, read-only, not a directory). A full or
+    read-only MODEL_DIR must cost the cache, never the prediction."""
+    primary = _temp_dir(settings)
+    try:
+        primary.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("media: %s cannot be written (%s): staging downloads in %s, not caching",
+                    primary, _os_error_text(exc), tempfile.gettempdir())  # fmt: skip
+    else:
+        try:
+            return _download(target, shown, settings, primary), True
+        except OSError as exc:  # e.g. ENOSPC while writing the body
+            if isinstance(exc, requests.RequestException):  # a network failure (requests' errors are OSErrors)
+                raise MediaError(f"cannot fetch {shown}: {_os_reason(exc)}") from None
+            log.warning("media: writing under %s failed (%s): retrying %s in %s",
+                        primary, _os_error_text(exc), shown, tempfile.gettempdir())  # fmt: skip
+    try:
+        return _download(target, shown, settings, _fallback_dir()), False
+    except OSError as exc:
+        raise MediaError(
+            f"cannot store the download of {shown}: neither {primary} nor {tempfile.gettempdir()} can be written "
+            f"({_os_error_text(exc)})"
+        ) from None
 
 
 def fetch_image(url: Any, settings: Any, *, use_cache: bool = True) -> np.ndarray:

@@ -137,6 +137,6 @@ def test_unsupported_urls(tmp_path, url, message):
 
 def test_oversized_download_is_refused(tmp_path, http_server):
     url, handler = http_server
-    handler.files["/big.png"] = b"x" * (65 * 1024 * 1024)
+    handler.files["/data/upload/1/big.png"] = b"x" * (65 * 1024 * 1024)
     with pytest.raises(MediaError, match="larger than"):
-        fetch_image_bytes(f"{url}/big.png", _settings(tmp_path, url=url, max_download_bytes=1024 * 1024))
+        fetch_image_bytes(f"{url}/data/upload/1/big.png", _settings(tmp_path, url=url, max_download_bytes=1024 * 1024))

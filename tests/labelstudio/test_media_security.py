@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import socket
 import struct
 import threading
@@ -39,6 +40,7 @@ def _png(seed: int = 0, size: int = 32) -> bytes:
 
 
 PNG = _png()
+UP = "/data/upload/1"  # Label Studio's upload route: the listener posing as Label Studio serves media under it
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
@@ -157,11 +159,11 @@ MATRIX = [
     ("pct-encoded-at", "http://{ls}%40{evil}/img.png", "*", "invalid host", False),
     ("pct-encoded-backslash", "http://{ls}%5C@{evil}/img.png", "*", "user credentials|invalid host", False),
     ("pct-encoded-host", "http://%31%32%37.0.0.1:{evil_port}/img.png", "*", "invalid host", False),
-    ("mixed-case-scheme-ls", "HtTp://{ls}/img.png", "", "ok", False),
+    ("mixed-case-scheme-ls", "HtTp://{ls}/data/upload/1/img.png", "", "ok", False),
     ("ipv6-literal", "http://[::1]:{evil_port}/img.png", "", "MEDIA_ALLOWED_HOSTS", False),
     ("ipv6-bad", "http://[::1:{evil_port}/img.png", "*", "IPv6|not a valid URL", False),
     ("double-port", "http://{ls}:{evil_port}/img.png", "*", "invalid (host part|port)", False),
-    ("crlf-header-injection", "http://{ls}/img.png\r\nX-Evil: 1", "", "control characters", False),
+    ("crlf-header-injection", "http://{ls}/data/upload/1/img.png\r\nX-Evil: 1", "", "control characters", False),
     ("tab-in-host", "http://127.0.0.1\t:{evil_port}/img.png", "*", "control characters", False),
     ("space-in-host", "http://127.0.0.1 :{evil_port}/img.png", "*", "invalid host", False),
     ("not-allowed-port", "http://{evil}/img.png", "", "MEDIA_ALLOWED_HOSTS", False),
@@ -169,17 +171,17 @@ MATRIX = [
     ("allowed-foreign-no-token", "http://{evil}/img.png", "{evil}", "ok", True),
     ("allow-all-no-token", "http://{evil}/img.png", "*", "ok", True),
     ("relative-backslash", "/\\@{evil}/img.png", "*", "backslash", False),
-    ("relative-embedded-url", "/http://{evil}/img.png", "*", "not found \\(404\\)", False),
-    ("protocol-relative", "//{evil}/img.png", "*", "not found \\(404\\)", False),
-    ("redirect-to-evil", "http://{ls}/to-evil", "", "redirected to .*MEDIA_ALLOWED_HOSTS", False),
-    ("redirect-to-evil-allowed", "http://{ls}/to-evil", "{evil}", "ok", True),
-    ("redirect-evil-backslash", "http://{ls}/to-evil-backslash", "*", "invalid or non-http", False),
-    ("redirect-evil-userinfo", "http://{ls}/to-evil-userinfo", "*", "invalid or non-http", False),
-    ("redirect-protocol-relative", "http://{ls}/to-evil-relative", "", "MEDIA_ALLOWED_HOSTS", False),
-    ("redirect-to-file", "http://{ls}/to-file", "*", "invalid or non-http", False),
-    ("redirect-to-gopher", "http://{ls}/to-gopher", "*", "invalid or non-http", False),
-    ("redirect-loop", "http://{ls}/loop", "", "more than 5 redirects", False),
-    ("redirect-https-downgrade-host", "http://{ls}/to-ls-https", "", "cannot fetch", False),
+    ("relative-embedded-url", "/http://{evil}/img.png", "*", "refused before connecting", False),
+    ("protocol-relative", "//{evil}/img.png", "*", "refused before connecting", False),
+    ("redirect-to-evil", "http://{ls}/data/upload/1/to-evil", "", "redirected to .*MEDIA_ALLOWED_HOSTS", False),
+    ("redirect-to-evil-allowed", "http://{ls}/data/upload/1/to-evil", "{evil}", "ok", True),
+    ("redirect-evil-backslash", "http://{ls}/data/upload/1/to-evil-backslash", "*", "invalid or non-http", False),
+    ("redirect-evil-userinfo", "http://{ls}/data/upload/1/to-evil-userinfo", "*", "invalid or non-http", False),
+    ("redirect-protocol-relative", "http://{ls}/data/upload/1/to-evil-relative", "", "MEDIA_ALLOWED_HOSTS", False),
+    ("redirect-to-file", "http://{ls}/data/upload/1/to-file", "*", "invalid or non-http", False),
+    ("redirect-to-gopher", "http://{ls}/data/upload/1/to-gopher", "*", "invalid or non-http", False),
+    ("redirect-loop", "http://{ls}/data/upload/1/loop", "", "more than 5 redirects", False),
+    ("redirect-https-downgrade-host", "http://{ls}/data/upload/1/to-ls-https", "", "cannot fetch", False),
     ("evil-redirects-to-ls", "http://{evil}/to-ls", "{evil}", "ok", True),
     ("evil-redirect-loop", "http://{evil}/loop", "*", "more than 5 redirects", True),
     ("ftp", "ftp://{evil}/img.png", "*", "only http and https", False),
@@ -196,19 +198,19 @@ MATRIX = [
 )
 def test_token_never_reaches_another_host(tmp_path, ls, evil, url, allowed, expected, evil_contacted):
     ls.routes.update({
-        "/img.png": _needs_token(PNG),
-        "/to-evil": _redirect(f"{evil.base}/img.png"),
-        "/to-evil-backslash": _redirect(f"http://{ls.netloc}\\@{evil.netloc}/img.png"),
-        "/to-evil-userinfo": _redirect(f"http://{ls.netloc}@{evil.netloc}/img.png"),
-        "/to-evil-relative": _redirect(f"//{evil.netloc}/img.png"),
-        "/to-file": _redirect("file:///etc/passwd"),
-        "/to-gopher": _redirect(f"gopher://{evil.netloc}/_x"),
-        "/loop": _redirect("/loop"),
-        "/to-ls-https": _redirect(f"https://{ls.netloc}/img.png"),  # not TLS: fails, but must not leak
+        f"{UP}/img.png": _needs_token(PNG),
+        f"{UP}/to-evil": _redirect(f"{evil.base}/img.png"),
+        f"{UP}/to-evil-backslash": _redirect(f"http://{ls.netloc}\\@{evil.netloc}/img.png"),
+        f"{UP}/to-evil-userinfo": _redirect(f"http://{ls.netloc}@{evil.netloc}/img.png"),
+        f"{UP}/to-evil-relative": _redirect(f"//{evil.netloc}/img.png"),
+        f"{UP}/to-file": _redirect("file:///etc/passwd"),
+        f"{UP}/to-gopher": _redirect(f"gopher://{evil.netloc}/_x"),
+        f"{UP}/loop": _redirect(f"{UP}/loop"),
+        f"{UP}/to-ls-https": _redirect(f"https://{ls.netloc}{UP}/img.png"),  # not TLS: fails, but must not leak
     })  # fmt: skip
     evil.routes.update({
         "/img.png": _body(PNG),
-        "/to-ls": _redirect(f"{ls.base}/img.png"),
+        "/to-ls": _redirect(f"{ls.base}{UP}/img.png"),
         "/loop": _redirect(f"{evil.base}/loop"),
     })  # fmt: skip
     fill = {"ls": ls.netloc, "evil": evil.netloc, "evil_port": str(evil.port)}
@@ -228,8 +230,8 @@ def test_token_never_reaches_another_host(tmp_path, ls, evil, url, allowed, expe
 
 def test_label_studio_receives_the_token_for_its_own_urls(tmp_path, ls, evil):
     ls.routes["/data/upload/1/a.png"] = _needs_token(PNG)
-    ls.routes["/img.png"] = _needs_token(PNG)
-    evil.routes["/to-ls"] = _redirect(f"{ls.base}/img.png")
+    ls.routes[f"{UP}/img.png"] = _needs_token(PNG)
+    evil.routes["/to-ls"] = _redirect(f"{ls.base}{UP}/img.png")
     s = _settings(tmp_path, ls, media_allowed_hosts=evil.netloc)
     assert fetch_image("/data/upload/1/a.png", s).shape == (32, 32)
     assert fetch_image(f"{evil.base}/to-ls", s).shape == (32, 32)  # a hop to Label Studio's origin gets the token
@@ -249,12 +251,12 @@ def test_environment_credentials_and_proxies_are_ignored(tmp_path, ls, evil, mon
     monkeypatch.setenv("http_proxy", evil.base)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    ls.routes["/img.png"] = _needs_token(PNG)
+    ls.routes[f"{UP}/img.png"] = _needs_token(PNG)
     evil.routes["/img.png"] = _body(PNG)
     s = _settings(tmp_path, ls, media_allowed_hosts=evil.netloc)
     media._sessions.clear()  # sessions are per thread and read the environment per request: start afresh
     results: list = []
-    for url in (f"{ls.base}/img.png", f"{evil.base}/img.png"):
+    for url in (f"{ls.base}{UP}/img.png", f"{evil.base}/img.png"):
         t = threading.Thread(target=lambda u=url: results.append(fetch_image(u, s, use_cache=False).shape))
         t.start()
         t.join(10)
@@ -367,23 +369,23 @@ def _stream(total: int, *, declare: bool, gate: threading.Event | None = None) -
 
 def test_content_length_over_the_limit_is_refused_before_the_body(tmp_path, ls):
     gate = threading.Event()  # the body is only sent once the test opens the gate: a reader would hang
-    ls.routes["/big"] = _stream(50 * 1024 * 1024, declare=True, gate=gate)
+    ls.routes[f"{UP}/big"] = _stream(50 * 1024 * 1024, declare=True, gate=gate)
     s = _settings(tmp_path, ls, max_download_bytes=1024 * 1024, fetch_deadline_s=8.0)
     t0 = time.monotonic()
     with pytest.raises(MediaError, match="larger than MAX_DOWNLOAD_BYTES"):
-        fetch_image("/big", s)
+        fetch_image(f"{UP}/big", s)
     assert time.monotonic() - t0 < 3.0
     gate.set()
     assert _temp_files(s) == [] and _cache_files(s) == []
 
 
 def test_chunked_body_over_the_limit_is_cut_off_in_bounded_memory(tmp_path, ls):
-    ls.routes["/big"] = _stream(100 * 1024 * 1024, declare=False)
+    ls.routes[f"{UP}/big"] = _stream(100 * 1024 * 1024, declare=False)
     s = _settings(tmp_path, ls, max_download_bytes=1024 * 1024)
     tracemalloc.start()
     try:
         with pytest.raises(MediaError, match="larger than MAX_DOWNLOAD_BYTES"):
-            fetch_image("/big", s)
+            fetch_image(f"{UP}/big", s)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -392,12 +394,12 @@ def test_chunked_body_over_the_limit_is_cut_off_in_bounded_memory(tmp_path, ls):
 
 
 def test_large_non_image_goes_to_disk_not_memory_and_is_not_cached(tmp_path, ls):
-    ls.routes["/blob"] = _stream(30 * 1024 * 1024, declare=False)
+    ls.routes[f"{UP}/blob"] = _stream(30 * 1024 * 1024, declare=False)
     s = _settings(tmp_path, ls, max_download_bytes=64 * 1024 * 1024, fetch_deadline_s=20.0)
     tracemalloc.start()
     try:
         with pytest.raises(MediaError, match="not an image"):
-            fetch_image("/blob", s)
+            fetch_image(f"{UP}/blob", s)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -406,7 +408,7 @@ def test_large_non_image_goes_to_disk_not_memory_and_is_not_cached(tmp_path, ls)
 
 
 def test_cache_keeps_images_only_and_evicts_least_recently_used(tmp_path, ls):
-    images = {f"/i{k}.png": _png(seed=k, size=48) for k in range(5)}
+    images = {f"{UP}/i{k}.png": _png(seed=k, size=48) for k in range(5)}
     for path, data in images.items():
         ls.routes[path] = _body(data)
     size = max(len(d) for d in images.values())
@@ -417,41 +419,41 @@ def test_cache_keeps_images_only_and_evicts_least_recently_used(tmp_path, ls):
         fetch_image(path, s)
         return len(ls.seen) - before
 
-    assert fetched("/i0.png") == 1 and fetched("/i1.png") == 1
+    assert fetched(f"{UP}/i0.png") == 1 and fetched(f"{UP}/i1.png") == 1
     time.sleep(0.02)
-    assert fetched("/i0.png") == 0  # hit: touched, now more recent than i1
+    assert fetched(f"{UP}/i0.png") == 0  # hit: touched, now more recent than i1
     time.sleep(0.02)
-    assert fetched("/i2.png") == 1  # over the bound: i1 (least recently used) is evicted
-    assert fetched("/i0.png") == 0
-    assert fetched("/i1.png") == 1
+    assert fetched(f"{UP}/i2.png") == 1  # over the bound: i1 (least recently used) is evicted
+    assert fetched(f"{UP}/i0.png") == 0
+    assert fetched(f"{UP}/i1.png") == 1
     for k in range(5):
-        fetched(f"/i{k}.png")
+        fetched(f"{UP}/i{k}.png")
     total = sum(p.stat().st_size for p in _cache_files(s))
     assert 0 < total <= s.media_cache_bytes and len(_cache_files(s)) == 2
     assert _temp_files(s) == []
 
 
 def test_cache_survives_entries_vanishing_and_zero_bound_disables_it(tmp_path, ls):
-    ls.routes["/a.png"] = _body(PNG)
+    ls.routes[f"{UP}/a.png"] = _body(PNG)
     s = _settings(tmp_path, ls)
-    fetch_image("/a.png", s)
+    fetch_image(f"{UP}/a.png", s)
     for p in _cache_files(s):
         p.unlink()  # another process evicted it
-    assert fetch_image("/a.png", s).shape == (32, 32) and len(ls.seen) == 2
+    assert fetch_image(f"{UP}/a.png", s).shape == (32, 32) and len(ls.seen) == 2
     off = _settings(tmp_path / "off", ls, media_cache_bytes=0)
-    fetch_image("/a.png", off)
+    fetch_image(f"{UP}/a.png", off)
     assert _cache_files(off) == [] and _temp_files(off) == []
 
 
 def test_fetch_image_bytes_validate_hook_decides_caching(tmp_path, ls):
-    ls.routes["/x"] = _body(b"not an image")
+    ls.routes[f"{UP}/x"] = _body(b"not an image")
 
     def refuse(data: bytes) -> None:
         raise ValueError("no")
 
     s = _settings(tmp_path, ls)
     with pytest.raises(MediaError, match="failed validation"):
-        fetch_image_bytes("/x", s, validate=refuse)
+        fetch_image_bytes(f"{UP}/x", s, validate=refuse)
     assert _cache_files(s) == [] and _temp_files(s) == []
 
 
@@ -478,11 +480,11 @@ def _trickle(head: bytes, body_byte_every_s: float) -> Route:
     ids=["trickling-body", "trickling-headers", "silent"],
 )
 def test_slow_servers_are_cut_off_at_the_deadline(tmp_path, ls, route):
-    ls.routes["/slow"] = route
+    ls.routes[f"{UP}/slow"] = route
     s = _settings(tmp_path, ls, fetch_deadline_s=1.5)
     t0 = time.monotonic()
     with pytest.raises(MediaError, match="FETCH_DEADLINE_S=1.5"):
-        fetch_image("/slow", s)
+        fetch_image(f"{UP}/slow", s)
     assert time.monotonic() - t0 < 1.5 + 1.0
     assert _temp_files(s) == []
 
@@ -494,16 +496,16 @@ def test_transient_errors_are_retried_within_the_deadline(tmp_path, ls):
         calls["n"] += 1
         _send(h, 503 if calls["n"] == 1 else 200, MARKER.encode() if calls["n"] == 1 else PNG)
 
-    ls.routes["/flaky"] = flaky
-    ls.routes["/down"] = _body(MARKER.encode(), status=502)
+    ls.routes[f"{UP}/flaky"] = flaky
+    ls.routes[f"{UP}/down"] = _body(MARKER.encode(), status=502)
     s = _settings(tmp_path, ls, fetch_deadline_s=3.0)
-    assert fetch_image("/flaky", s).shape == (32, 32) and calls["n"] == 2
+    assert fetch_image(f"{UP}/flaky", s).shape == (32, 32) and calls["n"] == 2
     t0 = time.monotonic()
     with pytest.raises(MediaError, match="HTTP 502") as err:
-        fetch_image("/down", s)
+        fetch_image(f"{UP}/down", s)
     assert time.monotonic() - t0 < 3.0 + 0.5
     assert MARKER not in str(err.value)
-    assert sum(p == "/down" for p, _ in ls.seen) == media.MAX_ATTEMPTS
+    assert sum(p == f"{UP}/down" for p, _ in ls.seen) == media.MAX_ATTEMPTS
 
 
 def test_unreachable_host_fails_fast_with_the_os_reason(tmp_path):
@@ -530,11 +532,160 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limits_are_checked_from_the_header_and_nothing_is_cached(tmp_path, ls):
     big = io.BytesIO()
     Image.fromarray(np.zeros((300, 300), dtype=np.uint8)).save(big, format="PNG")
-    ls.routes["/big.png"] = _body(big.getvalue())
-    ls.routes["/bomb.png"] = _body(_png_header_only(100_000, 100_000))
+    ls.routes[f"{UP}/big.png"] = _body(big.getvalue())
+    ls.routes[f"{UP}/bomb.png"] = _body(_png_header_only(100_000, 100_000))
     s = _settings(tmp_path, ls, max_image_pixels=200 * 200)
     with pytest.raises(MediaError, match="300x300 = 90,000 pixels.*MAX_IMAGE_PIXELS"):
-        fetch_image("/big.png", s)
+        fetch_image(f"{UP}/big.png", s)
     with pytest.raises(MediaError, match="decompression bomb"):
-        fetch_image("/bomb.png", s)
+        fetch_image(f"{UP}/bomb.png", s)
     assert _cache_files(s) == [] and _temp_files(s) == []
+
+
+# ------------------------------------------------------------------ Label Studio's paths (issue 16, item 6)
+# With auth off, anyone may POST /predict: an "image" of /api/projects/1/next/ made the backend GET that API path
+# with its token (Label Studio then locked a task for 24 h). Only Label Studio's media routes may be requested.
+FILEURI = "czM6Ly9idWNrZXQveC5wbmc="  # base64 of s3://bucket/x.png, as Label Studio writes it
+ALLOWED_PATHS = [  # (id, task URL, the path Label Studio must see)
+    ("upload", f"{UP}/img.png", f"{UP}/img.png"),
+    ("upload-absolute", "http://{ls}/data/upload/1/img.png", f"{UP}/img.png"),
+    ("upload-space", f"{UP}/a b.png", f"{UP}/a%20b.png"),
+    ("upload-encoded-space", f"{UP}/a%20b.png", f"{UP}/a%20b.png"),
+    ("upload-encoded-letter", "/%64ata/upload/1/img.png", f"{UP}/img.png"),
+    ("upload-encoded-slashes", "/data%2Fupload%2F1%2Fimg.png", f"{UP}/img.png"),
+    ("upload-non-ascii", f"{UP}/%C3%A9.png", f"{UP}/%C3%A9.png"),
+    ("local-files", "/data/local-files/?d=tiles/x.png", "/data/local-files/?d=tiles/x.png"),
+    ("storage-data", "/storage-data/uploaded/?filepath=up/x.png", "/storage-data/uploaded/?filepath=up/x.png"),
+    ("task-resolve", f"/tasks/12/resolve/?fileuri={FILEURI}", f"/tasks/12/resolve/?fileuri={FILEURI}"),
+    ("task-presign", f"/tasks/12/presign/?fileuri={FILEURI}", f"/tasks/12/presign/?fileuri={FILEURI}"),
+    ("project-resolve", f"/projects/3/resolve/?fileuri={FILEURI}", f"/projects/3/resolve/?fileuri={FILEURI}"),
+    ("project-presign", f"/projects/3/presign/?fileuri={FILEURI}", f"/projects/3/presign/?fileuri={FILEURI}"),
+]
+REFUSED_PATHS = [  # (id, task URL, regex of the reason)
+    ("api-next", "/api/projects/1/next/", "not one of Label Studio's media paths"),
+    ("api-next-absolute", "http://{ls}/api/projects/1/next/", "media paths"),
+    ("api-next-upper-scheme", "HTTP://{ls}/api/projects/1/next/", "media paths"),
+    ("api-task", "/api/tasks/1/", "media paths"),
+    ("api-export", "/api/projects/1/export?exportType=JSON", "media paths"),
+    ("logout", "/user/logout/", "media paths"),
+    ("admin", "/admin/", "media paths"),
+    ("media-in-query", f"/api/projects/1/next/?x={UP}/img.png", "media paths"),
+    ("media-below-api", f"/api{UP}/img.png", "media paths"),
+    ("local-files-below-api", "/api/x/data/local-files/?d=a.png", "media paths"),  # Django's route is unanchored
+    ("upload-without-file", "/data/upload/", "media paths"),
+    ("resolve-without-slash", "/tasks/1/resolve", "media paths"),
+    ("resolve-not-an-id", "/tasks/x/resolve/", "media paths"),
+    ("dot-dot", "/data/upload/../../api/projects/1/next/", "'\\.', '\\.\\.' or empty"),
+    ("dot-dot-encoded", "/data/upload/1/%2e%2e/%2e%2e/%2e%2e/api/projects/1/next/", "'\\.\\.' or empty"),
+    ("dot-dot-encoded-upper", "/data/upload/1/%2E%2E/%2E%2E/%2E%2E/api/projects/1/next/", "'\\.\\.' or empty"),
+    ("dot-dot-encoded-slash", "/data/upload/1/..%2f..%2f..%2fapi/projects/1/next/", "'\\.\\.' or empty"),
+    ("single-dot", "/data/upload/./../api/projects/1/next/", "'\\.\\.' or empty"),
+    ("double-encoded", "/data/upload/1/%252e%252e/%252e%252e/%252e%252e/api/projects/1/next/", "encoded twice"),
+    ("double-slash", "/data/upload//../api/projects/1/next/", "empty segments"),
+    ("empty-segment", "/data/upload//api/projects/1/next/", "empty segments"),
+    ("semicolon-params", "/data/upload;x=1/../../api/projects/1/next/", "';' parameters|'\\.\\.'"),
+    ("semicolon-encoded", f"{UP}/img.png%3B/../../../api/projects/1/next/", "';' parameters|'\\.\\.'"),
+    ("semicolon-only", f"{UP}/img.png;jsessionid=1", "';' parameters"),
+    ("encoded-backslash", f"{UP}/x%5C..%5C..%5Capi%5Cprojects", "backslash"),
+    ("encoded-nul", f"{UP}/x%00.png", "control characters"),
+    ("not-utf8", f"{UP}/%ff.png", "not valid UTF-8"),
+    ("embedded-url", "/http://{ls}/api/projects/1/next/", "empty segments"),
+]
+
+
+@pytest.mark.parametrize(("url", "path"), [a[1:] for a in ALLOWED_PATHS], ids=[a[0] for a in ALLOWED_PATHS])
+def test_label_studio_media_paths_are_fetched_with_the_token(tmp_path, ls, url, path):
+    ls.routes[path.split("?")[0]] = _needs_token(PNG)
+    s = _settings(tmp_path, ls)
+    assert fetch_image(url.format(ls=ls.netloc), s, use_cache=False).shape == (32, 32)
+    assert [p for p, _ in ls.seen] == [path]  # the canonical path: what was checked is what was requested
+    assert ls.tokens_seen() == [f"Token {TOKEN}"]
+
+
+@pytest.mark.parametrize(("url", "reason"), [r[1:] for r in REFUSED_PATHS], ids=[r[0] for r in REFUSED_PATHS])
+def test_other_label_studio_paths_are_refused_before_connecting(tmp_path, ls, url, reason):
+    s = _settings(tmp_path, ls, media_allowed_hosts="*")  # allowing every host does not open Label Studio's API
+    with pytest.raises(MediaError, match=reason) as err:
+        fetch_image(url.format(ls=ls.netloc), s)
+    assert "refused before connecting" in str(err.value)
+    assert ls.seen == []  # not one request reached Label Studio
+    assert _temp_files(s) == [] and _cache_files(s) == []
+
+
+@pytest.mark.parametrize(
+    ("start", "location", "seen_on_ls"),
+    [
+        ("ls", "/api/projects/1/next/", 1),
+        ("ls", "{ls_base}/api/projects/1/next/", 1),
+        ("ls", f"{UP}/%2e%2e/%2e%2e/%2e%2e/api/projects/1/next/", 1),
+        ("ls", f"{UP}/../../../api/projects/1/next/", 1),
+        ("evil", "{ls_base}/api/projects/1/next/", 0),
+        ("evil", "{ls_base}/data/upload/1/..%2f..%2f..%2fapi/projects/1/next/", 0),
+    ],
+    ids=["ls-relative", "ls-absolute", "ls-encoded-dots", "ls-dots", "allowed-host-to-ls-api", "allowed-host-dots"],
+)
+def test_redirects_to_label_studio_api_paths_are_refused(tmp_path, ls, evil, start, location, seen_on_ls):
+    where = location.format(ls_base=ls.base)
+    ls.routes[f"{UP}/hop"] = _redirect(where)
+    evil.routes["/hop"] = _redirect(where)
+    s = _settings(tmp_path, ls, media_allowed_hosts=evil.netloc)
+    url = f"{UP}/hop" if start == "ls" else f"{evil.base}/hop"
+    with pytest.raises(MediaError, match="redirected to a Label Studio path that is not a media path") as err:
+        fetch_image(url, s)
+    assert "api/projects" not in str(err.value)  # the Location came from a server: never echoed
+    assert [p for p, _ in ls.seen] == [f"{UP}/hop"][:seen_on_ls]
+    assert evil.tokens_seen() == []
+
+
+def test_redirect_within_label_studio_media_paths_is_followed(tmp_path, ls):
+    ls.routes[f"{UP}/hop"] = _redirect(f"/storage-data/uploaded/?filepath={UP[1:]}/img.png")
+    ls.routes["/storage-data/uploaded/"] = _needs_token(PNG)
+    assert fetch_image(f"{UP}/hop", _settings(tmp_path, ls)).shape == (32, 32)
+    assert ls.tokens_seen() == [f"Token {TOKEN}"] * 2
+
+
+def test_label_studio_under_a_path_prefix(tmp_path, ls):
+    ls.routes[f"/ls{UP}/img.png"] = _needs_token(PNG)
+    s = _settings(tmp_path, ls, label_studio_url=f"{ls.base}/ls")
+    assert fetch_image(f"{UP}/img.png", s, use_cache=False).shape == (32, 32)
+    assert fetch_image(f"{ls.base}/ls{UP}/img.png", s, use_cache=False).shape == (32, 32)
+    for url in ("/api/projects/1/next/", f"{ls.base}/ls/api/projects/1/next/", f"/..{UP}/img.png"):
+        with pytest.raises(MediaError, match="refused before connecting"):
+            fetch_image(url, s)
+    assert [p for p, _ in ls.seen] == [f"/ls{UP}/img.png"] * 2
+
+
+def test_refusal_never_echoes_the_token(tmp_path, ls):
+    s = _settings(tmp_path, ls)
+    with pytest.raises(MediaError, match="refused before connecting") as err:
+        fetch_image(f"/api/projects/1/next/?token={TOKEN}", s)
+    assert TOKEN not in str(err.value) and ls.seen == []
+
+
+def test_allowed_foreign_hosts_keep_any_path_and_get_no_token(tmp_path, ls, evil):
+    evil.routes["/api/projects/1/next/"] = _body(PNG)
+    s = _settings(tmp_path, ls, media_allowed_hosts=evil.netloc)
+    assert fetch_image(f"{evil.base}/api/projects/1/next/", s).shape == (32, 32)
+    assert evil.tokens_seen() == [] and ls.seen == []
+
+
+# ------------------------------------------------------------------ a cache that cannot be written (item 7)
+def test_unwritable_cache_falls_back_to_a_private_temp_dir_and_says_so(tmp_path, ls):
+    """MODEL_DIR/cache is a regular file: mkdir under it fails even for root. Images still arrive (staged in this
+    process's directory under TMPDIR, removed after use), nothing is cached, and cache_problem says why."""
+    ls.routes[f"{UP}/a.png"] = _body(PNG)
+    s = _settings(tmp_path, ls)
+    assert media.cache_problem(s) is None  # (the probe created MODEL_DIR/cache/...)
+    shutil.rmtree(s.model_dir / "cache")
+    (s.model_dir / "cache").write_bytes(b"not a directory")
+    problem = media.cache_problem(s)
+    assert problem is not None and "cannot be written" in problem and "Not a directory" in problem
+    assert fetch_image(f"{UP}/a.png", s).shape == (32, 32)
+    assert fetch_image(f"{UP}/a.png", s).shape == (32, 32)
+    assert len(ls.seen) == 2  # not cached: fetched again
+    assert list(media._fallback_dir().iterdir()) == []  # staged downloads are removed after use
+    (s.model_dir / "cache").unlink()  # the disk is fixed: caching resumes, the warning goes
+    assert media.cache_problem(s) is None
+    fetch_image(f"{UP}/a.png", s)
+    fetch_image(f"{UP}/a.png", s)
+    assert len(ls.seen) == 3 and len(_cache_files(s)) == 1

@@ -21,7 +21,12 @@ Input: ``render_status_page({"title": ..., "generated_at": ..., "projects": [pro
      "versions": [registry meta, ...],                 # ModelRegistry.versions(): version, created, n_annotations,
                                                        # metrics {val_iou, val_dice}, parent, ...
      "promotion": {"version": "v0005-...", "promoted": False, "reason": "val IoU 0.58 < live 0.61"},
-     "errors": [{"task": 17, "reason": "...", "time": "..."}]}
+     "errors": [{"task": 17, "reason": "...", "time": "..."}],
+     "problems": ["project 3: CURRENT ... is not text ..."]}   # what is broken on disk (rendered first, in red)
+
+and the status may carry ``"warnings"`` (backend-wide, e.g. an image cache that cannot be written), shown at the top.
+A project whose files are damaged (unreadable ``CURRENT``, a missing version) still gets its section, with a note
+saying what is wrong; it never takes the page down for the other projects (issue 16).
 
 ``collect_project_status`` builds such a dict from a ``ModelRegistry`` and ``queue.queue_state`` output.
 """
@@ -247,6 +252,8 @@ def _promotion_section(promotion: Any) -> str:
     reason = promotion.get("reason")
     if promotion.get("promoted"):
         text = f'<span class="ok">promoted</span>: {version} is live'
+    elif promotion.get("decision") == "undecided":  # the audit tiles could not tell it from the live version
+        text = f'<span class="warn">undecided</span>: {version} was held back'
     else:
         text = f'<span class="warn">held back</span>: {version} was not promoted'
     if reason:
@@ -289,6 +296,17 @@ def _versions_section(project_id: Any, versions: Sequence[Mapping], live: str | 
     return f'<table class="versions">{head}{"".join(rows)}</table>'
 
 
+def _export_section(project_id: Any, live: str | None, cli: str) -> str:
+    """The command that segments the project's whole stacks with the live version (issue 21, ml_backend.export)."""
+    if not live:
+        return '<p class="meta">No live version to export with yet.</p>'
+    cmd = f"{cli} export --project {project_id} --from-label-studio -o exports/project-{project_id}"
+    return (
+        f'<p class="export">Segment the imported stacks with {_e(live)} (annotations win over predictions) and '
+        f"measure every 3-D object: <code>{_e(cmd)}</code></p>"
+    )
+
+
 def _curve_caption(versions: Sequence[Mapping]) -> str:
     sources = {str(v.get("curve_source") or "validation") for v in versions}
     if not versions:
@@ -300,6 +318,15 @@ def _curve_caption(versions: Sequence[Mapping]) -> str:
     else:
         text = "IoU and Dice on the validation split of the labelled tiles (chosen by selection: optimistic)"
     return f'<p class="meta curve-source">{_e(text)}</p>'
+
+
+def _problems_section(problems: Any) -> str:
+    """What is broken in a project's files, first in its section: the team lead sees it without a shell."""
+    items = [p for p in problems if p] if isinstance(problems, (list, tuple)) else []
+    if not items:
+        return ""
+    rows = "".join(f"<li>{_e(p)}</li>" for p in items)
+    return f'<div class="err problems"><strong>Problem:</strong><ul>{rows}</ul></div>'
 
 
 def _project_section(project: Mapping, cli: str) -> str:
@@ -316,13 +343,15 @@ def _project_section(project: Mapping, cli: str) -> str:
     live_html = f'<span class="live live-version">{_e(live)}</span>' if live else "none (not trained yet)"
     return (
         f'<section class="project" id="project-{_e(pid)}"><h2>{heading}{link_html}</h2>'
+        f"{_problems_section(project.get('problems'))}"
         f"<p>Live version: {live_html}</p>"
         f'<div class="grid"><div><h3>Training job</h3>{_job_section(project.get("job"))}</div>'
         f"<div><h3>Queue</h3>{_queue_section(project.get('queue'))}</div></div>"
         f"<h3>Learning curve</h3>{learning_curve_svg(versions, live)}{_curve_caption(versions)}"
         f"<h3>Last training</h3>{_promotion_section(project.get('promotion'))}"
         f"<h3>Recent errors</h3>{_errors_section(project.get('errors'))}"
-        f"<h3>Versions</h3>{_versions_section(pid, versions, live, cli)}</section>"
+        f"<h3>Versions</h3>{_versions_section(pid, versions, live, cli)}"
+        f"<h3>Export</h3>{_export_section(pid, live, cli)}</section>"
     )
 
 
@@ -347,6 +376,9 @@ def render_status_page(status: Mapping, *, cli: str = ROLLBACK_CLI, refresh_s: i
     projects = [p for p in status.get("projects") or [] if isinstance(p, Mapping)]
     title = str(status.get("title") or "ML backend status")
     body = "".join(_project_section(p, cli) for p in projects) or '<p class="meta">No project set up yet.</p>'
+    warnings = status.get("warnings")
+    if isinstance(warnings, (list, tuple)) and warnings:
+        body = "".join(f'<p class="warn page-warning">{_e(w)}</p>' for w in warnings) + body
     return _document(title, body, status.get("generated_at"), refresh_s)
 
 
@@ -409,9 +441,20 @@ def collect_project_status(
     ``counts``: {"labelled", "unlabelled", "with_live_prediction", ...} from Label Studio (the caller asks it).
     The last trained version is "held back" when it is not the live one; the reason comes from its metadata
     (``meta["promotion"]["reason"]`` or ``meta["held_back_reason"]``) when the training job recorded one.
+    Damaged files (``CURRENT`` unreadable or pointing at a missing version, unreadable versions) become
+    ``problems``, never an exception: one broken project must not take the page down for the others.
     """
-    versions = [curve_metrics(v) for v in registry.versions()]
-    live = registry.current_version()
+    problems: list[str] = []
+    try:
+        versions = [curve_metrics(v) for v in registry.versions()]
+    except Exception as exc:  # e.g. an unreadable versions/ directory
+        versions = []
+        problems.append(f"stored versions cannot be listed: {type(exc).__name__}: {exc}")
+    try:
+        live = registry.current_version()
+    except Exception as exc:  # RegistryError says what is wrong with CURRENT and how to fix it
+        live = None
+        problems.append(f"live version unknown: {exc}")
     queue: dict[str, Any] = dict(counts or {})
     job = None
     if queue_state:
@@ -429,9 +472,14 @@ def collect_project_status(
         recorded = last.get("promotion") if isinstance(last.get("promotion"), Mapping) else {}
         promoted = last.get("version") == live
         reason = recorded.get("reason") or last.get("held_back_reason")
-        if not promoted and not reason:
+        if problems:
+            reason = "the live version is unknown (see the problem above)"
+        elif not promoted and not reason:
             reason = "not the live version (rolled back or not promoted; no reason recorded)"
         promotion = {"version": last.get("version"), "promoted": promoted, "reason": reason}
+        audit = last.get("audit") if isinstance(last.get("audit"), Mapping) else {}
+        if audit.get("decision"):  # the audit gate's "promote" / "hold" / "undecided"
+            promotion["decision"] = audit["decision"]
     return {
         "id": registry.project_id,
         "title": title,
@@ -442,6 +490,7 @@ def collect_project_status(
         "versions": versions,
         "promotion": promotion,
         "errors": list(errors or []),
+        "problems": problems,
     }
 
 

@@ -178,6 +178,15 @@ class Settings(BaseSettings):
     )
     pretrain_tiles: int = Field(256, ge=1, validation_alias=_env("PRETRAIN_TILES", "pretrain_tiles"))
     pretrain_crop: int = Field(64, ge=8, validation_alias=_env("PRETRAIN_CROP", "pretrain_crop"))
+    # Issue 21: whole-stack export (ml_backend.export, `ml-backend export`). EXPORT_CHUNK_SLICES: slices per chunk
+    # (the unit of resumption, of an RQ chunk job and of in-memory labelling: memory grows with it, not with the
+    # stack); EXPORT_MIN_VOXELS: 3-D objects smaller than this are left out of the object tables and label volume;
+    # EXPORT_TIFF_MAX_BYTES: with --format auto, a segmentation larger than this is written as OME-Zarr, not TIFF.
+    export_chunk_slices: int = Field(16, ge=1, validation_alias=_env("EXPORT_CHUNK_SLICES", "export_chunk_slices"))
+    export_min_voxels: int = Field(64, ge=1, validation_alias=_env("EXPORT_MIN_VOXELS", "export_min_voxels"))
+    export_tiff_max_bytes: int = Field(
+        4 * 1024**3, ge=1, validation_alias=_env("EXPORT_TIFF_MAX_BYTES", "export_tiff_max_bytes")
+    )
 
     @field_validator("diversity_method")
     @classmethod

@@ -8,6 +8,7 @@
     ml-backend import --project 1 STACK.tif                 # tiles into Label Studio (ml_backend.labelstudio.importing)
     ml-backend setup --backend-url http://127.0.0.1:9090    # project + ML backend (ml_backend.labelstudio.setup)
     ml-backend label-studio --port 8080                     # a local Label Studio (ml_backend.services.label_studio)
+    ml-backend export --project 1 STACK.tif -o out          # whole-stack segmentation + 3-D objects (ml_backend.export)
     python -m ml_backend.cli worker                         # = rq worker --serializer rq.serializers.JSONSerializer
                                                             #   --with-scheduler --worker-class
                                                             #   ml_backend.worker.RecoveringWorker (+ intervals)
@@ -37,6 +38,7 @@ DELEGATED = {
     "label-studio": ("ml_backend.services.label_studio", "install (once) and run a local Label Studio"),
     "redis": ("ml_backend.services.redis", "run a local Redis (system redis-server or the bundled one)"),
     "quickstart": ("ml_backend.quickstart", "the whole annotation loop on generated or given data"),
+    "export": ("ml_backend.export.cli", "segment whole stacks with a model version; 3-D object tables"),
 }
 
 

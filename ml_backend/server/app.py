@@ -210,6 +210,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             device=str(torch_device(settings.device)),
             default_strategy=settings.strategy,
             basic_auth=settings.basic_auth is not None,
+            warnings=backend_warnings(settings),
         )
 
     @app.get("/metrics")
@@ -346,6 +347,15 @@ def _not_found(project: str, known: list[str], reason: str) -> Any:
     return Response(render_not_found(project, known), status=404, mimetype="text/html")
 
 
+def backend_warnings(settings: Settings) -> list[str]:
+    """Backend-wide degradations worth a team lead's attention (for /status and /health?details=1): today an image
+    cache that cannot be written (predictions go on, every image is downloaded again)."""
+    from ml_backend.labelstudio.media import cache_problem
+
+    problem = cache_problem(settings)
+    return [problem] if problem else []
+
+
 class TaskErrorLog:
     """The last ``keep`` per-task /predict errors of each project, in this process (gunicorn workers keep their own):
     what the status page lists as recent errors, without a database."""
@@ -434,10 +444,14 @@ class StatusSource:
             counts = self._result(jobs[(pid, "counts")], f"Label Studio ({ls_url})", timeout, notes)
             queue = self._result(jobs[(pid, "queue")], "the training queue (Redis)", timeout, notes)
             title = (counts or {}).pop("title", None)
-            project = collect_project_status(
-                regs[pid], queue_state=queue, counts=counts, errors=self.errors.recent(pid), title=title,
-                label_studio_url=f"{ls_url}/projects/{pid}/data",
-            )  # fmt: skip
+            try:
+                project = collect_project_status(
+                    regs[pid], queue_state=queue, counts=counts, errors=self.errors.recent(pid), title=title,
+                    label_studio_url=f"{ls_url}/projects/{pid}/data",
+                )  # fmt: skip
+            except Exception as exc:  # one damaged project gets a note; the others still render (issue 16)
+                log.exception("status of project %s", pid)
+                project = {"id": pid, "title": title, "queue": {}, "problems": [f"{type(exc).__name__}: {exc}"]}
             if notes:
                 project["queue"]["note"] = "; ".join(notes)
             projects.append(project)
@@ -445,6 +459,7 @@ class StatusSource:
             "title": "EM active-learning backend — status",
             "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "projects": projects,
+            "warnings": backend_warnings(self.settings),
         }
 
     @staticmethod

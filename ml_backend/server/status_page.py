@@ -450,11 +450,13 @@ def collect_project_status(
     except Exception as exc:  # e.g. an unreadable versions/ directory
         versions = []
         problems.append(f"stored versions cannot be listed: {type(exc).__name__}: {exc}")
+    live_problem: str | None = None
     try:
         live = registry.current_version()
     except Exception as exc:  # RegistryError says what is wrong with CURRENT and how to fix it
         live = None
-        problems.append(f"live version unknown: {exc}")
+        live_problem = f"live version unknown: {exc}"
+        problems.append(live_problem)
     queue: dict[str, Any] = dict(counts or {})
     job = None
     if queue_state:
@@ -472,7 +474,7 @@ def collect_project_status(
         recorded = last.get("promotion") if isinstance(last.get("promotion"), Mapping) else {}
         promoted = last.get("version") == live
         reason = recorded.get("reason") or last.get("held_back_reason")
-        if problems:
+        if live_problem:
             reason = "the live version is unknown (see the problem above)"
         elif not promoted and not reason:
             reason = "not the live version (rolled back or not promoted; no reason recorded)"

@@ -37,18 +37,28 @@ class ProjectStore:
         return self.root / str(project_id)
 
     def label_config_xml(self, project_id: str) -> str | None:
+        """The stored label config; ProjectError (one project's problem, never a crash) when it is damaged."""
+        path = self.path(project_id) / LABEL_CONFIG_FILE
         try:
-            return (self.path(project_id) / LABEL_CONFIG_FILE).read_text()
+            return path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise ProjectError(
+                f"project {project_id}: unreadable {LABEL_CONFIG_FILE} ({reason}): connect the backend again (/setup)"
+            ) from None
 
     def state(self, project_id: str) -> dict:
         try:
-            return json.loads((self.path(project_id) / STATE_FILE).read_text())
+            state = json.loads((self.path(project_id) / STATE_FILE).read_bytes().decode("utf-8"))
         except FileNotFoundError:
             return {}
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProjectError(f"project {project_id}: unreadable {STATE_FILE}: {exc}") from exc
+        if not isinstance(state, dict):
+            raise ProjectError(f"project {project_id}: unreadable {STATE_FILE}: not a JSON object")
+        return state
 
     def save(
         self,
@@ -61,9 +71,12 @@ class ProjectStore:
     ) -> dict:
         """Store the label config (when it changed) and the state; keeps the stored strategy when none is given."""
         folder = self.path(project_id)
-        if self.label_config_xml(project_id) != xml:
+        try:
+            stored_xml, state = self.label_config_xml(project_id), self.state(project_id)
+        except ProjectError:  # damaged files: this save is the repair, so it replaces them
+            stored_xml, state = None, {}
+        if stored_xml != xml:
             write_atomic(folder / LABEL_CONFIG_FILE, xml)
-        state = self.state(project_id)
         new = dict(state)
         if strategy is not None:
             new["strategy"] = strategy

@@ -108,13 +108,34 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------- reading
     def current_version(self) -> str | None:
-        """The promoted version id, or None before the first promotion."""
+        """The promoted version id, or None before the first promotion.
+
+        Every way ``CURRENT`` can be broken (unreadable, not UTF-8, not a version id, a missing version) is a
+        ``RegistryError`` naming the project and the fix, so callers (the status page above all) can report one
+        broken project instead of failing for all.
+        """
         try:
-            version = self.current_file.read_text().strip()
+            raw = self.current_file.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise RegistryError(
+                f"project {self.project_id}: CURRENT ({self.current_file}) cannot be read: {exc.strerror or exc}"
+            ) from None
+        try:
+            version = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise RegistryError(
+                f"project {self.project_id}: CURRENT ({self.current_file}) is not text ({len(raw)} bytes, not "
+                "UTF-8): damaged; roll back to an existing version (ml_backend.cli versions/rollback)"
+            ) from None
         if not version:
             return None
+        if not VERSION_RE.match(version):
+            raise RegistryError(
+                f"project {self.project_id}: CURRENT holds {version[:80]!r}, which is not a version id; roll back "
+                "to an existing version (ml_backend.cli versions/rollback)"
+            )
         if not (self.versions_dir / version / "meta.json").is_file():
             raise RegistryError(
                 f"project {self.project_id}: CURRENT points to {version!r}, which is not a complete version in "
@@ -126,9 +147,15 @@ class ModelRegistry:
         """Metadata of one version."""
         path = self._version_dir(version) / "meta.json"
         try:
-            return json.loads(path.read_text())
+            meta = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise RegistryError(f"project {self.project_id}: no version {version!r}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # damaged by hand or by a failing disk
+            reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+            raise RegistryError(f"project {self.project_id}: {version}/meta.json is unreadable ({reason})") from None
+        if not isinstance(meta, dict):
+            raise RegistryError(f"project {self.project_id}: {version}/meta.json is not a JSON object")
+        return meta
 
     def current_meta(self) -> dict | None:
         version = self.current_version()
@@ -161,22 +188,30 @@ class ModelRegistry:
         for name in self._version_names():
             try:
                 out.append(self.meta(name))
-            except (RegistryError, json.JSONDecodeError) as exc:  # a hand-damaged directory should not hide others
+            except RegistryError as exc:  # a hand-damaged directory should not hide the others
                 log.warning("project %s: skipping unreadable version %s: %s", self.project_id, name, exc)
         return out
 
     def history(self) -> list[dict]:
         """Promotion/rollback events, oldest first."""
-        if not self.history_file.is_file():
+        try:
+            text = self.history_file.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:  # the history is a log: an unreadable one must not hide the versions
+            log.warning("project %s: history unreadable: %s", self.project_id, exc)
             return []
         events = []
-        for line in self.history_file.read_text().splitlines():
+        for line in text.splitlines():
             if not line.strip():
                 continue
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a full disk: the rest of the history still counts
                 log.warning("project %s: skipping a damaged history line: %.80r", self.project_id, line)
+                continue
+            if isinstance(event, dict):
+                events.append(event)
         return events
 
     # ---------------------------------------------------------------- writing

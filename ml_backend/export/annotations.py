@@ -90,15 +90,19 @@ def overrides_for_stack(tasks: Iterable[dict], config: Any, stack_key: str, shap
 
 
 def apply_overrides(classmap: np.ndarray, overrides: Iterable[Override]) -> int:
-    """Write the labelled pixels of ``overrides`` (one slice's) into ``classmap`` in place; returns pixels set."""
-    n = 0
+    """Write the labelled pixels of ``overrides`` (one slice's) into ``classmap`` in place; returns the number of
+    distinct pixels set (tiles of a slice's last row/column overlap their neighbours)."""
+    overrides = list(overrides)
+    if not overrides:
+        return 0
+    covered = np.zeros(classmap.shape, dtype=bool)
     for o in overrides:
         h, w = o.mask.shape
         window = classmap[o.y : o.y + h, o.x : o.x + w]
         known = o.mask != IGNORE
         window[known] = o.mask[known]
-        n += int(known.sum())
-    return n
+        covered[o.y : o.y + h, o.x : o.x + w] |= known
+    return int(covered.sum())
 
 
 def write_overrides(path: Path, overrides: list[Override]) -> None:

@@ -59,7 +59,7 @@ def test_known_boxes_measured_exactly_whatever_the_chunking(chunk):
     assert len(table) == len(expected)  # the speck is filtered, the U is one object
     got = sorted(zip(table.voxels.tolist(), map(tuple, table.centroid.tolist()),
                      map(tuple, np.hstack([table.bbox_min, table.bbox_max]).tolist()), table.n_slices.tolist(),
-                     table.touches_border.tolist()))  # fmt: skip
+                     table.touches_border.tolist(), strict=True))  # fmt: skip
     want = sorted((e["voxels"], e["centroid"], e["bbox"], e["n_slices"], e["border"]) for e in expected)
     for g, w in zip(got, want, strict=True):
         assert g[0] == w[0] and g[2:] == w[2:]
@@ -95,9 +95,9 @@ def test_classes_are_separate_objects_and_connectivity_matters():
     vol[2, 6, 6] = 1
     vol[3, 7, 7] = 1  # diagonal neighbour: one object under 26-connectivity, two under 6
     t26, _ = objects(vol, 2, classes=(1, 2))
-    assert sorted(zip(t26.classes.tolist(), t26.voxels.tolist())) == [(1, 2), (1, 8), (2, 8)]
+    assert sorted(zip(t26.classes.tolist(), t26.voxels.tolist(), strict=True)) == [(1, 2), (1, 8), (2, 8)]
     t6, _ = objects(vol, 2, classes=(1, 2), connectivity=6)
-    assert sorted(zip(t6.classes.tolist(), t6.voxels.tolist())) == [(1, 1), (1, 1), (1, 8), (2, 8)]
+    assert sorted(zip(t6.classes.tolist(), t6.voxels.tolist(), strict=True)) == [(1, 1), (1, 1), (1, 8), (2, 8)]
 
 
 def test_cc3d_and_skimage_agree(volume):

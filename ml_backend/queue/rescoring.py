@@ -5,6 +5,11 @@ label config) under ``rescore:<version>:ctx`` and enqueues ``rescore_chunk`` hel
 Each chunk is claimed (SET NX with a TTL, so a helper killed mid-chunk frees it) by a helper or by the coordinator
 itself, scored with ``labelstudio.loop.score_tiles`` and its summary + masks stored under ``result:<chunk>``. The
 coordinator collects every chunk (redoing any whose helper died) and ``run_round`` selects over the whole pool.
+
+The same chunks carry the /predict backlog (issue 16): tasks a large "Retrieve predictions" did not get done by
+PREDICT_DEADLINE_S are claimed per task (``backlog:<version>:<task>``, SET NX with a TTL, so a second request does
+not queue them twice) and enqueued in chunks of RESCORE_CHUNK as ``ml_backend.jobs.backlog.predict_backlog`` jobs,
+which predict them with the /predict pipeline and push them through ``LabelStudioSink`` (``enqueue_backlog``).
 """
 
 from __future__ import annotations
@@ -30,15 +35,19 @@ from ml_backend.labelstudio.neighbours import NeighbourIndex, context_urls, stac
 from ml_backend.labelstudio.tasks import load_task_image
 from ml_backend.training.recipe import TrainedModel
 
-from .connection import get_queue
-from .keys import chunk_id, rescore_key
-from .scheduling import FAILURE_TTL_S, RESCORE_FUNC
+from .connection import get_connection, get_queue, redis_errors
+from .keys import chunk_id, key, rescore_key
+from .scheduling import FAILURE_TTL_S, JOB_RETRY, RESCORE_FUNC
 
 log = logging.getLogger(__name__)
 
 CHUNK_CLAIM_TTL_S = 300  # a helper killed mid-chunk frees its chunk after this long; the coordinator redoes it
 RESCORE_TTL_S = 24 * 3600
 RESCORE_WAIT_S = 3600.0
+BACKLOG_FUNC = "ml_backend.jobs.backlog.predict_backlog"
+BACKLOG_CLAIM_TTL_S = 3600  # a backlog task whose job was lost is queued again by the next request after this long
+BACKLOG_JOB_TIMEOUT_S = 3600
+_CLAIM_BATCH = 10_000  # SET NX per pipeline round trip
 
 
 def _pack_summary(summary: dict[str, np.ndarray], pixels: np.ndarray) -> bytes:
@@ -314,3 +323,68 @@ class RedisPoolScorer:
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
         return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)
+
+
+def backlog_key(pid: int, version: str, task_id: int) -> str:
+    """The claim of one task of the /predict backlog of ``version``."""
+    return key(pid, f"backlog:{version}:{int(task_id)}")
+
+
+@dataclass
+class BacklogReceipt:
+    """What ``enqueue_backlog`` did: the tasks newly queued, the ones another request had queued, the job ids."""
+
+    queued: list[int]
+    already_queued: int
+    jobs: list[str]
+
+
+def enqueue_backlog(
+    pid: int, version: str, task_ids: Sequence[int], settings: Settings, conn: Any = None
+) -> BacklogReceipt:
+    """Queue /predict's undone tasks for ``version`` in chunks of RESCORE_CHUNK (``predict_backlog`` jobs, at the back
+    of the queue: a training or its re-scoring goes first and supersedes them). Tasks already claimed by an earlier
+    request are not queued again. ``QueueUnavailable`` when Redis cannot be reached (nothing is claimed then)."""
+    with redis_errors(settings, "; the tasks were not queued (Label Studio asks for them again next time)"):
+        conn = conn if conn is not None else get_connection(settings.redis_url)
+        ids = list(dict.fromkeys(int(t) for t in task_ids))
+        claimed: list[int] = []
+        for start in range(0, len(ids), _CLAIM_BATCH):
+            part = ids[start : start + _CLAIM_BATCH]
+            pipe = conn.pipeline(transaction=False)
+            for tid in part:
+                pipe.set(backlog_key(pid, version, tid), "queued", nx=True, ex=BACKLOG_CLAIM_TTL_S)
+            claimed.extend(tid for tid, ok in zip(part, pipe.execute(), strict=True) if ok)
+        size = max(1, int(settings.rescore_chunk))
+        chunks = [claimed[i : i + size] for i in range(0, len(claimed), size)]
+        jobs: list[str] = []
+        try:
+            from rq import Retry
+
+            queue = get_queue(settings, conn)
+            pipe = conn.pipeline()
+            for chunk in chunks:
+                job = queue.enqueue_call(
+                    BACKLOG_FUNC,
+                    kwargs={"project_id": int(pid), "version": str(version), "task_ids": chunk},
+                    job_id=f"backlog-p{pid}-{uuid.uuid4().hex[:12]}",
+                    timeout=BACKLOG_JOB_TIMEOUT_S,
+                    result_ttl=3600,
+                    failure_ttl=FAILURE_TTL_S,
+                    retry=Retry(**JOB_RETRY),
+                    description=f"predict project {pid} {version} ({len(chunk)} tasks /predict did not finish)",
+                    pipeline=pipe,
+                )
+                jobs.append(job.id)
+            pipe.execute()
+        except BaseException:
+            release_backlog(conn, pid, version, claimed)  # queued nothing: the next request may queue them
+            raise
+    return BacklogReceipt(claimed, len(ids) - len(claimed), jobs)
+
+
+def release_backlog(conn: Any, pid: int, version: str, task_ids: Sequence[int]) -> None:
+    """Drop the claims of backlog tasks that were not delivered, so the next /predict queues them again."""
+    ids = list(task_ids)
+    for start in range(0, len(ids), _CLAIM_BATCH):
+        conn.delete(*[backlog_key(pid, version, t) for t in ids[start : start + _CLAIM_BATCH]])

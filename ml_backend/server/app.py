@@ -26,8 +26,10 @@ Routes:
 
 Every error is JSON ``{"status": "error", "reason": ...}``: 4xx when the request is at fault, 5xx otherwise; the
 server keeps serving. Bodies are validated at the edge (``schemas.py``): size (MAX_REQUEST_BYTES, 413), content type
-(415), JSON nesting depth (checked before parsing), bounded ids and strings (400). /predict answers within
-PREDICT_DEADLINE_S: tasks not done by then get an empty prediction and a per-task error. Models come from a
+(415), JSON nesting depth (checked before parsing; per task as it is read for /predict), bounded ids and strings
+(400). /predict takes any number of tasks up to the MAX_TASKS protection and answers within PREDICT_DEADLINE_S:
+tasks not done by then are answered with an empty list (Label Studio stores nothing) and finished in the background
+by RQ jobs (``predict.queue_undone``); without Redis they get a per-task error instead. Models come from a
 per-process ``ModelCache`` (loaded once, reloaded when the project's current version changes).
 """
 
@@ -50,7 +52,7 @@ from ml_backend.config import Settings, torch_device
 from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 
 from .auth import check_basic_auth, details_requested
-from .predict import COLD_START_VERSION, ModelConfigMismatch, predict_tasks
+from .predict import COLD_START_VERSION, ModelConfigMismatch, parse_predict_body, predict_tasks, queue_undone
 from .projects import ProjectError, ProjectStore, parse_project_id, strategy_from_params
 from .schemas import (
     BadRequest,
@@ -77,7 +79,7 @@ class Metrics:
         self.started = time.time()
         self.requests: dict[str, int] = defaultdict(int)
         self.errors: dict[str, int] = defaultdict(int)
-        self.predict = {"requests": 0, "tasks": 0, "failed_tasks": 0, "cold_start_tasks": 0}
+        self.predict = {"requests": 0, "tasks": 0, "failed_tasks": 0, "cold_start_tasks": 0, "queued_tasks": 0}
         self.latencies: list[float] = []  # last 1000 /predict latencies (seconds)
         self.latency_total = 0.0
 
@@ -87,11 +89,12 @@ class Metrics:
             if status >= 400:
                 self.errors[f"{route} {status}"] += 1
 
-    def record_predict(self, seconds: float, tasks: int, failed: int, cold: bool) -> None:
+    def record_predict(self, seconds: float, tasks: int, failed: int, cold: bool, queued: int = 0) -> None:
         with self._lock:
             self.predict["requests"] += 1
             self.predict["tasks"] += tasks
             self.predict["failed_tasks"] += failed
+            self.predict["queued_tasks"] += queued  # not done by the deadline: predicted in the background
             if cold:
                 self.predict["cold_start_tasks"] += tasks - failed
             self.latency_total += seconds
@@ -248,7 +251,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     def predict() -> Any:
         t0 = time.perf_counter()
         deadline = time.monotonic() + float(settings.predict_deadline_s)
-        req: PredictRequest = validate(PredictRequest, _json_body())
+        # Read task by task, each slimmed to id + data (any size Label Studio sends; predict.parse_predict_body).
+        body = parse_predict_body(request.get_data(cache=False), request.content_type)
+        req: PredictRequest = validate(PredictRequest, body)
+        del body
         tasks = req.tasks
         if not tasks:
             return jsonify(results=[])
@@ -263,12 +269,15 @@ def create_app(settings: Settings | None = None) -> Flask:
             outcome = predict_tasks(tasks, config, entry, strategy, settings, deadline=deadline)
         except ModelConfigMismatch as exc:
             return _error(str(exc), 409)
+        queue_undone(req.project, outcome, tasks, settings)  # not done by the deadline: answered [], finished by RQ
         errors.add(pid, outcome.errors)
         seconds = time.perf_counter() - t0
-        metrics.record_predict(seconds, len(tasks), len(outcome.errors), cold=entry is None)
-        log.info("project %s: %d task(s) predicted with %s in %.2f s (%d failed) %s",
-                 pid, len(tasks), outcome.model_version, seconds, len(outcome.errors), outcome.timings)  # fmt: skip
-        return jsonify(results=outcome.results, model_version=outcome.model_version, errors=outcome.errors)
+        queued = int((outcome.queued or {}).get("tasks", 0))
+        metrics.record_predict(seconds, len(tasks), len(outcome.errors), cold=entry is None, queued=queued)
+        log.info("project %s: %d task(s) predicted with %s in %.2f s (%d failed, %d queued) %s", pid, len(tasks),
+                 outcome.model_version, seconds, len(outcome.errors), queued, outcome.timings)  # fmt: skip
+        extra = {"queued": outcome.queued} if outcome.queued else {}
+        return jsonify(results=outcome.results, model_version=outcome.model_version, errors=outcome.errors, **extra)
 
     @app.post("/webhook")
     def webhook() -> Any:

@@ -19,11 +19,24 @@ Why it is shaped like this:
 * Cold start (no trained version): no masks at all (never masks from random weights), ``model_version`` =
   ``COLD_START_VERSION`` and coverage-order scores from ``cold_start_scores`` (a seeded hash of the task id, stable
   across requests and when tasks are added).
+* Any size (issue 16): "Retrieve predictions" on a 2,000-task project sends 2,000 tasks at once. The body is parsed
+  task by task (``parse_predict_body``: each task is reduced to its ``id`` and ``data`` as soon as it is read, so
+  the old predictions and annotations Label Studio serialises with every task never pile up in memory), images
+  stream through in windows of a few dozen, and the request answers what is done by PREDICT_DEADLINE_S. Tasks
+  not done by then (``PredictionOutcome.undone``) are answered with an EMPTY LIST: Label Studio 1.23.2
+  (``ml/models.py::_get_predictions_from_ml_backend``) stores one prediction per item of a task's entry, so an
+  empty list stores nothing, and "Retrieve predictions" asks again for every task without a prediction of the
+  current model version. An entry ``{"result": [], "model_version": v}`` would instead be stored as a prediction
+  of ``v`` and the task never asked for again. The undone tasks are then finished in the background
+  (``queue_undone``: RQ jobs ``ml_backend.jobs.backlog.predict_backlog``, this same pipeline, pushed in bulk
+  through ``labelstudio.loop.LabelStudioSink``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,9 +48,27 @@ import numpy as np
 
 from ml_backend.labelstudio.labelconfig import BrushConfig
 
-from .schemas import MAX_ID, MAX_IMAGE_URL_CHARS, bounded_id
+from .schemas import (
+    MAX_ID,
+    MAX_IMAGE_URL_CHARS,
+    MAX_JSON_DEPTH,
+    MAX_TASKS,
+    BadRequest,
+    UnsupportedMediaType,
+    _parse_int,
+    bounded_id,
+    json_depth,
+)
 
-__all__ = ["COLD_START_VERSION", "DeadlineExceeded", "PredictionOutcome", "TaskError", "predict_tasks"]
+__all__ = [
+    "COLD_START_VERSION",
+    "DeadlineExceeded",
+    "PredictionOutcome",
+    "TaskError",
+    "parse_predict_body",
+    "predict_tasks",
+    "queue_undone",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +95,12 @@ class ModelConfigMismatch(RuntimeError):
 
 @dataclass
 class PredictionOutcome:
-    results: list[Any]  # one entry per task, in order: a prediction dict, or [] for a failed task
+    results: list[Any]  # one entry per task, in order: a prediction dict, or [] for a failed or undone task
     errors: list[dict] = field(default_factory=list)  # {"index", "task", "reason"}
     model_version: str = COLD_START_VERSION
     timings: dict[str, float] = field(default_factory=dict)
+    undone: list[int] = field(default_factory=list)  # indices of tasks not done by the deadline (answered [])
+    queued: dict[str, Any] | None = None  # what ``queue_undone`` queued for the background
 
 
 def _task_id(task: Any, index: int) -> int:
@@ -294,6 +327,8 @@ def predict_tasks(
                     except FutureTimeout:
                         future.cancel()
                         raise _deadline_error(settings) from None
+                except DeadlineExceeded:
+                    outcome.undone.append(i)
                 except TaskError as exc:
                     _fail(outcome, i, tasks[i], exc)
                 except Exception as exc:  # anything unexpected in one task still fails only that task
@@ -308,7 +343,9 @@ def predict_tasks(
                 seed = settings.seed + int(ids[members[0]] or 0)
                 scored = _score_members(model, images, members, request_strategy, settings, device, seed, deadline)
                 for i, item in scored:
-                    if isinstance(item, TaskError):
+                    if isinstance(item, DeadlineExceeded):
+                        outcome.undone.append(i)
+                    elif isinstance(item, TaskError):
                         _fail(outcome, i, tasks[i], item)
                     elif isinstance(item, Exception):
                         _fail(outcome, i, tasks[i], TaskError(f"inference failed: {type(item).__name__}: {item}"))
@@ -317,6 +354,10 @@ def predict_tasks(
             infer_s += time.perf_counter() - t1
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    outcome.undone.sort()
+    if outcome.undone:
+        log.info("%d of %d task(s) not done within PREDICT_DEADLINE_S=%g s", len(outcome.undone), n,
+                 float(settings.predict_deadline_s))  # fmt: skip
     outcome.timings = {"fetch_wait_s": round(wait_s, 4), "inference_s": round(infer_s, 4)}
     return outcome
 
@@ -327,12 +368,173 @@ def _model_classes(model: Any) -> int | None:
     return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
 
 
-def _fail(outcome: PredictionOutcome, index: int, task: Any, exc: Exception) -> None:
+def _fail(outcome: PredictionOutcome, index: int, task: Any, exc: Exception, *, quiet: bool = False) -> None:
     tid = task.get("id") if isinstance(task, dict) else None
     try:
         tid = bounded_id(tid, "id")
     except ValueError:  # echo only ids that can exist: never a 5,000-digit number back into the answer and the log
         tid = None
-    log.warning("task %s (#%d): no prediction: %s", tid, index, exc)
+    if not quiet:
+        log.warning("task %s (#%d): no prediction: %s", tid, index, exc)
     outcome.results[index] = []
     outcome.errors.append({"index": index, "task": tid, "reason": str(exc)})
+
+
+def queue_undone(project: int, outcome: PredictionOutcome, tasks: list[Any], settings: Any) -> None:
+    """Hand the tasks not done by the deadline to the background (``queue.rescoring.enqueue_backlog``: RQ jobs that
+    predict them with the same version and push the predictions to Label Studio), so that a large "Retrieve
+    predictions" ends with every task predicted without anybody pressing it again.
+
+    Their answer stays ``[]`` (nothing stored, asked again next time: module docstring). When they cannot be queued
+    (no Redis), each becomes a per-task "deadline exceeded" error, as before; Label Studio asks again next time.
+    """
+    if not outcome.undone:
+        return
+    ids = [bounded_id(tasks[i].get("id"), "id") for i in outcome.undone]  # validated before they were fetched
+    try:
+        from ml_backend.queue import QueueUnavailable
+        from ml_backend.queue.rescoring import enqueue_backlog
+
+        receipt = enqueue_backlog(int(project), outcome.model_version, ids, settings)
+    except (ImportError, QueueUnavailable) as exc:
+        log.warning("project %s: %d task(s) not done by the deadline could not be queued: %s", project, len(ids), exc)
+        reason = f"{_deadline_error(settings)}; not queued for the background: {exc}"
+        for i in outcome.undone:
+            _fail(outcome, i, tasks[i], DeadlineExceeded(reason), quiet=True)
+        outcome.errors.sort(key=lambda e: e["index"])
+        outcome.undone = []
+        return
+    outcome.queued = {
+        "tasks": len(receipt.queued),
+        "jobs": len(receipt.jobs),
+        "already_queued": receipt.already_queued,
+        "reason": (
+            f"not done within PREDICT_DEADLINE_S={float(settings.predict_deadline_s):g} s: answered without a "
+            f"prediction and predicted in the background with {outcome.model_version} "
+            "(pushed to Label Studio as they are done)"
+        ),
+    }
+    log.info("project %s: %d task(s) queued for background prediction with %s in %d job(s) (%d already queued)",
+             project, len(receipt.queued), outcome.model_version, len(receipt.jobs),
+             receipt.already_queued)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- the request body, one task at a time
+_WS = re.compile(r"[ \t\n\r]*")
+TASK_FIELDS = ("id", "data")  # all /predict reads of a task; Label Studio also sends its predictions, annotations...
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_constant=_refuse_constant)
+
+
+def _slim(task: Any) -> Any:
+    """What /predict keeps of a task: ``id`` and ``data`` (a non-object stays, sized down, to fail alone later)."""
+    if isinstance(task, dict):
+        return {k: task[k] for k in TASK_FIELDS if k in task}
+    if isinstance(task, (list, str)):
+        return type(task)()  # keeps its kind for the per-task error, not its size
+    return task
+
+
+def parse_predict_body(raw: bytes, content_type: str | None) -> dict:
+    """The /predict body as a dict, its ``tasks`` read one at a time and slimmed (``_slim``) as they are read.
+
+    Why not ``json.loads``: Label Studio serialises every task with its annotations and predictions (brush RLE:
+    tens of kB per 512-px tile); as Python objects those take several times their text, and 2,000+ tasks come in
+    one request. Read element by element, the memory is the body's text plus one task. Same rules as
+    ``schemas.parse_json_body`` (content type, MAX_JSON_DEPTH, huge integers kept as text, a clear 400), with two
+    differences: the depth is checked per value as it is read (the C scanner stops a deeper nesting at the
+    recursion limit with a RecursionError; a scan of the whole text would copy it twice), and the task cap
+    (``MAX_TASKS``) is checked while reading.
+    """
+    from .schemas import parse_json_body
+
+    mimetype = (content_type or "").split(";", 1)[0].strip().lower()
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(f"unsupported content type {mimetype[:80]!r}: send 'Content-Type: application/json'")
+    if not raw.strip():
+        raise BadRequest("empty request body: expected a JSON object")
+    try:
+        text = raw.decode(json.detect_encoding(raw))
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise BadRequest(f"malformed JSON: the body is not UTF-8/16/32 text ({exc.__class__.__name__})") from exc
+    start = _WS.match(text, 0).end()
+    if text[start : start + 1] != "{":
+        return parse_json_body(raw, content_type)  # not an object: its own error ("expected a JSON object, got ...")
+    try:
+        return _read_object(text, start)
+    except RecursionError:
+        raise BadRequest(_TOO_DEEP) from None
+    except (json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, BadRequest):
+            raise
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+_TOO_DEEP = f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _value(text: str, pos: int, level: int) -> tuple[Any, int]:
+    """(the JSON value at ``pos``, the position after it), at nesting ``level``: deeper than MAX_JSON_DEPTH in all
+    is a BadRequest, like the whole-body check of ``schemas.check_json_depth``."""
+    value, end = _DECODER.raw_decode(text, pos)
+    if isinstance(value, (dict, list)) and level + json_depth(text[pos:end]) > MAX_JSON_DEPTH:
+        raise BadRequest(_TOO_DEEP)
+    return value, end
+
+
+def _expect(text: str, pos: int, chars: str, what: str) -> tuple[str, int]:
+    """(the character at ``pos`` after whitespace, the position after it); a JSONDecodeError unless in ``chars``."""
+    pos = _WS.match(text, pos).end()
+    char = text[pos : pos + 1]
+    if not char or char not in chars:
+        raise json.JSONDecodeError(f"Expecting {what}", text, pos)
+    return char, pos + 1
+
+
+def _read_object(text: str, pos: int) -> dict:
+    body: dict[str, Any] = {}
+    _, pos = _expect(text, pos, "{", "'{'")
+    pos = _WS.match(text, pos).end()
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            pos = _WS.match(text, pos).end()
+            if text[pos : pos + 1] != '"':
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+            name, pos = _DECODER.raw_decode(text, pos)
+            _, pos = _expect(text, pos, ":", "':' delimiter")
+            pos = _WS.match(text, pos).end()
+            if name == "tasks" and text[pos : pos + 1] == "[":
+                body[name], pos = _read_tasks(text, pos + 1)
+            else:
+                body[name], pos = _value(text, pos, 1)
+            char, pos = _expect(text, pos, ",}", "',' delimiter")
+            if char == "}":
+                break
+    if _WS.match(text, pos).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, _WS.match(text, pos).end())
+    return body
+
+
+def _read_tasks(text: str, pos: int) -> tuple[list[Any], int]:
+    tasks: list[Any] = []
+    pos = _WS.match(text, pos).end()
+    if text[pos : pos + 1] == "]":
+        return tasks, pos + 1
+    while True:
+        task, pos = _value(text, _WS.match(text, pos).end(), 2)
+        if len(tasks) == MAX_TASKS:
+            raise BadRequest(
+                f"'tasks' has more than {MAX_TASKS:,} tasks, at most {MAX_TASKS:,} per request (a protection: select "
+                "fewer tasks in Label Studio's Data Manager)"
+            )
+        tasks.append(_slim(task))
+        char, pos = _expect(text, pos, ",]", "',' delimiter")
+        if char == "]":
+            return tasks, pos

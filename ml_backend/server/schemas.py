@@ -49,7 +49,8 @@ __all__ = [
 MAX_ID = 2**31 - 1  # Label Studio's ids are 32-bit database keys
 MAX_JSON_DEPTH = 64  # Label Studio's deepest payload (a webhook's project) nests < 10
 MAX_INT_DIGITS = 32
-MAX_TASKS = 1000  # per /predict request; the request deadline (PREDICT_DEADLINE_S) bounds the work anyway
+MAX_TASKS = 200_000  # per /predict: a protection only, far above a real project (the quick start: 1,980); what is
+# not done by PREDICT_DEADLINE_S is answered empty and finished in the background (server/predict.py)
 MAX_PROJECT_REF_CHARS = 64  # "<id>.<timestamp>"
 MAX_LABEL_CONFIG_CHARS = 1_000_000
 MAX_EXTRA_PARAMS_CHARS = 65_536
@@ -346,7 +347,10 @@ class PredictRequest(_Body):
         if not isinstance(value, list):
             raise ValueError(f"'tasks' must be a list, got {_kind(value)}")
         if len(value) > MAX_TASKS:
-            raise ValueError(f"'tasks' has {len(value):,} tasks, at most {MAX_TASKS} per request")
+            raise ValueError(
+                f"'tasks' has {len(value):,} tasks, at most {MAX_TASKS:,} per request (a protection: select fewer "
+                "tasks in Label Studio's Data Manager)"
+            )
         return value
 
     @field_validator("label_config", mode="before")

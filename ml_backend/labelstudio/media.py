@@ -822,6 +822,17 @@ def _fetch(url: Any, settings: Any, load: Callable[[Path, str, bool], T], *, use
         tmp.unlink(missing_ok=True)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A degraded disk is logged once per process and reason (every prediction would repeat it), then at debug."""
+    with _fallback_lock:
+        first = message not in _warned
+        _warned.add(message)
+    log.log(logging.WARNING if first else logging.DEBUG, "%s", message)
+
+
 def _download_staged(target: Target, shown: str, settings: Any) -> tuple[Path, bool]:
     """(downloaded file, whether it sits beside the cache): MODEL_DIR/cache/media-tmp, else this process's
     directory under TMPDIR when the cache's disk cannot take it (full, read-only, not a directory). A full or
@@ -830,16 +841,16 @@ def _download_staged(target: Target, shown: str, settings: Any) -> tuple[Path, b
     try:
         primary.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        log.warning("media: %s cannot be written (%s): staging downloads in %s, not caching",
-                    primary, _os_error_text(exc), tempfile.gettempdir())  # fmt: skip
+        _warn_once(f"media: {primary} cannot be written ({_os_error_text(exc)}): staging downloads in "
+                   f"{tempfile.gettempdir()}, not caching")  # fmt: skip
     else:
         try:
             return _download(target, shown, settings, primary), True
         except OSError as exc:  # e.g. ENOSPC while writing the body
             if isinstance(exc, requests.RequestException):  # a network failure (requests' errors are OSErrors)
                 raise MediaError(f"cannot fetch {shown}: {_os_reason(exc)}") from None
-            log.warning("media: writing under %s failed (%s): retrying %s in %s",
-                        primary, _os_error_text(exc), shown, tempfile.gettempdir())  # fmt: skip
+            _warn_once(f"media: writing under {primary} failed ({_os_error_text(exc)}): retrying downloads in "
+                       f"{tempfile.gettempdir()}")  # fmt: skip
     try:
         return _download(target, shown, settings, _fallback_dir()), False
     except OSError as exc:

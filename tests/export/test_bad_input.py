@@ -9,7 +9,7 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import publish_model
+from export_helpers import publish_model
 from PIL import Image
 
 from ml_backend.export.run import ExportError, ExportWriteError, export_stack, work_dir_for

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from conftest import ls_export, publish_model
+from export_helpers import ls_export, publish_model
 from scipy import ndimage as ndi
 
 from ml_backend.export import run as export_run

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         30, ge=2, validation_alias=_env("WORKER_ABANDONED_AFTER_S", "worker_abandoned_after_s")
     )
     worker_maintenance_s: int = Field(15, ge=1, validation_alias=_env("WORKER_MAINTENANCE_S", "worker_maintenance_s"))
+    # Redis outages (ml_backend.worker): an unreachable Redis is retried with exponential backoff (1 s, doubling, at
+    # most WORKER_REDIS_RETRY_MAX_S between tries) while a running job goes on; the worker gives up (exit code 3) only
+    # after WORKER_REDIS_GIVE_UP_S of outage, 0 = never (a restart policy would only restart it into the same outage).
+    worker_redis_retry_max_s: float = Field(
+        30.0, gt=0, validation_alias=_env("WORKER_REDIS_RETRY_MAX_S", "worker_redis_retry_max_s")
+    )
+    worker_redis_give_up_s: float = Field(
+        0.0, ge=0, validation_alias=_env("WORKER_REDIS_GIVE_UP_S", "worker_redis_give_up_s")
+    )
     # Optional HTTP basic auth expected from Label Studio (both or neither).
     basic_auth_user: str = Field("", validation_alias=_env("BASIC_AUTH_USER", "basic_auth_user"))
     basic_auth_pass: str = Field("", validation_alias=_env("BASIC_AUTH_PASS", "basic_auth_pass"))
@@ -84,6 +93,12 @@ class Settings(BaseSettings):
     # version's, 2: also the previous one's, 0: keep all). Older ones are deleted once the new ones are in.
     keep_prediction_versions: int = Field(
         1, ge=0, validation_alias=_env("KEEP_PREDICTION_VERSIONS", "keep_prediction_versions")
+    )
+    # Label Studio 1.23.2 deletes predictions by id one per call: at most this many per round (the rest next round),
+    # this many calls at a time (issue 16: never by version; labelstudio.hygiene).
+    hygiene_max_deletes: int = Field(2000, ge=0, validation_alias=_env("HYGIENE_MAX_DELETES", "hygiene_max_deletes"))
+    hygiene_delete_workers: int = Field(
+        4, ge=1, le=32, validation_alias=_env("HYGIENE_DELETE_WORKERS", "hygiene_delete_workers")
     )
     # Inference.
     device: str = Field("auto", validation_alias=_env("DEVICE", "device"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from ml_backend.config import ConfigError, Settings
 
 WORKER_CLASS = "ml_backend.worker.RecoveringWorker"
+log = logging.getLogger(__name__)
 
 
 def worker_command(settings: Settings, *, burst: bool = False, name: str | None = None, extra: list[str] | None = None):
@@ -46,11 +48,39 @@ def worker_command(settings: Settings, *, burst: bool = False, name: str | None 
     return cmd
 
 
+def wait_for_redis(settings: Settings) -> bool:
+    """Wait (capped exponential backoff) until REDIS_URL answers PING; False once WORKER_REDIS_GIVE_UP_S is spent.
+
+    ``rq worker`` exits at once when Redis is down at start-up; a worker started with (or restarted by the deployment
+    into) a Redis outage waits here instead, and ``RecoveringWorker`` takes over the outages after that.
+    """
+    import redis
+
+    from ml_backend.worker import RedisBackoff, RedisGaveUp, wait_until_reachable
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    backoff = RedisBackoff(settings.worker_redis_retry_max_s, settings.worker_redis_give_up_s)
+    conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        wait_until_reachable(conn, backoff, log, "worker start")
+    except RedisGaveUp:
+        log.error("worker start: Redis unreachable for %.0f s (WORKER_REDIS_GIVE_UP_S): giving up", backoff.give_up_s)
+        return False
+    finally:
+        conn.close()
+    return True
+
+
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     cmd = worker_command(settings, burst=args.burst, name=args.name, extra=args.rq_args)
     print("starting: " + " ".join(cmd), file=sys.stderr, flush=True)
     if args.dry_run:
         print(" ".join(cmd))
         return 0
+    if not wait_for_redis(settings):
+        from ml_backend.worker import GAVE_UP_EXIT_CODE
+
+        return GAVE_UP_EXIT_CODE
+    sys.stderr.flush()
     os.execv(cmd[0], cmd)  # the worker replaces this process (signals go straight to rq)
     return 1  # pragma: no cover

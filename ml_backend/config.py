@@ -100,12 +100,6 @@ class Settings(BaseSettings):
     hygiene_delete_workers: int = Field(
         4, ge=1, le=32, validation_alias=_env("HYGIENE_DELETE_WORKERS", "hygiene_delete_workers")
     )
-    # Label Studio 1.23.2 deletes predictions by id one per call: at most this many per round (the rest next round),
-    # this many calls at a time (issue 16: never by version; labelstudio.hygiene).
-    hygiene_max_deletes: int = Field(2000, ge=0, validation_alias=_env("HYGIENE_MAX_DELETES", "hygiene_max_deletes"))
-    hygiene_delete_workers: int = Field(
-        4, ge=1, le=32, validation_alias=_env("HYGIENE_DELETE_WORKERS", "hygiene_delete_workers")
-    )
     # Inference.
     device: str = Field("auto", validation_alias=_env("DEVICE", "device"))
     tile_size: int = Field(256, ge=16, validation_alias=_env("TILE_SIZE", "tile_size"))

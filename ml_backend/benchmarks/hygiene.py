@@ -140,7 +140,8 @@ def run(n_tasks: int, rounds: int, repeats: int, out: Path, tile: int = 64) -> d
         log.info("before hygiene: %s", result["before"])
         tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
         t0 = time.perf_counter()
-        report = prune_predictions(ls, pid, f"v{rounds:04d}", tasks, set(ids), keep=1)
+        # every old prediction, by id, in this one pruning (the per-round budget would leave some to later rounds)
+        report = prune_predictions(ls, pid, f"v{rounds:04d}", tasks, set(ids), keep=1, max_deletes=n_tasks * rounds)
         result["hygiene_s"] = time.perf_counter() - t0
         result["hygiene_calls"] = report.calls
         result["deleted"] = report.deleted

@@ -1,45 +1,52 @@
-"""Prediction hygiene: after a version's predictions are delivered, delete older versions' predictions.
+"""Prediction hygiene: after a version's predictions are delivered, delete older versions' predictions, by id.
 
 Every retraining adds a prediction to every unlabelled task; without this, after ten rounds a task carries eleven and
 the Data Manager serialises all of them on every page. ``KEEP_PREDICTION_VERSIONS`` says how many versions keep their
 predictions: 1 (default) only the live one, 2 also the previous one, 0 keeps everything.
 
-Safety rules:
+Safety rules (issue 16: deleting a whole version in one call took the only prediction of a task added after the
+job's listing, which the new version had not reached):
 
 * runs only after the new version's predictions are in and the project's ``model_version`` names it (the sink calls
   it last), so a crash before or during it leaves every task with at least the predictions it had;
-* a prediction is deleted only from a task that now holds a prediction of the live version, or that is labelled
-  (its annotation no longer needs a pre-annotation; Label Studio sets ``parent_prediction`` to null);
-* bounded calls: a version whose every prediction sits on such a task, and whose count in Label Studio matches the
-  task listing (nothing arrived since), goes in ONE call (``DELETE /api/projects/{id}/model-versions/``); otherwise its
-  deletable predictions are deleted one by one, at most ``max_calls`` per round (the rest wait for the next round).
+* a prediction is deleted only when its task already holds a newer one: a prediction of the version just published
+  (pushed by this round, or listed on the task before it). Tasks the round did not reach, tasks created after the
+  job's listing and labelled tasks keep what they have (a labelled task keeps its last prediction: one per task);
+* always by prediction id (``DELETE /api/predictions/{id}/``), never by version alone: only ids read from the job's
+  own listing are deleted, so a prediction created after it is never touched, whatever the per-version counts say.
+
+Cost: Label Studio 1.23.2 has no endpoint that deletes a list of prediction ids (``DELETE
+/api/projects/{id}/model-versions/`` deletes a whole version; the Data Manager action ``delete_tasks_predictions``
+every prediction of the selected tasks, the new one included), so the ids go in batches of ``workers`` concurrent
+single deletions, at most ``max_deletes`` per round (HYGIENE_DELETE_WORKERS, HYGIENE_MAX_DELETES; the rest are found
+again by the next round's listing). The listing itself is the job's own (paged, ``client.list_tasks``): pruning adds
+one ``GET model-versions`` call.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAX_SINGLE_DELETES = 500
-
 
 @dataclass
 class PruneReport:
-    """What one pruning did: versions kept, versions deleted in bulk, single deletions, predictions left."""
+    """What one pruning did: versions kept, predictions deleted (per version), predictions left, API calls."""
 
     kept: list[str] = field(default_factory=list)
-    bulk: dict[str, int] = field(default_factory=dict)
-    single: int = 0
-    left: int = 0
+    deleted_by_version: dict[str, int] = field(default_factory=dict)
+    left: int = 0  # predictions of old versions still in the project (not deletable yet, or over the budget)
+    deferred: int = 0  # deletable ones left for the next round (over ``max_deletes``)
     calls: int = 0
 
     @property
     def deleted(self) -> int:
-        return sum(self.bulk.values()) + self.single
+        return sum(self.deleted_by_version.values())
 
 
 def kept_versions(live: str, versions_latest_first: Iterable[str], keep: int) -> list[str]:
@@ -50,11 +57,21 @@ def kept_versions(live: str, versions_latest_first: Iterable[str], keep: int) ->
     return [live] + [v for v in ordered if v != live][: keep - 1]
 
 
-def _labelled(task: dict) -> bool:
-    anns = task.get("annotations")
-    if isinstance(anns, list):
-        return any(isinstance(a, dict) and not a.get("was_cancelled") for a in anns)
-    return bool(task.get("total_annotations") or task.get("is_labeled"))
+def deletable_predictions(
+    tasks: dict[int, dict], live: str, old: Iterable[str], covered: Iterable[int]
+) -> list[tuple[int, int, str]]:
+    """``(task id, prediction id, version)`` of the listed predictions of ``old`` versions whose task holds a
+    prediction of ``live`` (``covered``: pushed by this round; or listed), in task order."""
+    old = {str(v) for v in old}
+    newer = {int(t) for t in covered}
+    out = []
+    for tid in sorted(int(t) for t in tasks):
+        preds = [p for p in tasks[tid].get("predictions") or [] if isinstance(p, dict)]
+        if tid not in newer and not any(str(p.get("model_version")) == live for p in preds):
+            continue
+        out += [(tid, int(p["id"]), str(p.get("model_version"))) for p in preds
+                if str(p.get("model_version")) in old and p.get("id") is not None]  # fmt: skip
+    return out
 
 
 def prune_predictions(
@@ -65,54 +82,47 @@ def prune_predictions(
     covered: Iterable[int],
     *,
     keep: int = 1,
-    max_calls: int = MAX_SINGLE_DELETES,
+    max_deletes: int | None = None,
+    workers: int | None = None,
 ) -> PruneReport:
-    """Delete the predictions of versions older than the ``keep`` most recent ones (the live one always kept).
+    """Delete, by id, the predictions of versions older than the ``keep`` most recent ones (the live one always
+    kept) on tasks that hold a prediction of ``live``.
 
     ``tasks``: the project's tasks with their predictions as listed before the delivery (``fields="all"``);
-    ``covered``: the tasks that now hold a prediction of ``live``.
+    ``covered``: the tasks that now hold a prediction of ``live`` (this round's push). ``max_deletes`` /
+    ``workers``: None reads HYGIENE_MAX_DELETES / HYGIENE_DELETE_WORKERS.
     """
-    from ml_backend.labelstudio.client import delete_prediction, delete_version_predictions, model_version_counts
+    from ml_backend.labelstudio.client import delete_prediction, model_version_counts
 
     report = PruneReport()
     if keep <= 0:
         return report
+    if max_deletes is None or workers is None:
+        from ml_backend.config import get_settings
+
+        settings = get_settings()
+        max_deletes = settings.hygiene_max_deletes if max_deletes is None else max_deletes
+        workers = settings.hygiene_delete_workers if workers is None else workers
     counts = model_version_counts(ls, project_id)
     report.calls += 1
     report.kept = kept_versions(live, counts, keep)
     old = [v for v, n in counts.items() if v not in report.kept and n > 0]
     if not old:
         return report
-    safe = {int(t) for t in covered} | {int(tid) for tid, task in tasks.items() if _labelled(task)}
-    listed: dict[str, list[tuple[int, int]]] = {v: [] for v in old}
-    for tid, task in tasks.items():
-        for p in task.get("predictions") or []:
-            if isinstance(p, dict) and str(p.get("model_version")) in listed and p.get("id") is not None:
-                listed[str(p.get("model_version"))].append((int(tid), int(p["id"])))
-    budget = max(0, int(max_calls))
-    for version in old:
-        preds = listed[version]
-        if len(preds) == counts[version] and all(tid in safe for tid, _ in preds):
-            report.bulk[version] = delete_version_predictions(ls, project_id, version)
-            report.calls += 1
-            continue
-        deletable = [pid for tid, pid in preds if tid in safe]
-        now, later = deletable[:budget], deletable[budget:]
-        for prediction_id in now:
-            report.single += int(delete_prediction(ls, prediction_id))
-        report.calls += len(now)
-        budget -= len(now)
-        report.left += counts[version] - len(now)
-        if later or len(preds) != counts[version] or len(deletable) < len(preds):
-            log.info(
-                "project %s: %s keeps %d prediction(s) (on tasks without a %s prediction, listed after the job "
-                "started, or beyond this round's %d single deletions)",
-                project_id, version, counts[version] - len(now), live, max_calls,
-            )  # fmt: skip
+    doomed = deletable_predictions(tasks, live, old, covered)
+    now = doomed[: max(0, int(max_deletes))]
+    report.deferred = len(doomed) - len(now)
+    with ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="hygiene") as pool:
+        gone = list(pool.map(lambda d: delete_prediction(ls, d[1]), now))  # raises the first failure
+    report.calls += len(now)
+    for (_, _, version), ok in zip(now, gone, strict=True):
+        report.deleted_by_version[version] = report.deleted_by_version.get(version, 0) + int(ok)
+    report.left = sum(counts[v] for v in old) - report.deleted
     log.info(
-        "project %s: prediction hygiene kept %s; deleted %d prediction(s) (%d in bulk over %d version(s), %d one by "
-        "one) in %d call(s); %d left",
-        project_id, report.kept, report.deleted, sum(report.bulk.values()), len(report.bulk), report.single,
-        report.calls, report.left,
+        "project %s: prediction hygiene kept %s; deleted %d prediction(s) of %s by id in %d call(s); %d of old "
+        "versions left (on tasks without a %s prediction, created after the listing, labelled, or %d over this "
+        "round's %d deletions)",
+        project_id, report.kept, report.deleted, sorted(report.deleted_by_version), report.calls, report.left, live,
+        report.deferred, max_deletes,
     )  # fmt: skip
     return report

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 from fault_helpers import REPO, wait_for
-from rq import Queue
+from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
 QUEUE_DIR = REPO / "tests" / "queue"  # slow_jobs.slow_marker
@@ -210,6 +210,37 @@ def test_running_job_goes_on_through_a_redis_outage(make_redis, start_rq_worker,
     gate.touch()
     wait_for(lambda: _status(server, job.id) == "finished", 120, "the job to finish", logs=worker.log)
     assert [line.split()[0] for line in marker.read_text().splitlines()] == ["start", "done"]
+    assert worker.process.poll() is None and worker.process.pid == pid
+
+
+def test_job_ending_during_the_outage_is_rerun_not_lost(make_redis, start_rq_worker, tmp_path):
+    """The job ends while Redis is down, so its end cannot be recorded: with the append-only file it is still in the
+    started registry when Redis is back, and the abandoned-job recovery runs it again (not lost silently)."""
+    server = make_redis(persist=True)
+    worker = _start_registered(start_rq_worker, server, tmp_path, WORKER_ABANDONED_AFTER_S="4")
+    pid = worker.process.pid
+    marker, gate = tmp_path / "ending.marker", tmp_path / "ending.gate"
+    job = _queue(server).enqueue_call(
+        "test_worker_redis_outage.gated_marker",
+        kwargs={"path": str(marker), "gate": str(gate), "limit_s": 600},
+        timeout=900,
+        retry=Retry(max=1, interval=[600]),  # the abandoned-job recovery re-queues at once, not after 600 s
+    )
+    wait_for(lambda: marker.exists() and "start" in marker.read_text(), 120, "the job to start", logs=worker.log)
+
+    server.kill9()
+    gate.touch()
+    wait_for(lambda: "done" in marker.read_text(), 120, "the job's work to end", logs=worker.log)
+    wait_for(lambda: "recording its start or end" in worker.log(200_000), 120, "the unrecorded end", logs=worker.log)
+    gate.unlink()  # the re-run waits at the gate again
+    server.start()
+
+    rerun = "the abandoned-job recovery to run the job again"
+    wait_for(lambda: marker.read_text().split().count("start") == 2, 120, rerun, logs=worker.log)
+    assert _status(server, job.id) == "started"
+    gate.touch()
+    wait_for(lambda: _status(server, job.id) == "finished", 120, "the re-run to finish", logs=worker.log)
+    assert [line.split()[0] for line in marker.read_text().splitlines()] == ["start", "done", "start", "done"]
     assert worker.process.poll() is None and worker.process.pid == pid
 
 

@@ -188,11 +188,14 @@ class RecoveringWorker(Worker):
             time.sleep(self._note_outage(exc))
             wait_until_reachable(self.connection, self.redis_backoff, self.log, f"Worker {self.name}")
         except RedisGaveUp:
-            give_up = self.redis_backoff.give_up_s
-            self.log.error("Worker %s: Redis unreachable for %.0f s: giving up (exit code %d)", self.name, give_up,
-                           GAVE_UP_EXIT_CODE)  # fmt: skip
+            self._log_give_up()
             raise
         self._after_outage()
+
+    def _log_give_up(self) -> None:
+        give_up = self.redis_backoff.give_up_s
+        self.log.error("Worker %s: Redis unreachable for %.0f s (WORKER_REDIS_GIVE_UP_S): giving up, exit code %d",
+                       self.name, give_up, GAVE_UP_EXIT_CODE)  # fmt: skip
 
     def _after_outage(self) -> None:
         """Redis answers: log the end of an outage, register again if it lost us, re-subscribe a dead channel."""
@@ -259,7 +262,11 @@ class RecoveringWorker(Worker):
             else:
                 self.ensure_registered()
         except REDIS_DOWN as exc:
-            self._note_outage(exc, escalate=False)
+            try:
+                self._note_outage(exc, escalate=False)
+            except RedisGaveUp:
+                self._log_give_up()  # the horse stops itself once this process is gone; the job is abandoned
+                raise
             self.log.debug("Worker %s: job %s: heartbeat skipped, Redis unreachable (%s)", self.name, job.id, exc)
 
     def execute_job(self, job: Any, queue: Any) -> None:

@@ -254,6 +254,17 @@ def test_worker_gives_up_after_the_configured_outage(make_redis, start_rq_worker
     assert "giving up" in worker.log()
 
 
+def test_worker_stops_on_sigterm_during_an_outage(make_redis, start_rq_worker, tmp_path):
+    """`docker compose stop` while Redis is down: a warm shutdown (exit 0), not a hang in the backoff or a crash."""
+    server = make_redis(persist=True)
+    worker = _start_registered(start_rq_worker, server, tmp_path)
+    server.kill9()
+    wait_for(lambda: _outage_logged(worker, 2), 120, "the worker to log the outage", logs=worker.log)
+    worker.process.terminate()
+    wait_for(lambda: worker.process.poll() is not None, 120, "the worker to stop", logs=worker.log)
+    assert worker.process.returncode == 0, worker.log()
+
+
 def test_worker_started_during_an_outage_waits_for_redis(make_redis, start_rq_worker, tmp_path):
     """A worker (re)started while Redis is down (the compose restart policy) waits instead of exiting."""
     server = make_redis(persist=True)

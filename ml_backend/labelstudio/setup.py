@@ -5,7 +5,11 @@
    unlocked task with the LOWEST prediction score ("Uncertainty sampling" would pick a random predicted task as soon
    as a project has two annotators; see ``SHARED_QUEUE``);
 2. optionally a local storage for a tile folder (``--storage-path``; ``import_tiles.py`` makes its own);
-3. the ML backend connected (``--backend-url``; basic auth from BASIC_AUTH_USER/BASIC_AUTH_PASS when set);
+3. the ML backend connected (``--backend-url``; basic auth from BASIC_AUTH_USER/BASIC_AUTH_PASS when set), and
+   its annotation webhook carrying the same credentials as an ``Authorization: Basic`` header: Label Studio
+   1.23.2 posts webhooks with the webhook's own headers only, so without it every annotation is answered 401 by
+   a backend behind basic auth. A backend that requires credentials is refused before anything is changed when
+   none (or wrong ones) are given; re-run this after changing the backend's credentials;
 4. the project's ``model_version`` set to the backend's current version: connecting a backend overwrites it with
    the backend's title, and Label Studio ignores the scores of predictions of any other version;
 5. a Data Manager tab "Active learning queue" sorted by ascending prediction score;
@@ -32,8 +36,10 @@ from ml_backend.config import Settings
 from ml_backend.labelstudio.client import (
     LabelStudioError,
     as_dict,
+    basic_auth_header,
     call,
     connect,
+    ensure_backend_webhook,
     ensure_local_storage,
     ensure_ml_backend,
     ensure_view,
@@ -53,6 +59,58 @@ SAMPLING = "Sequential sampling"  # over the queue view; see SHARED_QUEUE for wh
 
 class SetupError(RuntimeError):
     """The project cannot be set up (message says what to fix)."""
+
+
+def check_backend_auth(backend_url: str, auth: tuple[str, str] | None, timeout: float = 10.0) -> bool:
+    """Whether the backend requires basic auth, asked on an authenticated route (``/health?details=1``) before
+    anything is changed in Label Studio. Raises ``SetupError`` when it requires credentials and none or wrong ones
+    were given: connecting it anyway would leave every webhook answered 401, so nothing would ever train."""
+    url = backend_url.rstrip("/") + "/health"
+    try:
+        resp = requests.get(url, params={"details": "1"}, auth=auth, timeout=timeout)
+    except requests.RequestException as exc:
+        raise SetupError(f"ML backend at {backend_url} is unreachable: {exc}") from exc
+    if resp.status_code == 401:
+        if auth is None:
+            raise SetupError(
+                f"the ML backend at {backend_url} requires HTTP basic auth: pass its credentials with "
+                "--basic-auth-user/--basic-auth-pass (or BASIC_AUTH_USER/BASIC_AUTH_PASS), the ones it was started "
+                "with; without them Label Studio's webhooks would be refused and nothing would train"
+            )
+        raise SetupError(f"the ML backend at {backend_url} refused the credentials of user {auth[0]!r} (HTTP 401): "
+                         "give the BASIC_AUTH_USER/BASIC_AUTH_PASS it was started with")  # fmt: skip
+    if resp.status_code != 200:
+        raise SetupError(f"ML backend at {backend_url} answered /health?details=1 with HTTP {resp.status_code}: "
+                         f"{resp.text[:300]}")  # fmt: skip
+    try:
+        requires = bool(resp.json().get("basic_auth"))
+    except ValueError as exc:
+        raise SetupError(f"{url} does not answer like this ML backend (no JSON): {resp.text[:200]!r}") from exc
+    if not requires:
+        log.warning("the ML backend at %s does not require credentials (BASIC_AUTH_USER/BASIC_AUTH_PASS unset): "
+                    "anyone who can reach it may call every route; keep it on a private network",
+                    backend_url)  # fmt: skip
+    return requires
+
+
+def verify_webhook(hook: dict, backend_url: str, auth: tuple[str, str] | None) -> None:
+    """Raise ``SetupError`` unless the webhook, as read back from Label Studio, will deliver annotation events to
+    the backend with its credentials (active, with payload, for all or the annotation actions)."""
+    problems = []
+    if auth is not None and (hook.get("headers") or {}).get("Authorization") != basic_auth_header(*auth):
+        problems.append("it does not carry the backend's credentials (Authorization header)")
+    if not hook.get("is_active", True):
+        problems.append("it is disabled (is_active=false)")
+    if not hook.get("send_payload", True):
+        problems.append("it sends no payload")
+    if not hook.get("send_for_all_actions", True) and not {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"} <= set(
+        hook.get("actions") or []
+    ):
+        problems.append("it is not sent for ANNOTATION_CREATED and ANNOTATION_UPDATED")
+    if problems:
+        raise SetupError(f"Label Studio's webhook {hook.get('id')} to {hook.get('url')} would not reach "
+                         f"{backend_url} as needed: {'; '.join(problems)}. Fix it under the project's Settings > "
+                         "Webhooks or delete it and run set-up again")  # fmt: skip
 
 
 def backend_model_version(backend_url: str, project: dict, auth: tuple[str, str] | None, timeout: float = 10.0) -> str:
@@ -156,6 +214,7 @@ def setup_project(
         parse_label_config(label_config)
     except LabelConfigError as exc:
         raise SetupError(f"label config cannot be used: {exc}") from exc
+    requires_auth = check_backend_auth(backend_url, basic_auth) if backend_url else False
     existing = find_project(ls, title)
     created = existing is None
     if created:
@@ -183,6 +242,12 @@ def setup_project(
         if backend.get("state") == "ER":
             raise SetupError(f"Label Studio reports the ML backend at {backend_url} in error: "
                              f"{backend.get('error_message')}")  # fmt: skip
+        hook = ensure_backend_webhook(ls, pid, backend_url, basic_auth=basic_auth)
+        verify_webhook(hook, backend_url, basic_auth)
+        summary["webhook"] = hook.get("id")
+        summary["basic_auth"] = requires_auth
+        log.info("project %s: webhook %s posts to %s%s", pid, hook.get("id"), hook.get("url"),
+                 " with the backend's credentials" if basic_auth else "")  # fmt: skip
         version = backend_model_version(backend_url, project, basic_auth)
         summary["backend_version"] = version
         summary["model_version"] = sync_model_version(ls, pid, version, retrieve=retrieve)
@@ -232,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.url.rstrip('/')}/projects/{summary['project']}/data?tab={summary['view']}  "
           f"model_version={summary.get('model_version', '-')}")  # fmt: skip
     if summary.get("status_url"):
-        print(f"status page: {summary['status_url']}")
+        print(f"status page: {summary['status_url']}" + ("  (basic auth: the backend's login)" if auth else ""))
+    if summary.get("webhook"):
+        print(f"webhook {summary['webhook']}: annotations are posted to {args.backend_url.rstrip('/')}/webhook"
+              + (" with the backend's credentials" if auth else " (no auth: the backend is open)"))  # fmt: skip
     return 0
 
 

@@ -411,7 +411,8 @@ def _write_tiff(path: Path, array: Any, plan: ExportPlan, axes: str) -> None:
     if vs is not None:
         metadata.update(spacing=vs[0], unit="um")
     pages = (np.asarray(array[idx]) for idx in np.ndindex(*array.shape[:-2]))
-    with tifffile.TiffWriter(path, bigtiff=big, imagej=not big and array.dtype != np.uint32) as tw:
+    imagej = not big and array.dtype == np.uint8 and axes == "ZYX"  # ImageJ reads neither uint32 nor C before Z
+    with tifffile.TiffWriter(path, bigtiff=big, imagej=imagej) as tw:
         tw.write(pages, shape=array.shape, dtype=array.dtype, metadata=metadata, compression="zlib" if big else None,
                  **kwargs)  # fmt: skip
 

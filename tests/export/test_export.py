@@ -95,7 +95,7 @@ def test_annotation_placed_at_its_tile_only(tmp_path, volume, stack_file, model_
 
 def test_chunked_equals_unchunked_and_zarr_equals_tiff(tmp_path, volume, stack_file, model_dir):
     whole = export_stack(stack_file, tmp_path / "whole", model_dir=model_dir, chunk_slices=100, min_voxels=5,
-                         voxel_size_um=(0.05, 0.005, 0.005), **OPTS)  # fmt: skip
+                         voxel_size_um=(0.05, 0.005, 0.005), probabilities=True, **OPTS)  # fmt: skip
     chunked = export_stack(stack_file, tmp_path / "chunked", model_dir=model_dir, chunk_slices=3, min_voxels=5,
                            fmt="zarr", probabilities=True, voxel_size_um=(0.05, 0.005, 0.005), **OPTS)  # fmt: skip
     assert whole["objects"] == chunked["objects"] and whole["objects"]["foreground"] > 3
@@ -105,6 +105,7 @@ def test_chunked_equals_unchunked_and_zarr_equals_tiff(tmp_path, volume, stack_f
     assert np.array_equal(np.asarray(store["objects/0"]), tifffile.imread(tmp_path / "whole" / "objects.tif"))
     probs = np.asarray(store["probabilities/0"])
     assert probs.shape == (2, *volume.image.shape)
+    assert np.array_equal(tifffile.imread(tmp_path / "whole" / "probabilities.tif"), probs)
     disagree = (probs.argmax(0) == 1) != (np.asarray(store["segmentation/0"]) == 1)
     assert disagree.mean() < 1e-3  # only ties at p = 0.5 after uint8 rounding may disagree
     scale = store["segmentation"].attrs.asdict()["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
@@ -151,3 +152,20 @@ def test_context_model_exports_with_its_own_slices(tmp_path, volume, stack_file)
     assert a["offsets"] == [-1, 0, 1]
     assert np.array_equal(tifffile.imread(tmp_path / "a" / "segmentation.tif"),
                           tifffile.imread(tmp_path / "b" / "segmentation.tif"))  # fmt: skip
+
+
+def test_multiclass_version_gives_one_table_per_class(tmp_path, volume, stack_file):
+    model_dir = tmp_path / "models3"
+    publish_model(model_dir, image=volume.image[0], num_classes=3)
+    manifest = export_stack(stack_file, tmp_path / "out", model_dir=model_dir, chunk_slices=4, min_voxels=1,
+                            class_names=("background", "mitochondria", "nuclei"), **OPTS)  # fmt: skip
+    seg = tifffile.imread(tmp_path / "out" / "segmentation.tif")
+    objects = tifffile.imread(tmp_path / "out" / "objects.tif")
+    for c, name in ((1, "mitochondria"), (2, "nuclei")):
+        rows = read_csv(tmp_path / "out" / f"objects_{name}.csv")
+        assert len(rows) == manifest["objects"][name] > 0
+        assert sum(int(r["voxels"]) for r in rows) == int((seg == c).sum())
+        for r in rows[:20]:
+            assert r["class"] == name and np.all(seg[objects == int(r["label"])] == c)
+    with pytest.raises(export_run.ExportError, match="predicts 3 classes but 2 class names"):
+        export_stack(stack_file, tmp_path / "bad", model_dir=model_dir, class_names=("background", "mito"), **OPTS)

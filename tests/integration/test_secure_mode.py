@@ -138,6 +138,22 @@ def test_annotations_train_a_backend_behind_basic_auth(
     assert kept["id"] == hook["id"] and kept["headers"] == {"Authorization": basic_auth_header(*auth)}
     assert [as_dict(h)["id"] for h in ls.webhooks.list(project=str(pid))] == [hook["id"]]  # no event posted twice
 
+    # stale credentials (the login changed since the last set-up) and a second webhook to the backend: a re-run
+    # replaces the one header, keeps the team's other headers and deletes the copy (every event would come twice)
+    ls.webhooks.update(id=hook["id"], headers={"Authorization": basic_auth_header(USER, "old"), "X-Team": "em"})
+    copy = as_dict(ls.webhooks.create(url=hook_url, project=pid, send_payload=True, send_for_all_actions=True))
+    setup.setup_project(ls, title=title, label_config=dense_xml, backend_url=secure_backend.url, basic_auth=auth,
+                        retrieve=False)  # fmt: skip
+    [fixed] = _webhooks(ls, pid, hook_url)
+    assert fixed["id"] == hook["id"] != copy["id"]
+    assert fixed["headers"] == {"Authorization": basic_auth_header(*auth), "X-Team": "em"}
+    # a webhook that would not deliver (disabled in Label Studio's settings) is reported, not silently kept
+    ls.webhooks.update(id=hook["id"], is_active=False)
+    with pytest.raises(setup.SetupError, match="would not reach .*disabled"):
+        setup.setup_project(ls, title=title, label_config=dense_xml, backend_url=secure_backend.url, basic_auth=auth,
+                            retrieve=False)  # fmt: skip
+    ls.webhooks.update(id=hook["id"], is_active=True)
+
     # --- an annotator submits a batch through Label Studio's API: Label Studio posts the webhooks itself
     config = parse_label_config(dense_xml)
     registry = ModelRegistry(secure_backend.model_dir, pid)

@@ -239,6 +239,7 @@ def _train_and_rescore(
         offsets = model_offsets((snap.current or {}).get("hparams") or {}) if resume else settings.context_offset_list
         labelled = _decode(pid, snap, settings, offsets)
     audit = audit_task_ids(sorted(snap.tasks), settings.audit_fraction, settings.seed)
+    _record_effort(pid, snap, settings, labelled, audit)  # before the sink prunes the predictions it compares with
     train_tiles, audit_tiles = split_audit(labelled.tiles, set(audit))
     if not train_tiles and not resume:
         raise TrainingError(f"project {pid}: every usable annotation is on an audit task (kept out of training)")
@@ -310,6 +311,28 @@ def _train_and_rescore(
         "predictions": outcome.delivered,
         "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
     }
+
+
+def _record_effort(
+    pid: int, snap: ProjectSnapshot, settings: Settings, labelled: LabelledSet, audit: list[int]
+) -> None:
+    """Measure each annotation not measured yet against the pre-annotation it was made from and append the records
+    to MODEL_DIR/projects/<id>/effort.jsonl (issue 17.6, the status page's effort curve). Never fails the job."""
+    from ml_backend.labelstudio.effort import measure_annotations
+    from ml_backend.store.effort import EffortLog
+
+    try:
+        store = EffortLog(settings.model_dir, pid)
+        sizes = {t.task_id: (int(t.image.shape[-2]), int(t.image.shape[-1])) for t in labelled.tiles}
+        records = measure_annotations(snap.tasks, snap.annotations, snap.config, sizes=sizes, audit=audit,
+                                      measured=store.measured_keys())  # fmt: skip
+        written = store.append(records)
+    except Exception as exc:  # the effort record is a report: it must never cost a training
+        log.warning("project %s: annotation effort not recorded: %s: %s", pid, type(exc).__name__, exc)
+        return
+    skipped = sum(1 for r in records if r.get("skipped"))
+    log.info("project %s: annotation effort of %d new annotation(s) recorded (%d not measurable)", pid, written,
+             skipped)  # fmt: skip
 
 
 def _live(registry: ModelRegistry) -> tuple[Any, str] | None:

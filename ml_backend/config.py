@@ -193,6 +193,20 @@ class Settings(BaseSettings):
     )
     pretrain_tiles: int = Field(256, ge=1, validation_alias=_env("PRETRAIN_TILES", "pretrain_tiles"))
     pretrain_crop: int = Field(64, ge=8, validation_alias=_env("PRETRAIN_CROP", "pretrain_crop"))
+    # Issue 17: semi-supervised fine-tuning on the project's unlabelled tiles (ml_backend.training.semi: FixMatch
+    # pseudo-labels from the EMA teacher, Sohn et al. 2020 / Tarvainen & Valpola 2017). Every training step also
+    # draws SEMI_UNLABELLED_BATCH crops of a seeded sample of SEMI_UNLABELLED_TILES unlabelled tasks (audit tasks
+    # left out); pixels the teacher predicts with probability >= SEMI_THRESHOLD train the student on a strongly
+    # augmented view, weight SEMI_WEIGHT (ramped up). Off until the benchmark's default+semi arm decides it.
+    semi_supervised: bool = Field(False, validation_alias=_env("SEMI_SUPERVISED", "semi_supervised"))
+    semi_threshold: float = Field(0.95, gt=0, le=1, validation_alias=_env("SEMI_THRESHOLD", "semi_threshold"))
+    semi_weight: float = Field(1.0, ge=0, validation_alias=_env("SEMI_WEIGHT", "semi_weight"))
+    semi_unlabelled_batch: int = Field(
+        8, ge=1, validation_alias=_env("SEMI_UNLABELLED_BATCH", "semi_unlabelled_batch")
+    )
+    semi_unlabelled_tiles: int = Field(
+        256, ge=1, validation_alias=_env("SEMI_UNLABELLED_TILES", "semi_unlabelled_tiles")
+    )
     # Issue 21: whole-stack export (ml_backend.export, `ml-backend export`). EXPORT_CHUNK_SLICES: slices per chunk
     # (the unit of resumption, of an RQ chunk job and of in-memory labelling: memory grows with it, not with the
     # stack); EXPORT_MIN_VOXELS: 3-D objects smaller than this are left out of the object tables and label volume;

@@ -40,8 +40,10 @@ def product_plan(
     calibration: Callable[[], list[np.ndarray]] | None = None,
     progress: Callable[[dict], None] | None = None,
     score: bool = True,
+    unlabelled: Callable[[], list[np.ndarray]] | None = None,
 ) -> RoundPlan:
-    """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds."""
+    """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds;
+    ``unlabelled()``: the pool's tiles for the semi-supervised term (SEMI_SUPERVISED)."""
     model, parent, how = initial_model(registry, config, settings)
     if parent is None and load_pretrained(registry, model):
         how = "pretrained"  # issue 11: the first fine-tuning starts from the project's self-supervised weights
@@ -53,6 +55,7 @@ def product_plan(
         ensemble=EnsembleSpec.from_train_config(tcfg),
         calibration=calibration,
         progress=progress,
+        unlabelled=unlabelled,
         scoring=ScoringConfig.from_settings(settings),
         score_seed=settings.seed,
         select_seed=settings.seed,

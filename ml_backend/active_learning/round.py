@@ -98,6 +98,8 @@ class RoundPlan:
     ensemble: EnsembleSpec | None = None  # used only when the strategy needs ensemble probabilities
     calibration: Callable[[], list[np.ndarray] | None] | None = None
     progress: Callable[[dict], None] | None = None
+    # The unlabelled pool's tiles for the semi-supervised term (training.semi), fetched only when it is enabled.
+    unlabelled: Callable[[], list[np.ndarray] | None] | None = None
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     score_seed: int = 0
     select_seed: int = 0
@@ -180,8 +182,9 @@ def run_round(
     with _timed("train", timings, phase):
         images, masks = labelled.images, labelled.masks
         trained = train_model(
-            plan.model, images, masks, plan.train, calibration=plan.calibration, progress=plan.progress
-        )
+            plan.model, images, masks, plan.train, calibration=plan.calibration, progress=plan.progress,
+            unlabelled=plan.unlabelled,
+        )  # fmt: skip
         evaluation = evaluate(trained) if evaluate is not None else Evaluation()
         if plan.ensemble is not None and "ensemble_probs" in _needs(plan):
             add_ensemble(trained, images, masks, plan.ensemble)

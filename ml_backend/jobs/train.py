@@ -254,8 +254,12 @@ def _train_and_rescore(
         calibration = lambda: calibration_crops(  # noqa: E731
             snap.tasks, snap.config, settings, offsets=offsets, index=snap.neighbours()
         )
+        pool = [t for t in snap.unlabelled if t not in set(audit)]  # audit tiles stay unseen, even unlabelled
+        unlabelled = lambda: unlabelled_crops(  # noqa: E731
+            {t: snap.tasks[t] for t in pool}, snap.config, settings, offsets=offsets, index=snap.neighbours()
+        )
         plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
-                            progress=progress.train_step)  # fmt: skip
+                            progress=progress.train_step, unlabelled=unlabelled)  # fmt: skip
         log_plan(registry, plan, len(labelled.tiles))
         extra = {"annotation_signature": snap.signature, "skipped": labelled.skipped, "trigger": reason, "job": job_id}
         publisher = RegistryPublisher(
@@ -311,6 +315,15 @@ def _train_and_rescore(
         "predictions": outcome.delivered,
         "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
     }
+
+
+def unlabelled_crops(
+    tasks: dict[int, dict], config: Any, settings: Settings, *, offsets: tuple[int, ...] = (0,), index: Any = None
+) -> list[np.ndarray]:
+    """TRAIN_CROP crops of a seeded sample of SEMI_UNLABELLED_TILES of ``tasks`` (the unlabelled pool) for the
+    semi-supervised term; the same sampler as the BatchNorm calibration crops, another count."""
+    sample = settings.replace(bn_calibration_tiles=settings.semi_unlabelled_tiles)
+    return calibration_crops(tasks, config, sample, offsets=offsets, index=index)
 
 
 def _record_effort(

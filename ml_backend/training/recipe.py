@@ -74,8 +74,20 @@ class TrainedModel:
         return self.state.model
 
 
+def semi_config(settings: Settings) -> Any:
+    """The semi-supervised term from Settings (SEMI_SUPERVISED, SEMI_THRESHOLD, SEMI_WEIGHT, SEMI_UNLABELLED_BATCH)."""
+    from ml_backend.training.semi import SemiConfig
+
+    return SemiConfig(
+        enabled=settings.semi_supervised,
+        threshold=settings.semi_threshold,
+        weight=settings.semi_weight,
+        unlabelled_batch=settings.semi_unlabelled_batch,
+    )
+
+
 def train_config(settings: Settings, **overrides: Any):
-    """The product's fine-tuning recipe from Settings (papers' lr 5e-4, time budget, seed)."""
+    """The product's fine-tuning recipe from Settings (papers' lr 5e-4, time budget, seed, semi-supervised term)."""
     from ml_backend.training import TrainConfig
 
     values = {
@@ -86,6 +98,7 @@ def train_config(settings: Settings, **overrides: Any):
         "time_budget_s": settings.train_time_budget_s,
         "seed": settings.seed,
         "device": settings.device,
+        "semi": semi_config(settings),
     }
     values.update(overrides)
     return TrainConfig(**values)
@@ -152,7 +165,8 @@ def train_ensemble(
 ) -> list[Any]:
     """Bootstrap members for suggestive annotation: copies of the trained model, briefly fine-tuned on resamples.
 
-    ``spec`` is an EnsembleSpec, or a TrainConfig (the product's rule: ``EnsembleSpec.from_train_config``).
+    ``spec`` is an EnsembleSpec, or a TrainConfig (the product's rule: ``EnsembleSpec.from_train_config``). Members
+    train supervised only: they measure disagreement on resamples of the labels, and are a quarter as long.
     """
     from ml_backend.strategies import bootstrap_indices
     from ml_backend.training import fine_tune
@@ -165,6 +179,7 @@ def train_ensemble(
     for i, idx in enumerate(bootstrap_indices(len(images), spec.members, seed=spec.bootstrap_seed)):
         member = copy.deepcopy(model)
         cfg = dataclasses.replace(spec.base, steps=spec.steps, seed=spec.member_seeds[i])
+        cfg = dataclasses.replace(cfg, semi=dataclasses.replace(cfg.semi, enabled=False))
         fine_tune(member, [images[j] for j in idx], [masks[j] for j in idx], cfg, calibration_images=calibration_images)
         members.append(member.eval())
     return members
@@ -178,12 +193,14 @@ def train_model(
     *,
     calibration: Callable[[], list[np.ndarray] | None] | None = None,
     progress: Callable[[dict], None] | None = None,
+    unlabelled: Callable[[], list[np.ndarray] | None] | None = None,
 ) -> TrainedModel:
     """Fine-tune ``state.model`` in place (``tcfg`` None: keep it as it is).
 
     ``calibration()`` returns unlabelled crops that re-estimate BatchNorm statistics; it is called only for a model
     that has BatchNorm layers (the product fetches those images for nothing otherwise), once per round: the
-    bootstrap members (``add_ensemble``) reuse them.
+    bootstrap members (``add_ensemble``) reuse them. ``unlabelled()`` returns the unlabelled pool's tiles for the
+    semi-supervised term (``training.semi``); it is called only when ``tcfg.semi`` is enabled.
     """
     from ml_backend.training import fine_tune
     from ml_backend.training.trainer import batchnorm_layers
@@ -193,9 +210,12 @@ def train_model(
     calibration_images = calibration() if needs_cal else None
     result = None
     if tcfg is not None:
+        semi = getattr(tcfg, "semi", None)
+        pool = unlabelled() if unlabelled is not None and semi is not None and semi.active else None
         result = fine_tune(
-            state.model, list(images), list(masks), tcfg, progress=progress, calibration_images=calibration_images
-        )
+            state.model, list(images), list(masks), tcfg, progress=progress, calibration_images=calibration_images,
+            unlabelled_images=pool,
+        )  # fmt: skip
     members = list(state.ensemble) if tcfg is None else []  # retraining invalidates the stored members
     return TrainedModel(state, members, result, tcfg, time.monotonic() - t0, calibration_images=calibration_images)
 

@@ -32,6 +32,7 @@ from ml_backend.config import torch_device
 from ml_backend.training.augment import AugmentConfig, augment_batch, sample_crops
 from ml_backend.training.losses import segmentation_loss
 from ml_backend.training.metrics import IGNORE, dice_from_counts, iou_from_counts
+from ml_backend.training.semi import SemiConfig, consistency_loss, rampup, unlabelled_views
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,15 @@ class TrainConfig:
     log_every: int = 10
     amp: bool = True  # bfloat16 autocast on CUDA only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Semi-supervised term on unlabelled tiles (``training.semi``: FixMatch pseudo-labels from the EMA teacher);
+    # off by default, and off it leaves the supervised path exactly as it was.
+    semi: SemiConfig = field(default_factory=SemiConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):  # rebuilt from JSON (RQ job arguments, registry metadata)
             self.augment = AugmentConfig(**self.augment)
+        if isinstance(self.semi, dict):
+            self.semi = SemiConfig(**self.semi)
         if self.steps < 0 or self.batch_size < 1 or self.crop < 8 or self.lr <= 0:
             raise ValueError(f"invalid TrainConfig: steps={self.steps} batch_size={self.batch_size} crop={self.crop}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -246,6 +252,21 @@ def recalibrate_batchnorm(
     return len(images)
 
 
+def _unlabelled(images: list[np.ndarray] | None, channels: int, like: list[np.ndarray]) -> list[np.ndarray]:
+    """The usable unlabelled tiles: float32, finite, with the labelled tiles' channel layout (others are dropped)."""
+    layout = {1 if img.ndim == 2 else int(img.shape[0]) for img in like}
+    out = []
+    for img in images or []:
+        arr = np.asarray(img, dtype=np.float32)
+        c = 1 if arr.ndim == 2 else int(arr.shape[0]) if arr.ndim == 3 else -1
+        if arr.size and c in layout and (not channels or c == channels) and np.isfinite(arr).all():
+            out.append(arr)
+    if images and len(out) < len(images):
+        log.warning("fine_tune: %d of %d unlabelled tiles dropped (shape or non-finite values)", len(images) - len(out),
+                    len(images))  # fmt: skip
+    return out
+
+
 def _num_classes(model: nn.Module) -> int | None:
     hp = getattr(model, "hparams", None)
     return int(hp["num_classes"]) if isinstance(hp, dict) and "num_classes" in hp else None
@@ -261,6 +282,7 @@ def fine_tune(
     val_images: list[np.ndarray] | None = None,
     val_masks: list[np.ndarray] | None = None,
     calibration_images: list[np.ndarray] | None = None,
+    unlabelled_images: list[np.ndarray] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on (image, mask) tiles and load the selected (best/averaged) weights into it.
 
@@ -268,7 +290,9 @@ def fine_tune(
     model's ``in_channels``); masks: int64 (H, W) class indices or IGNORE. Without ``val_images`` a
     stable ``val_fraction`` of the tiles is held out (at least one when there are >= 2). ``calibration_images``
     (unlabelled tiles representative of the data, e.g. the pool) re-estimate BatchNorm statistics of the selected
-    weights (``recalibrate_batchnorm``). The model is returned to the device it came from, in eval mode.
+    weights (``recalibrate_batchnorm``). ``unlabelled_images`` (same layout as ``images``, no masks) feed the
+    semi-supervised term when ``config.semi`` is enabled (``training.semi``); ignored otherwise. The model is returned
+    to the device it came from, in eval mode.
     """
     cfg = config or TrainConfig()
     t0 = time.monotonic()
@@ -300,6 +324,11 @@ def fine_tune(
     top = max(int(m.max()) for m in tr_msk + v_msk)
     if n_cls is not None and top >= n_cls:
         raise ValueError(f"mask holds class {top} but the model predicts {n_cls} classes")
+
+    semi = cfg.semi
+    u_img = _unlabelled(unlabelled_images, want, tr_img) if semi.active else []
+    if semi.active and not u_img:
+        log.warning("fine_tune: semi-supervised training asked for but no unlabelled tile given: supervised only")
 
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -348,6 +377,8 @@ def fine_tune(
     stopped = "steps"
     step = 0
     last_val = initial
+    semi_losses: list[float] = []
+    semi_confident: list[float] = []
     for step in range(1, cfg.steps + 1):
         if time.monotonic() - t0 > cfg.time_budget_s:
             stopped = "time_budget"
@@ -358,9 +389,28 @@ def fine_tune(
         idx, order = np.array(order[: cfg.batch_size]), order[cfg.batch_size :]
         x, y = sample_crops(tr_img, tr_msk, idx, cfg.crop, rng)
         x, y = augment_batch(x.to(device), y.to(device), gen, cfg.augment)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        loss = segmentation_loss(logits, y, dice_weight=cfg.dice_weight)
+        if u_img:  # semi-supervised: one student batch of labelled + strong unlabelled crops (training.semi)
+            weak, strong, keep = unlabelled_views(u_img, rng, gen, cfg.crop, semi, cfg.augment, device)
+            teacher = averaged()
+            with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                if teacher is model:  # no EMA: the student itself, in eval mode (FixMatch)
+                    model.eval()
+                    t_logits = model(weak)
+                    model.train()
+                else:
+                    t_logits = teacher(weak)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                both = model(torch.cat([x, strong]))
+            logits, s_logits = both[: x.shape[0]], both[x.shape[0] :]
+            loss_u, confident = consistency_loss(s_logits, t_logits, semi.threshold, keep)
+            loss = segmentation_loss(logits, y, dice_weight=cfg.dice_weight)
+            loss = loss + semi.weight * rampup(step - 1, cfg.steps, semi.rampup_fraction) * loss_u
+            semi_losses.append(float(loss_u.detach()))
+            semi_confident.append(confident)
+        else:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            loss = segmentation_loss(logits, y, dice_weight=cfg.dice_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -425,6 +475,13 @@ def fine_tune(
         "stopped": stopped,
         "tiles_per_s": steps_done * cfg.batch_size / seconds if seconds > 0 else 0.0,
     }
+    if u_img:
+        semi_tail = slice(-max(1, len(semi_losses) // 5), None)
+        metrics["semi"] = {
+            "unlabelled_tiles": len(u_img),
+            "loss_u": float(np.mean(semi_losses[semi_tail])) if semi_losses else None,
+            "confident_fraction": float(np.mean(semi_confident[semi_tail])) if semi_confident else None,
+        }
     if progress is not None:
         progress({"step": steps_done, "steps": cfg.steps, "loss": metrics["train_loss"], "val_iou": metrics["val_iou"]})
     log.info(

@@ -21,6 +21,9 @@ Input: ``render_status_page({"title": ..., "generated_at": ..., "projects": [pro
      "versions": [registry meta, ...],                 # ModelRegistry.versions(): version, created, n_annotations,
                                                        # metrics {val_iou, val_dice}, parent, ...
      "promotion": {"version": "v0005-...", "promoted": False, "reason": "val IoU 0.58 < live 0.61"},
+     "effort": [{"version": "v0004-...", "tiles": 12, "changed_fraction_mean": 0.04, "boundary_edited_mean": 31.0,
+                 "boundary_scratch_mean": 120.0, "effort_saved": 0.74, "audit_tiles": 1, "skipped": 0}, ...],
+                                                       # active_learning.effort.effort_by_version (issue 17.6)
      "errors": [{"task": 17, "reason": "...", "time": "..."}],
      "problems": ["project 3: CURRENT ... is not text ..."]}   # what is broken on disk (rendered first, in red)
 
@@ -42,6 +45,7 @@ __all__ = [
     "ROLLBACK_CLI",
     "collect_project_status",
     "curve_metrics",
+    "effort_curve_svg",
     "label_studio_counts",
     "learning_curve_svg",
     "render_not_found",
@@ -186,6 +190,109 @@ def learning_curve_svg(versions: Sequence[Mapping], live_version: str | None = N
     out.append(f'<text x="{left + 230}" y="{legend_y}" font-size="11" fill="#666">ringed = live version</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------------- effort curve
+def effort_curve_svg(rows: Sequence[Mapping], live_version: str | None = None, *, width: int = 560) -> str:
+    """Inline SVG: effort per tile across the versions that served pre-annotations (issue 17.6).
+
+    Left axis: mean fraction of pixels the annotators changed (blue). Right axis, pixels: mean outline edited per
+    tile (orange) against the outline of painting the tile from scratch (grey, dashed). x = serving version, with
+    the number of measured tiles; markers carry a <title> with the numbers; the live version's are ringed.
+    """
+    height, left, right, top, bottom = 240, 44, 52, 14, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+    rows = [r for r in rows if isinstance(r, Mapping) and (r.get("tiles") or 0) > 0]
+    n = len(rows)
+    peak = max([_finite(r.get(k)) or 0.0 for r in rows for k in ("boundary_edited_mean", "boundary_scratch_mean")]
+               + [1.0])  # fmt: skip
+    scale = 10 ** math.floor(math.log10(peak))
+    peak = math.ceil(peak / scale) * scale  # a round number on top of the right axis
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="effort-curve" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="annotation effort per tile by serving version">',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
+    ]
+
+    def y_of(fraction: float) -> float:
+        return top + plot_h * (1.0 - min(1.0, max(0.0, fraction)))
+
+    def x_of(i: int) -> float:
+        return left + (plot_w / 2 if n <= 1 else plot_w * i / (n - 1))
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = y_of(tick)
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick:.2f}</text>')
+        out.append(
+            f'<text x="{left + plot_w + 6}" y="{y + 4:.1f}" font-size="10">{_num(round(tick * peak, 1), 1)}</text>'
+        )
+    if n == 0:
+        out.append(
+            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" text-anchor="middle" '
+            'fill="#888">no annotation measured against a pre-annotation yet</text>'
+        )
+    series = (
+        ("changed_fraction_mean", 1.0, "pixels changed", "#3d7bff", "pt-changed", ""),
+        ("boundary_edited_mean", peak, "outline edited (px)", "#e8590c", "pt-edited", ""),
+        ("boundary_scratch_mean", peak, "outline from scratch (px)", "#888", "pt-scratch", ' stroke-dasharray="4 3"'),
+    )
+    for key, full, label, colour, css, dash in series:
+        points = [(x_of(i), y_of(v / full), i, v) for i, r in enumerate(rows) if (v := _finite(r.get(key))) is not None]
+        if len(points) > 1:
+            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in points)
+            out.append(f'<polyline class="line-{css[3:]}" points="{coords}" fill="none" stroke="{colour}" '
+                       f'stroke-width="2"{dash}/>')  # fmt: skip
+        for x, y, i, value in points:
+            row = rows[i]
+            live = live_version is not None and row.get("version") == live_version
+            tip = f"{row.get('version')}: {label} {value:.3f} per tile, {row.get('tiles')} tiles"
+            ring = ' stroke="#000" stroke-width="2"' if live else ""
+            out.append(f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="{5 if live else 3.5}" fill="{colour}"'
+                       f"{ring}><title>{_e(tip)}</title></circle>")  # fmt: skip
+    for i, row in enumerate(rows):
+        short = str(row.get("version", "")).split("-")[0] or f"#{i + 1}"
+        out.append(f'<text x="{x_of(i):.1f}" y="{top + plot_h + 14}" font-size="10" '
+                   f'text-anchor="middle">{_e(short)}</text>')  # fmt: skip
+        out.append(f'<text x="{x_of(i):.1f}" y="{top + plot_h + 26}" font-size="9" fill="#666" '
+                   f'text-anchor="middle">{_e(row.get("tiles"))} tiles</text>')  # fmt: skip
+    legend_y, x = height - 6, left
+    for _key, _full, label, colour, _css, _dash in series:
+        out.append(f'<rect x="{x}" y="{legend_y - 8}" width="10" height="3" fill="{colour}"/>')
+        out.append(f'<text x="{x + 14}" y="{legend_y}" font-size="11">{_e(label)}</text>')
+        x += 160
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _effort_section(effort: Any, live: str | None) -> str:
+    """The effort curve and its table (served version, tiles, means, effort saved, audit and skipped counts)."""
+    rows = [r for r in effort if isinstance(r, Mapping)] if isinstance(effort, (list, tuple)) else []
+    if not rows:
+        return '<p class="meta">No submitted annotation measured against the pre-annotation it was made from yet.</p>'
+    body = []
+    for r in rows:
+        saved = _finite(r.get("effort_saved"))
+        body.append(
+            f"<tr><td>{_e(r.get('version'))}</td><td class='num'>{_num(r.get('tiles'))}</td>"
+            f"<td class='num'>{_num(r.get('changed_fraction_mean'))}</td>"
+            f"<td class='num'>{_num(r.get('boundary_edited_mean'), 1)}</td>"
+            f"<td class='num'>{_num(r.get('boundary_scratch_mean'), 1)}</td>"
+            f"<td class='num'>{'-' if saved is None else f'{saved:.0%}'}</td>"
+            f"<td class='num'>{_num(r.get('audit_tiles'))}</td><td class='num'>{_num(r.get('skipped'))}</td></tr>"
+        )
+    heads = ("served by", "tiles", "pixels changed", "outline edited (px)", "from scratch (px)", "effort saved",
+             "audit tiles", "not measurable")  # fmt: skip
+    head = "".join(f"<th>{h}</th>" for h in heads)
+    caption = (
+        "Per tile, what annotators changed in the pre-annotation they were served, by the version that served it: "
+        "fraction of pixels changed and outline edited, against the outline of painting the tile from scratch "
+        "(effort saved = 1 - edited / from scratch). Audit tiles are served without a mask (not in the means)."
+    )
+    return (
+        f"{effort_curve_svg(rows, live)}<p class='meta effort-caption'>{_e(caption)}</p>"
+        f'<table class="effort"><tr>{head}</tr>{"".join(body)}</table>'
+    )
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -348,6 +455,7 @@ def _project_section(project: Mapping, cli: str) -> str:
         f'<div class="grid"><div><h3>Training job</h3>{_job_section(project.get("job"))}</div>'
         f"<div><h3>Queue</h3>{_queue_section(project.get('queue'))}</div></div>"
         f"<h3>Learning curve</h3>{learning_curve_svg(versions, live)}{_curve_caption(versions)}"
+        f"<h3>Annotation effort</h3>{_effort_section(project.get('effort'), live)}"
         f"<h3>Last training</h3>{_promotion_section(project.get('promotion'))}"
         f"<h3>Recent errors</h3>{_errors_section(project.get('errors'))}"
         f"<h3>Versions</h3>{_versions_section(pid, versions, live, cli)}"
@@ -468,6 +576,17 @@ def collect_project_status(
         )
         if queue_state.get("running"):
             job = dict(queue_state.get("running_progress") or {"phase": "starting"})
+    effort: list[dict] = []
+    try:  # issue 17.6: what the annotators changed, per version that served the pre-annotation
+        from pathlib import Path
+
+        from ml_backend.active_learning.effort import effort_by_version
+        from ml_backend.store.effort import EffortLog
+
+        records = EffortLog(Path(registry.root).parents[1], registry.project_id).latest()
+        effort = effort_by_version(records, order=[str(v.get("version")) for v in versions])
+    except Exception as exc:  # a damaged effort record must not take the project's section down
+        problems.append(f"annotation effort unreadable: {type(exc).__name__}: {exc}")
     promotion = None
     if versions:
         last = versions[-1]
@@ -490,6 +609,7 @@ def collect_project_status(
         "job": job,
         "queue": queue,
         "versions": versions,
+        "effort": effort,
         "promotion": promotion,
         "errors": list(errors or []),
         "problems": problems,

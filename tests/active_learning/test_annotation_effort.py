@@ -267,3 +267,40 @@ def test_without_the_image_size_the_regions_give_it():
     task_empty = {"id": 1, "predictions": [_pred(7, "v1", "2025-01-01T10:00:00Z", [])]}
     (rec,) = measure_annotations({1: task_empty}, {1: both_empty}, config)
     assert "image size is unknown" in rec["skipped"]
+
+
+# ------------------------------------------------------------------------------------------------ the status page
+def test_status_page_shows_effort_per_serving_version(tmp_path):
+    from ml_backend.server.status_page import collect_project_status, render_status_page
+    from ml_backend.store.registry import ModelRegistry
+
+    EffortLog(tmp_path, 5).append(
+        [
+            _record(1, model_version="v0001-a", changed_fraction=0.2, boundary_edited=40.0, boundary_scratch=50.0),
+            _record(2, model_version="v0002-<b>", changed_fraction=0.1, boundary_edited=10.0, boundary_scratch=40.0),
+            _record(3, model_version="v0002-<b>", changed_fraction=0.3, boundary_edited=30.0, boundary_scratch=40.0),
+            {"annotation": 4, "updated_at": "x", "model_version": None, "skipped": "no prediction served: none"},
+        ]
+    )
+    with open(EffortLog(tmp_path, 5).path, "ab") as fh:
+        fh.write(b"garbage\n")
+    project = collect_project_status(ModelRegistry(tmp_path, 5))
+    rows = {r["version"]: r for r in project["effort"]}
+    assert rows["v0002-<b>"]["tiles"] == 2 and rows["v0002-<b>"]["effort_saved"] == pytest.approx(0.5)
+    assert rows["v0001-a"]["changed_fraction_mean"] == pytest.approx(0.2) and rows["(none)"]["skipped"] == 1
+    json.dumps(project["effort"], allow_nan=False)  # the JSON view
+    page = render_status_page({"projects": [project]})
+    assert '<svg xmlns="http://www.w3.org/2000/svg" class="effort-curve"' in page
+    assert page.count('class="pt-changed"') == 2 and page.count('class="pt-edited"') == 2
+    assert "v0002-&lt;b&gt;" in page and "v0002-<b>" not in page  # version ids are escaped
+    assert "50%" in page and "Annotation effort" in page
+
+
+def test_status_page_without_effort_says_so(tmp_path):
+    from ml_backend.server.status_page import collect_project_status, effort_curve_svg, render_status_page
+    from ml_backend.store.registry import ModelRegistry
+
+    project = collect_project_status(ModelRegistry(tmp_path, 6))
+    assert project["effort"] == [] and project["problems"] == []
+    assert "No submitted annotation measured" in render_status_page({"projects": [project]})
+    assert "no annotation measured" in effort_curve_svg([])

@@ -124,11 +124,17 @@ class Settings(BaseSettings):
     # Overall deadline of one image fetch (connect + all reads + retries), seconds.
     fetch_deadline_s: float = Field(20.0, gt=0, validation_alias=_env("FETCH_DEADLINE_S", "fetch_deadline_s"))
     # Overall deadline of one /predict request (well inside Label Studio's 100 s ML_TIMEOUT_PREDICT); tasks not done
-    # by then are answered with an empty prediction and a per-task error.
+    # by then are answered with an empty list (Label Studio stores nothing) and predicted in the background (RQ).
     predict_deadline_s: float = Field(60.0, gt=0, validation_alias=_env("PREDICT_DEADLINE_S", "predict_deadline_s"))
     # Largest accepted request body (bytes).
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, validation_alias=_env("MAX_REQUEST_BYTES", "max_request_bytes")
+    )
+    # Largest /predict body (bytes). Label Studio sends every selected task in one request, each with its
+    # annotations and predictions (a 512-px tile's mask + uncertainty layer: about 45 kB of RLE): 2,000 such tasks
+    # are about 95 MB. /predict reads its body task by task (about twice the body in memory, not the parsed tree).
+    predict_max_request_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, validation_alias=_env("PREDICT_MAX_REQUEST_BYTES", "predict_max_request_bytes")
     )
     # What the annotator sees beside the pre-annotation (issue 12), when the project's label config has the
     # display-only controls (label_config/*_uncertainty.xml, multiclass.xml, dense_25d.xml).

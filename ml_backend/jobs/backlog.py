@@ -36,6 +36,7 @@ from .logs import ensure_logging
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN_S = 120  # the chunk's own deadline ends this long before RQ's job timeout
+LIST_IDS = 100  # task ids per Label Studio listing call (they go into the query string)
 
 
 def predict_backlog(project_id: int, version: str, task_ids: list[int]) -> dict:
@@ -74,9 +75,13 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
         log.info("project %s: %d backlog task(s) of %s dropped: %s is live now", pid, len(ids), version, live)
         return {"status": "superseded", "project": pid, "version": version, "live": live, "tasks": len(ids)}
     ls = ls if ls is not None else connect(settings)
-    query = json.dumps({"selectedItems": {"all": False, "included": ids}})
-    what = f"reading {len(ids)} backlog tasks of project {pid}"
-    listed = {int(t["id"]): t for t in paged(ls, ls.tasks.list, project=pid, fields="all", query=query, what=what)}
+    listed: dict[int, dict] = {}
+    for start in range(0, len(ids), LIST_IDS):  # the ids travel in the URL: a bounded number per call
+        part = ids[start : start + LIST_IDS]
+        query = json.dumps({"selectedItems": {"all": False, "included": part}})
+        what = f"reading backlog tasks {start}..{start + len(part) - 1} of project {pid}"
+        listed.update((int(t["id"]), t) for t in paged(ls, ls.tasks.list, project=pid, fields="all", query=query,
+                                                        what=what))  # fmt: skip
     todo = [listed[t] for t in ids if t in listed and not _holds_prediction(listed[t], version)]
     summary: dict[str, Any] = {"status": "done", "project": pid, "version": version, "tasks": len(ids),
                                "gone": sum(t not in listed for t in ids), "held": len(ids) - len(todo)}  # fmt: skip

@@ -8,7 +8,8 @@ coordinator collects every chunk (redoing any whose helper died) and ``run_round
 
 The same chunks carry the /predict backlog (issue 16): tasks a large "Retrieve predictions" did not get done by
 PREDICT_DEADLINE_S are claimed per task (``backlog:<version>:<task>``, SET NX with a TTL, so a second request does
-not queue them twice) and enqueued in chunks of RESCORE_CHUNK as ``ml_backend.jobs.backlog.predict_backlog`` jobs,
+not queue them twice) and enqueued in chunks (at least RESCORE_CHUNK, at most BACKLOG_JOBS per request) as
+``ml_backend.jobs.backlog.predict_backlog`` jobs,
 which predict them with the /predict pipeline and push them through ``LabelStudioSink`` (``enqueue_backlog``).
 """
 
@@ -47,6 +48,10 @@ RESCORE_WAIT_S = 3600.0
 BACKLOG_FUNC = "ml_backend.jobs.backlog.predict_backlog"
 BACKLOG_CLAIM_TTL_S = 3600  # a backlog task whose job was lost is queued again by the next request after this long
 BACKLOG_JOB_TIMEOUT_S = 3600
+# A request's backlog goes into at most BACKLOG_JOBS jobs (each pays a work horse's start-up, importing torch and the
+# SDK: 2-8 s on a busy CPU, more than predicting 50 small tiles) of RESCORE_CHUNK to BACKLOG_MAX_CHUNK tasks.
+BACKLOG_JOBS = 16
+BACKLOG_MAX_CHUNK = 500
 _CLAIM_BATCH = 10_000  # SET NX per pipeline round trip
 
 
@@ -342,9 +347,9 @@ class BacklogReceipt:
 def enqueue_backlog(
     pid: int, version: str, task_ids: Sequence[int], settings: Settings, conn: Any = None
 ) -> BacklogReceipt:
-    """Queue /predict's undone tasks for ``version`` in chunks of RESCORE_CHUNK (``predict_backlog`` jobs, at the back
-    of the queue: a training or its re-scoring goes first and supersedes them). Tasks already claimed by an earlier
-    request are not queued again. ``QueueUnavailable`` when Redis cannot be reached (nothing is claimed then)."""
+    """Queue /predict's undone tasks for ``version`` in chunks of at least RESCORE_CHUNK (``predict_backlog`` jobs, at
+    the back of the queue: a training or its re-scoring goes first and supersedes them). Tasks already claimed by an
+    earlier request are not queued again. ``QueueUnavailable`` when Redis cannot be reached (nothing is claimed)."""
     with redis_errors(settings, "; the tasks were not queued (Label Studio asks for them again next time)"):
         conn = conn if conn is not None else get_connection(settings.redis_url)
         ids = list(dict.fromkeys(int(t) for t in task_ids))
@@ -355,7 +360,7 @@ def enqueue_backlog(
             for tid in part:
                 pipe.set(backlog_key(pid, version, tid), "queued", nx=True, ex=BACKLOG_CLAIM_TTL_S)
             claimed.extend(tid for tid, ok in zip(part, pipe.execute(), strict=True) if ok)
-        size = max(1, int(settings.rescore_chunk))
+        size = min(BACKLOG_MAX_CHUNK, max(1, int(settings.rescore_chunk), -(-len(claimed) // BACKLOG_JOBS)))
         chunks = [claimed[i : i + size] for i in range(0, len(claimed), size)]
         jobs: list[str] = []
         try:

@@ -252,6 +252,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         t0 = time.perf_counter()
         deadline = time.monotonic() + float(settings.predict_deadline_s)
         # Read task by task, each slimmed to id + data (any size Label Studio sends; predict.parse_predict_body).
+        request.max_content_length = max(settings.max_request_bytes, settings.predict_max_request_bytes)
         body = parse_predict_body(request.get_data(cache=False), request.content_type)
         req: PredictRequest = validate(PredictRequest, body)
         del body

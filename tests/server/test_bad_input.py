@@ -60,7 +60,9 @@ def host(images):
 @pytest.fixture
 def client(make_client, host, publish):
     publish(7)
-    return make_client(label_studio_url=host.url, max_request_bytes=MAX_BODY, fetch_deadline_s=10.0)
+    return make_client(
+        label_studio_url=host.url, max_request_bytes=MAX_BODY, predict_max_request_bytes=MAX_BODY, fetch_deadline_s=10.0
+    )
 
 
 def _predict(client, tasks, **extra):

@@ -14,6 +14,7 @@ import tracemalloc
 import pytest
 from server_helpers import DENSE_XML, ImageHost, png_bytes, upload_task
 
+from ml_backend.queue.rescoring import BACKLOG_JOBS, BACKLOG_MAX_CHUNK
 from ml_backend.server.schemas import MAX_TASKS
 
 PROJECT = "7.1700000000"
@@ -73,11 +74,11 @@ def test_a_request_above_the_old_cap_answers_what_is_done_and_queues_the_rest_on
     assert "PREDICT_DEADLINE_S=2 s" in body["queued"]["reason"]
 
     jobs = _backlog_jobs(redis_url, settings.queue_name)
-    assert len(jobs) == body["queued"]["jobs"] == -(-len(undone_ids) // 50)
+    assert len(jobs) == body["queued"]["jobs"] == BACKLOG_JOBS  # 1,494 tasks: 16 jobs of 94, not 30 of 50
     queued = [t for j in jobs for t in j.kwargs["task_ids"]]
     assert sorted(queued) == sorted(undone_ids)  # every undone task once, none of the done or bad ones
     assert {j.kwargs["version"] for j in jobs} == {version} and {j.kwargs["project_id"] for j in jobs} == {7}
-    assert all(len(j.kwargs["task_ids"]) <= 50 for j in jobs)
+    assert all(50 <= len(j.kwargs["task_ids"]) <= BACKLOG_MAX_CHUNK for j in jobs[:-1])
 
     # Label Studio asks again for the same tasks before the worker got to them: answered empty, not queued twice.
     again = _post(client, _tasks()).get_json()
@@ -149,3 +150,21 @@ def test_the_remaining_cap_is_a_protection_with_a_clear_error(client):
     assert r.status_code == 400
     reason = r.get_json()["reason"]
     assert f"more than {MAX_TASKS:,} tasks" in reason and "select fewer tasks" in reason
+
+
+def test_predict_has_its_own_body_limit(make_client):
+    """/predict's body may be PREDICT_MAX_REQUEST_BYTES (read task by task); the other routes keep MAX_REQUEST_BYTES."""
+    client = make_client(max_request_bytes=1024 * 1024, predict_max_request_bytes=4 * 1024 * 1024)
+    pad = "x" * 1000
+
+    def body(n_tasks: int) -> str:
+        tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "meta": pad} for i in range(1, n_tasks + 1)]
+        return json.dumps({"project": PROJECT, "label_config": DENSE_XML, "tasks": tasks})
+
+    two_mib = body(2_000)
+    assert 1024 * 1024 < len(two_mib) < 4 * 1024 * 1024
+    r = client.post("/predict", data=two_mib, content_type="application/json")
+    assert r.status_code == 200 and len(r.get_json()["results"]) == 2_000, r.get_json()  # cold start: all answered
+    assert client.post("/setup", data=two_mib, content_type="application/json").status_code == 413
+    r = client.post("/predict", data=body(4_500), content_type="application/json")
+    assert r.status_code == 413, r.get_json()

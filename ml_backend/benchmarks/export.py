@@ -113,7 +113,16 @@ def _memory_child(stack: str, model_dir: str, out: str) -> None:
 
     export_stack(stack, out, model_dir=model_dir, project="1", tile=64, overlap=8, chunk_slices=16, progress=False,
                  probabilities=True)  # fmt: skip
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak RSS since exec (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that across
+    fork + exec, so a child started by a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_memory(slices: list[int], size: int = 64) -> list[dict]:

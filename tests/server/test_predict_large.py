@@ -168,3 +168,14 @@ def test_predict_has_its_own_body_limit(make_client):
     assert client.post("/setup", data=two_mib, content_type="application/json").status_code == 413
     r = client.post("/predict", data=body(4_500), content_type="application/json")
     assert r.status_code == 413, r.get_json()
+
+
+def test_a_backlog_job_of_a_replaced_version_does_nothing(settings, publish):
+    """A training published a newer version before the backlog job ran: the job predicts nothing (the new version's
+    delivery covers those tasks, and Label Studio asks for the new version's predictions anyway)."""
+    from ml_backend.jobs.backlog import finish_backlog
+
+    old = publish(7)
+    new = publish(7)
+    summary = finish_backlog(7, old, [11, 12], settings)  # Label Studio (port 9) is never called
+    assert summary == {"status": "superseded", "project": 7, "version": old, "live": new, "tasks": 2}

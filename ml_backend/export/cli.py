@@ -139,6 +139,9 @@ def run(args: argparse.Namespace, settings: Settings) -> list[tuple[Path, dict]]
         raise ExportError("no stack to export: give stack paths, or --from-label-studio for the stacks recorded in "
                           "the project's tasks")  # fmt: skip
     config = _label_config(args, settings, ls)
+    if tasks and config is None:
+        raise ExportError(f"annotations given but no label config for project {args.project} (neither stored by "
+                          "/setup nor from Label Studio): pass --label-config")  # fmt: skip
     names = ("background", *(_slug(n) for n in config.foreground_labels)) if config is not None else None
     out = Path(args.output)
     sources = [open_stack(s) for s in stacks]  # every stack checked before the first is exported

@@ -1,8 +1,8 @@
 """3-D objects of a segmented stack: connected components per class, labelled chunk by chunk and merged exactly.
 
 Why chunks: a whole stack's label volume does not have to fit in memory, and chunks can run on several workers.
-Each z-chunk (a slab of whole slices) is labelled on its own (``label_chunk``, cc3d by default: 3-4x faster than
-scikit-image on the same volume, BENCHMARKS.md) and reduced to per-component sums: voxel count, coordinate sums,
+Each z-chunk (a slab of whole slices) is labelled on its own (``label_chunk``, cc3d by default: 5x faster than
+scikit-image on the Lucchi mask, BENCHMARKS.md) and reduced to per-component sums: voxel count, coordinate sums,
 bounding box, first voxel in raster order, and the (component, slice) pairs it touches. ``merge_chunks`` then joins
 components that touch across a chunk border (the last slice of one chunk against the first of the next, with the
 connectivity's in-plane shifts), as a graph solved by ``scipy.sparse.csgraph.connected_components``, so an object

@@ -6,6 +6,7 @@
     ml-backend benchmark --report-only --out DIR      # re-aggregate saved runs into tables and plots
     ml-backend benchmark --volume isotropic --strategies random,entropy,entropy+stack   # generated 3-D volume
     ml-backend benchmark --pretrain-steps 600 --first-batch coverage    # issue 11 cold-start ablations
+    ml-backend benchmark --strategies default,random,random+semi,default+semi   # the product as it ships (Settings)
     ml-backend benchmark hygiene --tasks 2000         # Data Manager listing before/after prediction hygiene
     ml-backend benchmark region-effort --seeds 0,1,2  # region suggestion vs whole tiles (IoU per effort)
 
@@ -23,7 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ml_backend.benchmarks.data import REPO, default_vnc_dir
-from ml_backend.benchmarks.protocol import PRESETS, Protocol
+from ml_backend.benchmarks.protocol import DEFAULT_ARM_ONLY_FIELDS, PRESETS, Protocol
 from ml_backend.benchmarks.report import load_runs, print_summary, write_json, write_outputs
 from ml_backend.benchmarks.run import run_all
 
@@ -48,6 +49,16 @@ def _join_context(argv: list[str] | None) -> list[str] | None:
     return out
 
 
+def _bool(value: str) -> bool:
+    """argparse type for the protocol's booleans (``bool("false")`` would be True)."""
+    v = str(value).strip().lower()
+    if v in {"1", "true", "yes", "on"}:
+        return True
+    if v in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = _join_context(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--preset", choices=sorted(PRESETS), help="protocol size (default: full on GPU, cpu otherwise)")
     ap.add_argument("--quick", action="store_true", help="same as --preset quick, strategies random,entropy, 1 seed")
-    ap.add_argument("--strategies", help="comma-separated (default: all registered)")
+    ap.add_argument(
+        "--strategies",
+        help="comma-separated arms (default: every registered strategy and 'default', the product as it ships from "
+        "Settings); '<strategy>+stack|div|wkm|astack|softrank' for stack-aware batches, '+semi' on any arm for the "
+        "semi-supervised term",
+    )
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
     ap.add_argument("--out", type=Path, help="output dir (default benchmarks/active_learning/<preset>)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes (1 torch thread each by default)")
@@ -82,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "full_seeds":
             ap.add_argument(flag, help="comma-separated seeds that get a full-supervision reference run")
+        elif isinstance(f.default, bool):
+            ap.add_argument(flag, type=_bool, help=argparse.SUPPRESS)
+        elif f.name == "z_radius":
+            ap.add_argument(flag, type=lambda v: v if v == "auto" else int(v), help=argparse.SUPPRESS)
         else:
             ap.add_argument(flag, type=type(f.default) if f.default is not None else str, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -135,6 +155,19 @@ def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
     return p, preset
 
 
+def _check_arms(path: Path, arms: dict[str, dict], force: bool) -> None:
+    """Store what each arm ran (``default`` is the Settings of the command); an arm already in ``path`` that resolves
+    differently now (a setting changed) stops the run, as a different protocol does, unless ``force``."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    changed = {k: (old[k], v) for k, v in arms.items() if k in old and old[k] != v}
+    if changed and not force:
+        raise SystemExit(
+            f"{path.parent} holds runs of arms that now resolve differently (changed settings?): {changed}; use "
+            "another --out or --force"
+        )
+    write_json(path, {**old, **arms})
+
+
 SUBCOMMANDS = {"hygiene": "ml_backend.benchmarks.hygiene", "region-effort": "ml_backend.benchmarks.region_effort"}
 
 
@@ -160,41 +193,46 @@ def main(argv: list[str] | None = None) -> int:
         rep = write_outputs(out, load_runs(out), Protocol(**json.loads(saved.read_text())) if saved.exists() else None)
         print_summary(rep)
         return 0
+    from ml_backend.benchmarks.run import DEFAULT_ARM, resolve_arm
+    from ml_backend.config import ConfigError, Settings
     from ml_backend.strategies import available_strategies
 
     names = available_strategies()
     if a.strategies is not None:  # "" = none (e.g. only the full-supervision reference)
         strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
-    else:
-        strategies = ["random", "entropy"] if a.quick else names
-    from ml_backend.benchmarks.run import parse_arm
-
-    def known(arm: str) -> bool:
+    else:  # the product's default is in every run unless the arms are named
+        strategies = ["random", "entropy", DEFAULT_ARM] if a.quick else [*names, DEFAULT_ARM]
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    arms, unknown = {}, []
+    for s in strategies:
         try:
-            return parse_arm(arm)[0] in names
-        except ValueError:
-            return False
-
-    unknown = [s for s in strategies if not known(s)]
+            arms[s] = resolve_arm(p, s, settings)
+        except ValueError as exc:
+            unknown.append(f"{s} ({exc})")
     if unknown:
         raise SystemExit(
-            f"unknown strategies {unknown}; available: {', '.join(names)} (+stack or +div for stack-aware batches)"
+            f"unknown strategies {unknown}; available: {', '.join(names)}, {DEFAULT_ARM} (+stack, +div, +wkm, +astack, "
+            "+softrank for stack-aware batches; +semi for the semi-supervised term)"
         )
     seeds = [int(s) for s in (a.seeds or ("0" if a.quick else "0,1,2")).split(",")]
     saved = out / "protocol.json"
     if saved.exists() and not a.force:
         old = json.loads(saved.read_text())
         # Fields added to the protocol later (e.g. context_offsets) read as their default in older output dirs.
-        defaults = json.loads(json.dumps(asdict(Protocol())))
+        defaults = json.loads(json.dumps({**asdict(Protocol()), **{k: getattr(p, k) for k in DEFAULT_ARM_ONLY_FIELDS}}))
         old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         if old != json.loads(json.dumps(asdict(p))):
             diff = {k: (old.get(k), v) for k, v in asdict(p).items() if old.get(k) != v}
             raise SystemExit(f"{out} holds runs of a different protocol {diff}; use another --out or --force")
     write_json(saved, asdict(p))
+    _check_arms(out / "arms.json", {k: asdict(v) for k, v in arms.items()}, a.force)
     log.info("protocol (%s): %s", preset, asdict(p))
     log.info("strategies %s, seeds %s, output %s", strategies, seeds, out)
     t0 = time.monotonic()
-    done = run_all(out, p, strategies, seeds, a.workers, a.max_runs)
+    done = run_all(out, p, strategies, seeds, a.workers, a.max_runs, arms=arms)
     log.info("%d runs finished in %.0fs", done, time.monotonic() - t0)
     rep = write_outputs(
         out, [r for r in load_runs(out) if r["strategy"] in strategies + ["full"] and r["seed"] in seeds], p

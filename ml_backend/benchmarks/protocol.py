@@ -64,13 +64,36 @@ class Protocol:
     # of the (pretrained) initial network. Stack-aware diversity ("<strategy>+stack", "<strategy>+div" arms): the
     # neighbourhood in slices and the feature radius of strategies.batch (selection.StackAware).
     pretrain_steps: int = 0
+    pretrain_tiles: int = 0  # pretrain on a seeded sample of this many pool tiles (0: the whole pool)
+    pretrain_crop: int = 0  # pretraining crop (0: the tile)
     first_batch: str = "random"
-    z_radius: int = 3
+    z_radius: int | str = 3  # or "auto" (measured on the pool, strategies.batch.estimate_z_radius)
     feature_radius: float = 0.05
+    # BatchNorm re-estimation on a seeded sample of this many pool tiles (0: every pool tile; the product samples
+    # BN_CALIBRATION_TILES).
+    bn_calibration_tiles: int = 0
+    # The fine-tuning recipe: "protocol" builds TrainConfig from the fields above (ema_decay, select, eval_every,
+    # batch_size: the published protocol); "product" takes the product's TrainConfig (training.recipe.train_config:
+    # its EMA, selection, validation period, augmentation) and only the sizes from here (the ``default`` arm).
+    recipe: str = "protocol"
+    # Issue 17: semi-supervised fine-tuning on the pool's unlabelled tiles (training.semi; "+semi" arms).
+    semi_supervised: bool = False
+    semi_threshold: float = 0.95
+    semi_weight: float = 1.0
+    semi_unlabelled_batch: int = 8
+    # How the preset scales the product's recipe for the ``default`` arm (run.default_arm): its steps (TRAIN_STEPS,
+    # PRETRAIN_STEPS) x product_steps_scale, its learning rates (LEARNING_RATE, INITIAL_LEARNING_RATE) x
+    # product_lr_scale. 1.0 / 1.0 on a GPU: the product as it ships.
+    product_steps_scale: float = 1.0
+    product_lr_scale: float = 1.0
     # 2.5D context (issue 11): the slices z + offset each tile and test slice is read from, as the U-Net's input
     # channels (ml_backend.data.context: edges clamped into the stack). [0]: plain 2-D, today's protocol.
     context_offsets: list[int] = field(default_factory=lambda: [0])
 
+
+# Fields that change only the ``default`` arm's numbers (its recipe scaling): an output dir written before they
+# existed takes the current values, so its runs resume with a default arm added (arms.json guards that arm).
+DEFAULT_ARM_ONLY_FIELDS = ("product_steps_scale", "product_lr_scale")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The papers' protocol (Roels & Saeys: 128x128 tiles, pool 2000, m = k = 20, T = 25, lr 1e-3 then 5e-4).
@@ -95,6 +118,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ensemble": 3,
         "ensemble_steps": 100,  # a quarter of a round's steps, as the product's train_ensemble
         "mc_passes": 4,
+        # The default arm: TRAIN_STEPS (400) as they ship; rates x4 like this preset's (2e-3 / 4e-3 against the
+        # papers' 5e-4 / 1e-3: 64 px tiles and fewer steps leave the all-background plateau sooner).
+        "product_steps_scale": 1.0,
+        "product_lr_scale": 4.0,
     },
     # Smoke run: minutes on CPU.
     "quick": {
@@ -116,6 +143,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ensemble": 2,
         "ensemble_steps": 10,
         "mc_passes": 2,
+        "product_steps_scale": 0.15,  # 60 of TRAIN_STEPS' 400, 90 of PRETRAIN_STEPS' 600
+        "product_lr_scale": 4.0,
     },
 }
 
@@ -132,7 +161,30 @@ def train_config(
     batch_size: int | None = None,
 ):
     from ml_backend.training import TrainConfig
+    from ml_backend.training.semi import SemiConfig
 
+    semi = SemiConfig(
+        enabled=p.semi_supervised,
+        threshold=p.semi_threshold,
+        weight=p.semi_weight,
+        unlabelled_batch=p.semi_unlabelled_batch,
+    )
+    if p.recipe == "product":  # the product's TrainConfig (training.recipe.train_config) with the protocol's sizes
+        return TrainConfig(
+            steps=steps,
+            lr=lr,
+            crop=p.tile,
+            val_fraction=p.val_fraction if val is None else val,
+            time_budget_s=1e9,
+            seed=seed,
+            split_seed=split_seed,
+            device=p.device,
+            semi=semi,
+            **({"select": select} if select else {}),
+            **({"batch_size": batch_size} if batch_size else {}),
+        )
+    if p.recipe != "protocol":
+        raise ValueError(f"recipe must be 'protocol' or 'product', got {p.recipe!r}")
     return TrainConfig(
         steps=steps,
         lr=lr,
@@ -146,4 +198,5 @@ def train_config(
         seed=seed,
         split_seed=split_seed,  # the same held-out tiles in every round of a seed: no train/val leakage
         device=p.device,
+        semi=semi,
     )

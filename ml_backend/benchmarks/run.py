@@ -16,6 +16,12 @@ exclusions applied (method "top"), ``entropy+div`` lets ``strategies.batch`` cho
 are few, Hacohen et al. 2022; uncertainty-weighted k-means after, Zhdanov 2019), ``entropy+wkm`` is the product's
 default (uncertainty-weighted k-means with the exclusions, labelled embeddings included). The pretraining and
 first-batch ablations are protocol fields (``pretrain_steps``, ``first_batch``): they change the shared initial model.
+``default`` is the product as it ships (issue 17, ``default_arm``): strategy, batch diversity, cold start
+(pretraining, coverage-ordered first batch), training recipe and semi-supervised switch from ``Settings``, the sizes
+scaled by the preset. A ``+semi`` suffix on any arm (``random+semi``, ``default+semi``, ``entropy+stack+semi``)
+trains with the product's semi-supervised term on the pool's unlabelled tiles (``training.semi``). An arm whose
+protocol differs from the run's (``default``, ``+semi``) trains its own initial model (``initial/<arm tag>/``): the
+cold start is part of what it measures.
 
 Fairness and reproducibility: for every seed, the pool, the initial labelled set and the initial model are shared by
 all strategies (the initial model is trained once per seed and cached); round r of every strategy trains with the
@@ -31,7 +37,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +147,12 @@ def calibration(ds: Dataset, p: Protocol) -> list[np.ndarray] | None:
     """The unlabelled images BatchNorm statistics are re-estimated on after each training (the product does the
     same with a sample of the project's tasks)."""
     if p.bn_calibration == "pool":
+        n = len(ds.pool_images)
+        if 0 < p.bn_calibration_tiles < n:  # the product's rule: a seeded sample of BN_CALIBRATION_TILES tiles
+            return [
+                ds.pool_images[i]
+                for i in sorted(np.random.default_rng([0, 7]).permutation(n)[: p.bn_calibration_tiles])
+            ]
         return list(ds.pool_images)
     if p.bn_calibration == "none":
         return None
@@ -194,9 +206,15 @@ def initial_labelled(ds: Dataset, p: Protocol, seed: int, embeddings: np.ndarray
     method = {"coverage": "typiclust", "kcenter": "kcenter", "spread": "random"}.get(p.first_batch)
     if method is None:
         raise ValueError(f"first_batch must be random, coverage, kcenter or spread, got {p.first_batch!r}")
+    thumbs = None
+    if p.z_radius == "auto":  # measured on the pool's thumbnails, as the product's cold start does
+        from ml_backend.strategies.batch import thumbnail
+
+        thumbs = np.stack([thumbnail(im) for im in ds.pool_images])
     order = coverage_order(
-        embeddings, stack_positions(ds, p), p.m, config=batch_config(p, "top"), seed=seed, method=method
-    )
+        embeddings, stack_positions(ds, p), p.m, config=batch_config(p, "top"), seed=seed, method=method,
+        z_features=thumbs,
+    )  # fmt: skip
     return sorted(order[: p.m].tolist())
 
 
@@ -227,24 +245,175 @@ ARM_SELECTORS: dict[str, tuple[str, int | str | None]] = {
 
 
 def parse_arm(arm: str) -> tuple[str, str | None]:
-    """ "entropy+stack" -> ("entropy", "top"); "entropy" -> ("entropy", None) (plain TopK)."""
-    base, _, suffix = arm.partition("+")
-    if not suffix:
+    """ "entropy+stack" -> ("entropy", "top"); "entropy" -> ("entropy", None) (plain TopK); "+semi" is not a selector
+    ("entropy+stack+semi" -> ("entropy", "top")); "default" -> ("default", None): see ``resolve_arm``."""
+    base, *mods = arm.split("+")
+    selectors = [m for m in mods if m != "semi"]
+    if len(selectors) > 1 or len(mods) != len(set(mods)):
+        raise ValueError(f"arm {arm!r}: at most one selector suffix and one '+semi'")
+    if not selectors:
         return base, None
-    if suffix not in ARM_SELECTORS:
-        raise ValueError(f"unknown selector suffix {suffix!r} in {arm!r}; expected one of {sorted(ARM_SELECTORS)}")
-    return base, ARM_SELECTORS[suffix][0]
+    if selectors[0] not in ARM_SELECTORS:
+        raise ValueError(
+            f"unknown selector suffix {selectors[0]!r} in {arm!r}; expected one of {sorted(ARM_SELECTORS)} or 'semi'"
+        )
+    return base, ARM_SELECTORS[selectors[0]][0]
 
 
-def arm_batch_config(p: Protocol, arm: str):
-    """The BatchConfig of a "<strategy>+<suffix>" arm (its method, and its z radius or the protocol's)."""
-    from dataclasses import replace
+def _selector_suffix(arm: str) -> str:
+    return next(m for m in arm.split("+")[1:] if m != "semi")
 
+
+@dataclass(frozen=True)
+class Arm:
+    """What one arm runs: the strategy, its selector, and the protocol fields it changes (``overrides``; an arm with
+    overrides trains its own initial model). Resolved once in the main process and handed to the workers, so
+    ``default`` means the Settings of the command that started the benchmark (stored in ``arms.json``)."""
+
+    name: str
+    strategy: str
+    strategy_params: dict = field(default_factory=dict)
+    selector: str | None = None  # batch method of selection.StackAware; None: the strategy's plain top-k
+    z_radius: int | str | None = None  # the selector's z radius; None: the protocol's
+    labelled_embeddings: bool = False  # the selector's feature rule also runs against the labelled tiles
+    overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Arm:
+        return cls(**d)
+
+
+DEFAULT_ARM = "default"
+
+
+def default_arm(p: Protocol, settings: Any = None, name: str = DEFAULT_ARM) -> Arm:
+    """The product as it ships, from ``settings`` (None: ``Settings()``, i.e. the environment).
+
+    Every choice comes from Settings: STRATEGY + SCORE_AGGREGATION (the product's resolver), BATCH_DIVERSITY,
+    DIVERSITY_METHOD / _Z_RADIUS / _FEATURE_RADIUS (``active_learning.plan.batch_config``), the cold start (PRETRAIN:
+    PRETRAIN_STEPS on a sample of PRETRAIN_TILES pool tiles, PRETRAIN_CROP, then the first m tiles in the product's
+    coverage order, ``coverage_order(method="random")`` = first batch "spread"; PRETRAIN off: random), the recipe
+    (the product's TrainConfig, TRAIN_STEPS for every training including the first, LEARNING_RATE /
+    INITIAL_LEARNING_RATE, VAL_FRACTION, BN_CALIBRATION_TILES, MODEL_NORM, MODEL_DROPOUT, CONTEXT_OFFSETS) and
+    SEMI_*. Sizes stay the preset's: tile and crop, pool, m and k, U-Net width and depth, MC passes, ensemble, and
+    the steps and rates scaled by ``product_steps_scale`` / ``product_lr_scale``. Not expressed: the audit split
+    (the product trains on 9 of every 10 served tiles), TRAIN_TIME_BUDGET_S / PRETRAIN_TIME_BUDGET_S (the benchmark is
+    bounded by steps) and the queue's audit interleaving.
+    """
+    from ml_backend.config import Settings
+    from ml_backend.strategies.base import strategy_params_model
+
+    s = settings if settings is not None else Settings()
+    takes_aggregation = "aggregation" in strategy_params_model(s.strategy).model_fields
+    steps = max(1, round(s.train_steps * p.product_steps_scale))
+    pretrain = s.pretrain
+    overrides = {
+        "pretrain_steps": round(s.pretrain_steps * p.product_steps_scale) if pretrain else 0,
+        "pretrain_tiles": s.pretrain_tiles,
+        "pretrain_crop": s.pretrain_crop,
+        "first_batch": "spread" if pretrain else "random",
+        "z_radius": s.diversity_z_radius,
+        "feature_radius": s.diversity_feature_radius,
+        "recipe": "product",
+        "init_steps": steps,
+        "steps": steps,
+        "init_lr": s.initial_learning_rate * p.product_lr_scale,
+        "lr": s.learning_rate * p.product_lr_scale,
+        "val_fraction": s.val_fraction,
+        "bn_calibration": "pool" if s.bn_calibration_tiles > 0 else "none",
+        "bn_calibration_tiles": s.bn_calibration_tiles,
+        "norm": s.model_norm,
+        "dropout": s.model_dropout,
+        "context_offsets": list(s.context_offset_list),
+        **semi_overrides(s, s.semi_supervised),
+    }
+    return Arm(
+        name=name,
+        strategy=s.strategy,
+        strategy_params={"aggregation": s.aggregation} if takes_aggregation else {},
+        selector=s.diversity_method if s.batch_diversity else None,
+        z_radius=s.diversity_z_radius if s.batch_diversity else None,
+        labelled_embeddings=bool(s.batch_diversity),  # as active_learning.plan.product_selector
+        overrides=overrides,
+    )
+
+
+def semi_overrides(settings: Any, enabled: bool = True) -> dict[str, Any]:
+    """The protocol fields of the product's semi-supervised term (SEMI_THRESHOLD, _WEIGHT, _UNLABELLED_BATCH)."""
+    return {
+        "semi_supervised": bool(enabled),
+        "semi_threshold": settings.semi_threshold,
+        "semi_weight": settings.semi_weight,
+        "semi_unlabelled_batch": settings.semi_unlabelled_batch,
+    }
+
+
+def resolve_arm(p: Protocol, arm: str, settings: Any = None) -> Arm:
+    """An arm name -> ``Arm``: "<strategy>[+<selector>][+semi]" or "default[+semi]" (``default_arm``).
+
+    ValueError for an unknown strategy or suffix, or a selector on ``default`` (it takes its selector from
+    Settings)."""
+    from ml_backend.config import Settings
+    from ml_backend.strategies import available_strategies
+
+    base, method = parse_arm(arm)
+    semi = "semi" in arm.split("+")[1:]
+    s = settings if settings is not None else Settings()
+    if base == DEFAULT_ARM:
+        if method is not None:
+            raise ValueError(f"arm {arm!r}: 'default' takes its selector from Settings (BATCH_DIVERSITY, ...)")
+        out = default_arm(p, s, name=arm)
+        return replace(out, overrides={**out.overrides, **semi_overrides(s)}) if semi else out
+    if base not in available_strategies():
+        raise ValueError(f"unknown strategy {base!r} in arm {arm!r}")
+    z_radius = ARM_SELECTORS[_selector_suffix(arm)][1] if method is not None else None
+    if method is not None and z_radius is None:
+        z_radius = p.z_radius
+    return Arm(
+        name=arm,
+        strategy=base,
+        selector=method,
+        z_radius=z_radius,
+        labelled_embeddings=method == "weighted_kmeans",
+        overrides=semi_overrides(s) if semi else {},
+    )
+
+
+def arm_protocol(p: Protocol, arm: Arm) -> Protocol:
+    """The protocol ``arm`` runs with: ``p`` with the arm's overrides."""
+    unknown = set(arm.overrides) - set(Protocol.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"arm {arm.name!r} overrides unknown protocol fields {sorted(unknown)}")
+    return replace(p, **arm.overrides)
+
+
+def initial_tag(p: Protocol, ap: Protocol) -> str:
+    """Where an arm's initial model is cached under ``initial/``: "" (shared by every arm) when the arm runs the
+    run's protocol, else a tag of its protocol (``default``, ``+semi``: their cold start differs)."""
+    if ap == p:
+        return ""
+    import hashlib
+
+    return "arm-" + hashlib.sha1(json.dumps(asdict(ap), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def arm_batch_config(p: Protocol, arm: str | Arm):
+    """The BatchConfig of an arm's selector (its method, and its z radius or the protocol's)."""
     from ml_backend.strategies.batch import Neighbourhood
 
-    method, z_radius = ARM_SELECTORS[arm.partition("+")[2]]
+    if isinstance(arm, str):
+        method, z_radius = ARM_SELECTORS[_selector_suffix(arm)]
+    else:
+        method, z_radius = arm.selector, arm.z_radius
     cfg = batch_config(p, method)
     return cfg if z_radius is None else replace(cfg, neighbourhood=Neighbourhood(z_radius=z_radius))
+
+
+def arm_strategy(arm: Arm) -> Any:
+    """The arm's strategy object, through the product's resolver (the default aggregation included)."""
+    from ml_backend.strategies.resolve import resolve_strategy
+
+    return resolve_strategy(arm.strategy, arm.strategy_params or None)
 
 
 def scoring_config(p: Protocol) -> ScoringConfig:
@@ -270,9 +439,10 @@ def ensemble_spec(p: Protocol, seed: int, rnd: int) -> EnsembleSpec:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def ensure_initial(out: Path, p: Protocol, seed: int) -> Path:
-    """Train (once) and cache the initial model of a seed: m random tiles, from scratch, lr ``init_lr``."""
-    ckpt = out / "initial" / f"seed{seed}.pt"
+def ensure_initial(out: Path, p: Protocol, seed: int, tag: str = "") -> Path:
+    """Train (once) and cache the initial model of a seed: m random tiles, from scratch, lr ``init_lr``; ``tag``: the
+    folder of an arm with its own protocol (``initial_tag``)."""
+    ckpt = out / "initial" / tag / f"seed{seed}.pt"
     if ckpt.exists():
         return ckpt
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -294,8 +464,17 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
     if p.pretrain_steps > 0:  # issue 11: SSL pretraining on the unlabelled pool, the product's pretrain()
         from ml_backend.training.pretrain import PretrainConfig, pretrain
 
-        pcfg = PretrainConfig(steps=p.pretrain_steps, time_budget_s=1e9, seed=seed, crop=p.tile, device=p.device)
-        pre = pretrain(model, list(ds.pool_images), pcfg, checkpoint_path=ckpt.parent / f"pretrain_seed{seed}.pt")
+        crop = min(p.pretrain_crop or p.tile, p.tile)
+        pcfg = PretrainConfig(steps=p.pretrain_steps, time_budget_s=1e9, seed=seed, crop=crop, device=p.device)
+        n = len(ds.pool_images)
+        # The product pretrains on a seeded sample of PRETRAIN_TILES tasks (jobs.pretrain._sample).
+        sample = (
+            range(n)
+            if not 0 < p.pretrain_tiles < n
+            else sorted(np.random.default_rng([seed, 0x9E7]).permutation(n)[: p.pretrain_tiles])
+        )
+        tiles = [ds.pool_images[i] for i in sample]
+        pre = pretrain(model, tiles, pcfg, checkpoint_path=ckpt.parent / f"pretrain_seed{seed}.pt")
         model.load_state_dict(pre.state_dict)
         pre_info = {"steps": pre.steps, "seconds": pre.seconds, "loss_last20": float(np.mean(pre.losses[-20:]))}
     embeddings = None
@@ -312,6 +491,7 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
         train_config(p, steps=p.init_steps, lr=p.init_lr, seed=seed * 1000, split_seed=seed),
         progress=_log_progress(f"initial seed {seed}"),
         calibration=lambda: calibration(ds, p),
+        unlabelled=lambda: unlabelled_pool(ds, lab),
     )
     test = evaluate_test(trained.model, ds, p)
     log.info(
@@ -321,6 +501,12 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
     extra = {"labelled": lab, "test": test, "train": res.metrics, "seconds": res.seconds, "pretrain": pre_info}
     save_checkpoint(trained.model, ckpt, extra=extra)
     return ckpt
+
+
+def unlabelled_pool(ds: Dataset, labelled: list[int]) -> list[np.ndarray]:
+    """The pool's unlabelled tiles: what the semi-supervised term learns from (only asked for when it is on)."""
+    done = set(labelled)
+    return [img for i, img in enumerate(ds.pool_images) if i not in done]
 
 
 def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | None, seconds: dict) -> dict:
@@ -346,22 +532,24 @@ def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | Non
     }
 
 
-def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
-    """One (strategy, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round."""
+def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm | dict | None = None) -> dict:
+    """One (arm, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round. ``arm``:
+    the resolved arm (None: ``resolve_arm`` with this process's Settings)."""
     from ml_backend.config import torch_device
     from ml_backend.model import load_checkpoint
-    from ml_backend.strategies import get_strategy
 
     path = out / "runs" / f"{strategy_name}__seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
     t_run = time.monotonic()
+    arm = resolve_arm(p, strategy_name) if arm is None else arm if isinstance(arm, Arm) else Arm.from_dict(arm)
+    base_p, p = p, arm_protocol(p, arm)  # from here on: the arm's protocol
     ds = dataset_for(p, seed)
-    model, extra = load_checkpoint(ensure_initial(out, p, seed))
+    model, extra = load_checkpoint(ensure_initial(out, p, seed, initial_tag(base_p, p)))
     dev = torch_device(p.device)
     model.to(dev)
-    base_name, batch_method = parse_arm(strategy_name)
-    strategy = get_strategy(base_name)
+    batch_method = arm.selector
+    strategy = arm_strategy(arm)
     lab = list(extra["labelled"])
     rounds = [_record(ds, lab, 0, extra["test"], extra["train"], {"train": extra["seconds"]})]
     state = ModelState(model, how="kept")
@@ -375,9 +563,9 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
             TopK(p.k),
             lambda ids: stack_positions(ds, p, ids),
             k=p.k,
-            config=arm_batch_config(p, strategy_name),
+            config=arm_batch_config(p, arm),
             labelled_positions=lambda: stack_positions(ds, p, lab),  # the current labelled set (late binding)
-            wants_labelled_embeddings=batch_method == "weighted_kmeans",
+            wants_labelled_embeddings=arm.labelled_embeddings,
         )
     picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
     for rnd in range(p.rounds + 1):
@@ -397,6 +585,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
             train=None if rnd == 0 else tcfg,
             ensemble=None if last else ensemble_spec(p, seed, rnd + 1),
             calibration=lambda: calibration(ds, p),
+            unlabelled=lambda lab=lab: unlabelled_pool(ds, lab),  # this round's labelled set
             progress=_log_progress(f"{strategy_name} seed {seed} round {rnd}"),
             scoring=scoring,
             score_seed=seed * 1000 + rnd + 1,
@@ -434,6 +623,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int) -> dict:
         "strategy": strategy_name,
         "seed": seed,
         "params": {**strategy.params(), "selector": batch_method or "topk"},
+        "arm": asdict(arm),
         "rounds": rounds,
         "labelled_order": lab,
         "seconds": time.monotonic() - t_run,
@@ -488,41 +678,62 @@ def _worker_init(threads: int, level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(processName)s %(message)s")
 
 
-def _job(args: tuple[str, str, dict, str, int]) -> tuple[str, int, float]:
-    kind, out, pdict, strategy, seed = args
+def _job(args: tuple) -> tuple[str, int, float]:
+    kind, out, pdict, strategy, seed, *rest = args
     p = Protocol(**pdict)
+    arm = Arm.from_dict(rest[0]) if rest and rest[0] is not None else None
     t0 = time.monotonic()
     if kind == "initial":
-        ensure_initial(Path(out), p, seed)
+        ap = p if arm is None else arm_protocol(p, arm)
+        ensure_initial(Path(out), ap, seed, initial_tag(p, ap))
     elif kind == "full":
         run_full(Path(out), p, seed)
     else:
-        run_strategy(Path(out), p, strategy, seed)
+        run_strategy(Path(out), p, strategy, seed, arm)
     return f"{kind}:{strategy}", seed, time.monotonic() - t0
 
 
-PRIORITY = ("random", "entropy", "entropy+stack", "effort_aware")
+PRIORITY = ("random", DEFAULT_ARM, "entropy", "entropy+stack", "effort_aware")
 
 
-def run_all(out: Path, p: Protocol, strategies: list[str], seeds: list[int], workers: int, max_runs: int | None) -> int:
-    """Initial models first (one per seed), then full supervision and (strategy, seed) runs. Returns runs done now."""
+def run_all(
+    out: Path,
+    p: Protocol,
+    strategies: list[str],
+    seeds: list[int],
+    workers: int,
+    max_runs: int | None,
+    arms: dict[str, Arm] | None = None,
+) -> int:
+    """Initial models first (one per seed and arm protocol), then full supervision and (arm, seed) runs. Returns runs
+    done now. ``arms``: the resolved arms (None: ``resolve_arm`` with this process's Settings)."""
     from tqdm.auto import tqdm
+
+    arms = {st: (arms or {}).get(st) or resolve_arm(p, st) for st in strategies}
 
     # Order: the strategies the published claims are about first, then the reference, then the rest, so that an
     # interrupted benchmark has complete seeds for the comparisons that matter most.
     first = [st for st in PRIORITY if st in strategies]
     rest = [st for st in strategies if st not in first]
     # Seed-major: an interrupted benchmark holds complete paired comparisons (every arm of a seed) first.
-    runs = [("run", str(out), asdict(p), st, s) for s in seeds for st in first]
-    runs += [("full", str(out), asdict(p), "full", s) for s in p.full_seeds if s in seeds]
-    runs += [("run", str(out), asdict(p), st, s) for st in rest for s in seeds]
+    runs = [("run", str(out), asdict(p), st, s, asdict(arms[st])) for s in seeds for st in first]
+    runs += [("full", str(out), asdict(p), "full", s, None) for s in p.full_seeds if s in seeds]
+    runs += [("run", str(out), asdict(p), st, s, asdict(arms[st])) for st in rest for s in seeds]
     runs = [r for r in runs if not (out / "runs" / f"{r[3]}__seed{r[4]}.json").exists()]
     if max_runs is not None:
         runs = runs[:max_runs]
-    need = sorted({r[4] for r in runs if r[0] == "run"})  # initial models only for seeds with strategy runs to do
-    todo_init = [
-        ("initial", str(out), asdict(p), "", s) for s in need if not (out / "initial" / f"seed{s}.pt").exists()
-    ]
+    # Initial models only for (seed, arm protocol) pairs with runs to do; arms sharing a protocol share one.
+    todo_init, seen = [], set()
+    for r in runs:
+        if r[0] != "run":
+            continue
+        ap = arm_protocol(p, arms[r[3]])
+        tag = initial_tag(p, ap)
+        if (tag, r[4]) in seen or (out / "initial" / tag / f"seed{r[4]}.pt").exists():
+            continue
+        seen.add((tag, r[4]))
+        todo_init.append(("initial", str(out), asdict(p), "", r[4], asdict(arms[r[3]]) if tag else None))
+    todo_init.sort(key=lambda job: (job[4], job[5] is not None))  # seed-major, the shared model first
     log.info("%d initial models and %d runs to do (%d workers)", len(todo_init), len(runs), workers)
     level = log.getEffectiveLevel()
     if workers <= 1:

@@ -30,7 +30,7 @@ from ml_backend.active_learning.effort import edit_effort
 
 from .labelconfig import BrushConfig, LabelConfigError
 from .overlays import OverlayConfig, overlay_config_of, strip_non_label_results
-from .rle import results_to_mask
+from .rle import AnnotationError, results_to_mask
 
 __all__ = ["measure_annotation", "measure_annotations", "served_prediction"]
 
@@ -80,6 +80,14 @@ def _brush_size(results: Any, overlay: OverlayConfig) -> tuple[int, int] | None:
     return None
 
 
+def _decode(results: list, overlay: OverlayConfig, height: int, width: int, what: str) -> Any:
+    """The mask control's class map of ``results``; errors say whether the annotation or the prediction is at fault."""
+    try:
+        return results_to_mask(strip_non_label_results(results, overlay), overlay.mask, height, width)
+    except AnnotationError as exc:
+        raise AnnotationError(f"{what}: {exc}") from None
+
+
 def measure_annotation(
     task: Mapping, annotation: Mapping, overlay: OverlayConfig, size: tuple[int, int] | None = None
 ) -> dict[str, Any]:
@@ -105,12 +113,16 @@ def measure_annotation(
             ann_results = []
         if not isinstance(ann_results, list) or not isinstance(pred_results, list):
             raise ValueError("annotation and prediction results must be lists")
-        height, width = size or _brush_size(ann_results, overlay) or _brush_size(pred_results, overlay) or (0, 0)
+        drawn, offered = _brush_size(ann_results, overlay), _brush_size(pred_results, overlay)
+        if size is None and drawn and offered and drawn != offered:
+            raise ValueError(f"the annotation was drawn on a {drawn[1]}x{drawn[0]} image, the served prediction on "
+                             f"{offered[1]}x{offered[0]}: not comparable")  # fmt: skip
+        height, width = size or drawn or offered or (0, 0)
         if not height:
             raise ValueError("neither the annotation nor the prediction has a brush region and the image size is "
                              "unknown")  # fmt: skip
-        served = results_to_mask(strip_non_label_results(pred_results, overlay), overlay.mask, height, width)
-        annotated = results_to_mask(strip_non_label_results(ann_results, overlay), overlay.mask, height, width)
+        served = _decode(pred_results, overlay, height, width, "served prediction")
+        annotated = _decode(ann_results, overlay, height, width, "annotation")
     except ValueError as exc:  # AnnotationError too: wrong size, unknown label, undecodable RLE
         return {**record, "skipped": f"{type(exc).__name__}: {exc}"}
     return {**record, **edit_effort(served, annotated).as_dict()}

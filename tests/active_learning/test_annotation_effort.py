@@ -247,8 +247,11 @@ def test_measure_annotations_on_brush_rle():
     assert by[12]["served_by"] == "newest_before" and by[12]["model_version"] == "v0003-x"
     assert by[12]["changed_pixels"] == expected.changed_pixels > 0
     assert by[12]["boundary_edited"] == expected.boundary_edited and by[12]["pixels"] == 32 * 32
-    assert "16x16 image but the task image is 32x32" in by[13]["skipped"]
-    assert "Nucleus" in by[14]["skipped"] and by[14]["model_version"] == "v0003-x"
+    assert by[13]["skipped"].startswith(
+        "AnnotationError: annotation: result #0 was drawn on a 16x16 image but the task"
+    )
+    assert "annotation: " in by[14]["skipped"] and "Nucleus" in by[14]["skipped"]
+    assert by[14]["model_version"] == "v0003-x"
     assert by[15]["audit"] is True and by[15]["changed_pixels"] == int(served_mask.sum())
     assert by[15]["boundary_scratch"] == 0.0 and by[15]["effort_saved"] is None
     assert by[16]["skipped"].startswith("no prediction served") and by[16]["model_version"] is None
@@ -304,3 +307,18 @@ def test_status_page_without_effort_says_so(tmp_path):
     assert project["effort"] == [] and project["problems"] == []
     assert "No submitted annotation measured" in render_status_page({"projects": [project]})
     assert "no annotation measured" in effort_curve_svg([])
+
+
+def test_without_the_image_size_regions_of_two_sizes_are_not_compared():
+    config = parse_label_config((REPO / "label_config" / "dense.xml").read_text())
+    task = {
+        "id": 1,
+        "predictions": [_pred(7, "v1", "2025-01-01T10:00:00Z", mask_to_results(disc(24, 9, 9, 4), config))],
+    }
+    ann = {"id": 2, "created_at": "2025-01-01T11:00:00Z", "result": mask_to_results(disc(16, 8, 8, 4), config)}
+    (rec,) = measure_annotations({1: task}, {1: ann}, config)
+    assert rec["skipped"] == (
+        "ValueError: the annotation was drawn on a 16x16 image, the served prediction on 24x24: not comparable"
+    )
+    (rec,) = measure_annotations({1: task}, {1: ann}, config, sizes={1: (24, 24)})  # the image says who is wrong
+    assert rec["skipped"].startswith("AnnotationError: annotation: result #0 was drawn on a 16x16 image")

@@ -118,6 +118,26 @@ def paired_rounds(runs: list[dict], ref: str = "random") -> dict[str, Any]:
     return out
 
 
+EFFORT_KEYS = ("effort_tiles", "effort_changed_fraction", "effort_boundary_edited", "effort_boundary_scratch")
+
+
+def served_effort_rounds(runs: list[dict]) -> dict[tuple[str, int], dict[str, float | None]]:
+    """(arm, round) -> the pre-annotation effort of the tiles that round's model picked (``run.served_effort``,
+    issue 17.6), mean over the seeds that recorded it; ``effort_saved`` = 1 - outline edited / from scratch."""
+    acc: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        for x in r["rounds"]:
+            if x.get("effort_tiles"):
+                acc.setdefault((r["strategy"], int(x["round"])), []).append(x)
+    out: dict[tuple[str, int], dict[str, float | None]] = {}
+    for key, xs in acc.items():
+        row: dict[str, float | None] = {k: float(np.mean([x[k] for x in xs])) for k in EFFORT_KEYS}
+        scratch = row["effort_boundary_scratch"] or 0.0
+        row["effort_saved"] = 1.0 - (row["effort_boundary_edited"] or 0.0) / scratch if scratch > 0 else None
+        out[key] = row
+    return out
+
+
 def summarize(runs: list[dict]) -> dict[str, Any]:
     """Per-round table and per-strategy summary (mean over seeds; spreads reported beside)."""
     cur = _curves(runs)
@@ -219,6 +239,9 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
                 entry[f"paired_aulc_gain_vs_{ref}"] = [float(np.mean(d_auc)), float(np.std(d_auc)), len(d_auc)]
             if d_eff:
                 entry[f"equal_effort_iou_gain_vs_{ref}"] = [float(np.mean(d_eff)), float(np.std(d_eff)), len(d_eff)]
+    served = served_effort_rounds(runs)
+    for row in table:
+        row.update(served.get((row["strategy"], row["round"]), {}))
     return {
         "table": table,
         "summary": summary,
@@ -231,6 +254,7 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 CURVE_COLUMNS = [
     "strategy", "round", "seeds", "labelled", "pixels", "boundary_mean", "boundary_std",
     "iou_mean", "iou_std", "iou_min", "iou_max", "dice_mean", "dice_std",
+    *EFFORT_KEYS, "effort_saved",
 ]  # fmt: skip
 
 
@@ -380,6 +404,23 @@ def markdown_report(rep: dict[str, Any], runs: list[dict]) -> str:
                 lines.append(
                     f"| {st} | {g[0]:+.1f}% ± {g[1]:.1f} (n={g[2]}) | {pr[st]['at_or_above_every_round_paired']} |"
                 )
+    served = [row for row in rep["table"] if row.get("effort_tiles")]
+    if served:  # issue 17.6: the quantity the status page shows per serving version, here per round's model
+        lines += [
+            "",
+            "Pre-annotation effort per round (mean over seeds): the oracle's masks of the tiles a round's model picked",
+            "against that model's predictions of them; outline in pixels per tile; effort saved = 1 - edited / from",
+            "scratch.",
+            "",
+            "| arm | round | tiles | pixels changed | outline edited | outline from scratch | effort saved |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in served:
+            lines.append(
+                f"| {row['strategy']} | {row['round']} | {row['effort_tiles']:.0f} "
+                f"| {row['effort_changed_fraction']:.3f} | {row['effort_boundary_edited']:.0f} "
+                f"| {row['effort_boundary_scratch']:.0f} | {_fmt(row['effort_saved'], '.0%')} |"
+            )
     lines += [
         "",
         "Test IoU per round (each seed):",

@@ -532,6 +532,34 @@ def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | Non
     }
 
 
+def served_effort(model: Any, ds: Dataset, picked: list[int], p: Protocol) -> dict:
+    """Issue 17.6, measured as the product measures it: the oracle's masks of the tiles this round's model picked,
+    against that model's predictions of them (the pre-annotations it would serve), with ``active_learning.effort``.
+    Means per tile; ``effort_saved`` = 1 - outline edited / outline from scratch (sums over the tiles)."""
+    from ml_backend.active_learning.effort import edit_effort
+    from ml_backend.config import torch_device
+    from ml_backend.inference.tiling import predict_tiled
+
+    dev = torch_device(p.device)
+    efforts = [
+        edit_effort(
+            predict_tiled(model, ds.pool_images[i], tile=p.infer_tile, overlap=p.infer_overlap, device=dev).argmax(0),
+            ds.pool_masks[i],
+        )
+        for i in picked
+    ]
+    if not efforts:
+        return {}
+    edited, scratch = sum(e.boundary_edited for e in efforts), sum(e.boundary_scratch for e in efforts)
+    return {
+        "effort_tiles": len(efforts),
+        "effort_changed_fraction": float(np.mean([e.changed_fraction for e in efforts])),
+        "effort_boundary_edited": edited / len(efforts),
+        "effort_boundary_scratch": scratch / len(efforts),
+        "effort_saved": 1.0 - edited / scratch if scratch > 0 else None,
+    }
+
+
 def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm | dict | None = None) -> dict:
     """One (arm, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round. ``arm``:
     the resolved arm (None: ``resolve_arm`` with this process's Settings)."""
@@ -618,6 +646,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
         picking = {"ensemble": trained.ensemble_seconds, "score": outcome.timings.get("score", 0.0)}
         if not sink.picked:
             break
+        rounds[-1].update(served_effort(trained.model, ds, sink.picked, p))  # this round's model pre-annotates them
         lab = lab + sink.picked
     record = {
         "strategy": strategy_name,

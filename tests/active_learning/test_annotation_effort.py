@@ -322,3 +322,39 @@ def test_without_the_image_size_regions_of_two_sizes_are_not_compared():
     )
     (rec,) = measure_annotations({1: task}, {1: ann}, config, sizes={1: (24, 24)})  # the image says who is wrong
     assert rec["skipped"].startswith("AnnotationError: annotation: result #0 was drawn on a 16x16 image")
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def test_the_benchmark_reports_the_same_effort_per_round(tmp_path):
+    """A tiny real benchmark run: each round's record holds the oracle's masks of the tiles its model picked against
+    that model's predictions (``run.served_effort``), and curves.csv / summary.md report them per round."""
+    import csv
+
+    import ml_backend.benchmarks as bench
+
+    out = tmp_path / "bench"
+    args = [
+        "--quick", "--synthetic", "--synthetic-n", "3", "--synthetic-size", "128", "--downsample", "1", "--tile", "32",
+        "--pool-size", "16", "--m", "4", "--k", "3", "--rounds", "2", "--width", "4", "--depth", "2",
+        "--init-steps", "3", "--steps", "2", "--full-steps", "2", "--batch-size", "2", "--infer-tile", "64",
+        "--infer-overlap", "8", "--test-every", "2", "--strategies", "random", "--seeds", "0", "--workers", "1",
+        "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(args) == 0
+    run = json.loads((out / "runs" / "random__seed0.json").read_text())
+    rounds = run["rounds"]
+    for r in rounds[:-1]:  # every round but the last picked k tiles its model pre-annotates
+        assert r["effort_tiles"] == 3 and 0.0 <= r["effort_changed_fraction"] <= 1.0
+        assert r["effort_boundary_edited"] >= 0 and r["effort_boundary_scratch"] >= 0
+        if r["effort_boundary_scratch"] > 0:
+            assert r["effort_saved"] == pytest.approx(1 - r["effort_boundary_edited"] / r["effort_boundary_scratch"])
+    assert "effort_tiles" not in rounds[-1]
+    # the tiles of round r + 1 are the ones round r's model picked: their oracle outline is the scratch figure
+    order = run["labelled_order"]
+    assert rounds[0]["effort_boundary_scratch"] * 3 == pytest.approx(rounds[1]["boundary"] - rounds[0]["boundary"])
+    assert len(order) == 4 + 3 * 2
+    with open(out / "curves.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["strategy"] == "random"]
+    assert [r["effort_tiles"] for r in rows] == ["3.0", "3.0", ""]
+    assert float(rows[0]["effort_boundary_edited"]) == pytest.approx(rounds[0]["effort_boundary_edited"])
+    assert "Pre-annotation effort per round" in (out / "summary.md").read_text()

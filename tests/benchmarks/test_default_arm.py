@@ -160,3 +160,12 @@ def test_cli_runs_default_and_semi_arms_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("STRATEGY", "margin")  # the saved default arm no longer is what ships
     with pytest.raises(SystemExit, match="resolve differently"):
         bench.main(args)
+
+
+def test_semi_settings_are_in_the_readme_table_with_their_defaults():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    defaults = dict(Settings.documented())
+    for var in ("SEMI_SUPERVISED", "SEMI_THRESHOLD", "SEMI_WEIGHT", "SEMI_UNLABELLED_BATCH", "SEMI_UNLABELLED_TILES"):
+        assert f"| `{var}` | `{defaults[var]}` |" in readme, var

@@ -199,6 +199,12 @@ class Settings(BaseSettings):
     )
     pretrain_tiles: int = Field(256, ge=1, validation_alias=_env("PRETRAIN_TILES", "pretrain_tiles"))
     pretrain_crop: int = Field(64, ge=8, validation_alias=_env("PRETRAIN_CROP", "pretrain_crop"))
+    # Issue 18: the cold start's coverage order embeds at most this many tiles, spread over the stack (the first
+    # ones of the position-spread order); the rest keep that spread order behind them. Bounds the cold start's cost
+    # whatever the stack's size.
+    coldstart_embed_tiles: int = Field(
+        512, ge=1, validation_alias=_env("COLDSTART_EMBED_TILES", "coldstart_embed_tiles")
+    )
     # Issue 17: semi-supervised fine-tuning on the project's unlabelled tiles (ml_backend.training.semi: FixMatch
     # pseudo-labels from the EMA teacher, Sohn et al. 2020 / Tarvainen & Valpola 2017). Every training step also
     # draws SEMI_UNLABELLED_BATCH crops of a seeded sample of SEMI_UNLABELLED_TILES unlabelled tasks (audit tasks

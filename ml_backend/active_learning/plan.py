@@ -260,3 +260,67 @@ def product_selector(
         labelled_positions=lambda: positions_of(labelled, tasks), wants_labelled_embeddings=settings.batch_diversity,
     )  # fmt: skip
     return StackAwareQueue(stack, list(audit), every)
+
+
+# ------------------------------------------------------------------------------------ cold start: spread (issue 18)
+
+
+def spread_features(positions: np.ndarray) -> np.ndarray:
+    """(n, 4) coordinates in [0, 1] for a spread over the data: the stack (stacks evenly along one axis), then the
+    slice, row and column normalised within each stack. Tasks without a position (own stacks) spread by id."""
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 6)
+    out = np.zeros((pos.shape[0], 4), dtype=np.float64)
+    if not pos.shape[0]:
+        return out
+    stacks, inverse = np.unique(pos[:, 0], return_inverse=True)
+    out[:, 0] = inverse / max(1, len(stacks) - 1)
+    centre_y, centre_x = pos[:, 2] + pos[:, 4] / 2, pos[:, 3] + pos[:, 5] / 2
+    for s in range(len(stacks)):
+        rows = inverse == s
+        for col, values in ((1, pos[rows, 1]), (2, centre_y[rows]), (3, centre_x[rows])):
+            lo, hi = values.min(), values.max()
+            out[rows, col] = (values - lo) / (hi - lo) if hi > lo else 0.5
+    return out
+
+
+def spread_order(ids: Sequence[int], tasks: dict[int, dict], settings: Settings) -> list[int]:
+    """A served order that needs no image and no model: farthest-first traversal (greedy k-center) of the tasks'
+    positions (``spread_features``: stack, slice, y, x), from a seeded random first tile, under the stack rule of
+    BATCH_DIVERSITY. Why: right after an import, before the cold start's coverage order exists, the queue must
+    already spread the first batch over the slices and the field of view (issue 18: without scores Label Studio
+    served tasks 1-20, the first two slices). Deterministic for the same tasks and seed."""
+    from ml_backend.strategies.batch import coverage_order
+
+    ids = [int(t) for t in ids]
+    if not ids:
+        return []
+    pos = positions_of(ids, tasks)
+    feats = spread_features(pos)
+    rng = np.random.default_rng([settings.seed, 0x5B2])
+    perm = rng.permutation(len(ids))  # coverage_order starts the traversal at row 0: a seeded random tile
+    feats = feats[perm] + 1e-9 * rng.random(feats.shape)  # ties broken at random, not by id
+    z_radius = settings.diversity_z_radius
+    cfg = BatchConfig(
+        neighbourhood=Neighbourhood(z_radius=3 if z_radius == "auto" else z_radius), method="top", feature_radius=0.0
+    )  # "auto" needs image thumbnails; the farthest-first traversal spreads over z anyway
+    idx = coverage_order(feats, pos[perm], settings.train_batch_size, config=cfg, seed=settings.seed,
+                         method="kcenter")  # fmt: skip
+    return [ids[int(perm[i])] for i in idx]
+
+
+def cold_start_order(
+    ids: Sequence[int], tasks: dict[int, dict], settings: Settings, head: Sequence[int] = ()
+) -> list[int]:
+    """The cold start's served order of the unlabelled ``ids``: ``head`` first (the coverage order of the embedded
+    sample, when it exists), then the other tasks in ``spread_order``; audit tasks (``AUDIT_FRACTION``) interleaved
+    one every ``round(1 / AUDIT_FRACTION)`` places, as after every training."""
+    from ml_backend.active_learning.audit import audit_every, audit_task_ids
+
+    pool = [int(t) for t in ids]
+    in_pool = set(pool)
+    audit = [a for a in audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed) if a in in_pool]
+    held = set(audit)
+    first = [int(t) for t in head if int(t) in in_pool and int(t) not in held]
+    seen = set(first)
+    rest = [t for t in spread_order([t for t in pool if t not in held and t not in seen], tasks, settings)]
+    return interleave_audit(first + rest, audit, audit_every(settings.audit_fraction))

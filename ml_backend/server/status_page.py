@@ -313,12 +313,21 @@ def _job_section(job: Any) -> str:
         bar = f' <span class="bar"><span style="width:{pct:.0f}%"></span></span> {pct:.0f}%'
     rows = [
         ("phase", _e(info.get("phase") or "running")),
-        ("step", f"{_num(info.get('step'))} / {_num(info.get('steps'))}{bar}"),
+        ("step", f"{_num(info.get('step'))} / {_num(info.get('steps'))} {_e(info.get('unit') or '')}{bar}"),
         ("loss", _num(info.get("loss"), 4)),
         ("validation IoU", _num(info.get("val_iou"))),
         ("elapsed", _duration(seconds)),
         ("ETA", _duration(eta)),
     ]
+    phases = job.get("phases")  # the cold start's phases (issue 18): each has its own step and ETA above
+    if isinstance(phases, Sequence) and not isinstance(phases, str):
+        cells = [
+            f"{_e(p.get('name'))} ({_e(p.get('state'))}"
+            + (f", {_duration(p.get('seconds'))})" if _finite(p.get("seconds")) is not None else ")")
+            for p in phases
+            if isinstance(p, Mapping)
+        ]
+        rows.insert(1, ("phases", " &rarr; ".join(cells)))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="job-running">{body}</table>'
 

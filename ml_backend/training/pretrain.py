@@ -210,7 +210,8 @@ def pretrain(
     """Pretrain ``model`` in place on unlabelled normalised tiles ((H, W) or (C, H, W)); returns its state dict.
 
     With ``checkpoint_path`` an existing checkpoint of the same model configuration is resumed from its step (a
-    finished run returns at once); progress receives {"step", "steps", "loss", "eta_s", "seconds"}.
+    finished run returns at once); progress receives {"step", "steps", "loss", "eta_s", "seconds"} (``eta_s``: to
+    the last step or the end of the time budget, whichever comes first).
     """
     cfg = config or PretrainConfig()
     t0 = time.monotonic()
@@ -278,12 +279,14 @@ def pretrain(
             if progress is not None and (step % max(1, cfg.log_every) == 0 or step == cfg.steps):
                 done = step - start
                 elapsed = time.monotonic() - t0
+                # the run ends at its steps or at its budget, whichever comes first: so does the ETA
+                eta = min(elapsed / max(1, done) * (cfg.steps - step), max(0.0, cfg.time_budget_s - elapsed))
                 progress(
                     {
                         "step": step,
                         "steps": cfg.steps,
                         "loss": float(np.mean(recent)),
-                        "eta_s": elapsed / max(1, done) * (cfg.steps - step),
+                        "eta_s": eta,
                         "seconds": elapsed,
                     }
                 )

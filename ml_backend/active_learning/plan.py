@@ -41,9 +41,13 @@ def product_plan(
     progress: Callable[[dict], None] | None = None,
     score: bool = True,
     unlabelled: Callable[[], list[np.ndarray]] | None = None,
+    previous_best: Sequence[int] = (),
 ) -> RoundPlan:
     """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds;
-    ``unlabelled()``: the pool's tiles for the semi-supervised term (SEMI_SUPERVISED)."""
+    ``unlabelled()``: the pool's tiles for the semi-supervised term (SEMI_SUPERVISED); scores a CANDIDATE_POOL sample
+    holding up to CANDIDATE_KEEP of ``previous_best`` (the live ranking's top, issue 20.2)."""
+    from ml_backend.active_learning.candidates import CandidateSampler
+
     model, parent, how = initial_model(registry, config, settings)
     if parent is None and load_pretrained(registry, model):
         how = "pretrained"  # issue 11: the first fine-tuning starts from the project's self-supervised weights
@@ -60,6 +64,7 @@ def product_plan(
         score_seed=settings.seed,
         select_seed=settings.seed,
         score=score,
+        candidates=CandidateSampler.from_settings(settings, previous_best),
     )
 
 
@@ -265,47 +270,94 @@ def product_selector(
 # ------------------------------------------------------------------------------------ cold start: spread (issue 18)
 
 
-def spread_features(positions: np.ndarray) -> np.ndarray:
-    """(n, 4) coordinates in [0, 1] for a spread over the data: the stack (stacks evenly along one axis), then the
-    slice, row and column normalised within each stack. Tasks without a position (own stacks) spread by id."""
-    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 6)
-    out = np.zeros((pos.shape[0], 4), dtype=np.float64)
-    if not pos.shape[0]:
-        return out
-    stacks, inverse = np.unique(pos[:, 0], return_inverse=True)
-    out[:, 0] = inverse / max(1, len(stacks) - 1)
-    centre_y, centre_x = pos[:, 2] + pos[:, 4] / 2, pos[:, 3] + pos[:, 5] / 2
-    for s in range(len(stacks)):
-        rows = inverse == s
-        for col, values in ((1, pos[rows, 1]), (2, centre_y[rows]), (3, centre_x[rows])):
-            lo, hi = values.min(), values.max()
-            out[rows, col] = (values - lo) / (hi - lo) if hi > lo else 0.5
-    return out
+_SPREAD_HEAD = 1000  # spread_order: tiles placed by the greedy rules; the rest round-robin over the slices
+
+
+def _farthest_first_1d(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Visiting order of ``values`` (one stack's slice numbers): a random first one, then always the one farthest
+    from every visited (ties at random), so any prefix spreads over the stack's depth."""
+    m = len(values)
+    order = np.empty(m, dtype=np.int64)
+    dist = np.full(m, np.inf)
+    jitter = rng.random(m) * 1e-6
+    i = int(rng.integers(m))
+    for j in range(m):
+        order[j] = i
+        dist = np.minimum(dist, np.abs(values - values[i]))
+        dist[i] = -np.inf
+        if j + 1 < m:
+            i = int(np.argmax(dist + jitter))
+    return order
 
 
 def spread_order(ids: Sequence[int], tasks: dict[int, dict], settings: Settings) -> list[int]:
-    """A served order that needs no image and no model: farthest-first traversal (greedy k-center) of the tasks'
-    positions (``spread_features``: stack, slice, y, x), from a seeded random first tile, under the stack rule of
-    BATCH_DIVERSITY. Why: right after an import, before the cold start's coverage order exists, the queue must
-    already spread the first batch over the slices and the field of view (issue 18: without scores Label Studio
-    served tasks 1-20, the first two slices). Deterministic for the same tasks and seed."""
-    from ml_backend.strategies.batch import coverage_order
+    """A served order that needs no image and no model, spread over the data: slice by slice in a farthest-first
+    order of each stack's slices (stacks interleaved by their share of slices), and within a slice the tile
+    farthest in xy from the tiles already placed of that stack, avoiding near-duplicates of them (the stack rule of
+    BATCH_DIVERSITY) while it can. The first ``_SPREAD_HEAD`` tiles are placed that way, the rest round-robin over
+    the slices in a seeded random order. Why: right after an import, before the cold start's coverage order exists,
+    the first batch must already span the stack's slices and field of view (issue 18: without scores Label Studio
+    served tasks 1-20, the first two slices). Deterministic for the same tasks and seed; a task without a position
+    is a slice of its own."""
+    from ml_backend.strategies.batch import Neighbourhood, StackPositions, resolve_neighbourhood, stack_conflicts
 
     ids = [int(t) for t in ids]
-    if not ids:
+    n = len(ids)
+    if not n:
         return []
-    pos = positions_of(ids, tasks)
-    feats = spread_features(pos)
     rng = np.random.default_rng([settings.seed, 0x5B2])
-    perm = rng.permutation(len(ids))  # coverage_order starts the traversal at row 0: a seeded random tile
-    feats = feats[perm] + 1e-9 * rng.random(feats.shape)  # ties broken at random, not by id
+    raw = positions_of(ids, tasks)
+    pos = StackPositions.from_array(raw)
+    slices, slice_of = np.unique(raw[:, :2], axis=0, return_inverse=True)
+    slice_of = slice_of.reshape(-1)
+    rank = np.zeros(len(slices))  # position of each slice in its stack's visiting order, as a fraction
+    for stack in np.unique(slices[:, 0]):
+        rows = np.flatnonzero(slices[:, 0] == stack)
+        visit = _farthest_first_1d(slices[rows, 1].astype(np.float64), rng)
+        rank[rows[visit]] = np.arange(len(rows)) / len(rows)
+    slice_order = np.lexsort((rng.random(len(slices)), rank))  # interleaved stacks; ties at random
+    # xy of tile centres, normalised per stack (the farthest-in-xy rule compares tiles of one stack)
+    cy, cx = (raw[:, 2] + raw[:, 4] / 2).astype(np.float64), (raw[:, 3] + raw[:, 5] / 2).astype(np.float64)
+    for stack in np.unique(raw[:, 0]):
+        rows = raw[:, 0] == stack
+        for c in (cy, cx):
+            lo, hi = c[rows].min(), c[rows].max()
+            c[rows] = (c[rows] - lo) / (hi - lo) if hi > lo else 0.5
     z_radius = settings.diversity_z_radius
-    cfg = BatchConfig(
-        neighbourhood=Neighbourhood(z_radius=3 if z_radius == "auto" else z_radius), method="top", feature_radius=0.0
-    )  # "auto" needs image thumbnails; the farthest-first traversal spreads over z anyway
-    idx = coverage_order(feats, pos[perm], settings.train_batch_size, config=cfg, seed=settings.seed,
-                         method="kcenter")  # fmt: skip
-    return [ids[int(perm[i])] for i in idx]
+    nb = resolve_neighbourhood(Neighbourhood(z_radius=z_radius), None, pos, settings.seed)
+    members = [np.flatnonzero(slice_of == s) for s in range(len(slices))]
+    chosen = np.zeros(n, dtype=bool)
+    blocked = np.zeros(n, dtype=bool)
+    mind = np.full(n, 4.0)  # squared xy distance to the nearest placed tile of the same stack (at most 2)
+    jitter = rng.random(n) * 1e-9
+    order: list[int] = []
+    head = min(n, _SPREAD_HEAD)
+    while len(order) < head:
+        for s in slice_order:
+            cand = members[s][~chosen[members[s]]]
+            if not cand.size:
+                continue
+            free = cand[~blocked[cand]]
+            pick = free if free.size else cand  # the stack rule is relaxed only when the slice has nothing else
+            i = int(pick[np.argmax(mind[pick] + jitter[pick])])
+            order.append(i)
+            chosen[i] = True
+            blocked |= stack_conflicts(pos, i, pos, nb)
+            same = raw[:, 0] == raw[i, 0]
+            d2 = (cy - cy[i]) ** 2 + (cx - cx[i]) ** 2
+            mind = np.where(same, np.minimum(mind, d2), mind)
+            if len(order) >= head:
+                break
+    rest = np.flatnonzero(~chosen)
+    slice_pos = np.empty(len(slices), dtype=np.int64)
+    slice_pos[slice_order] = np.arange(len(slices))
+    turn = np.empty(len(rest), dtype=np.int64)  # the round in which a slice serves this tile
+    within = rng.permutation(len(rest))
+    for s in range(len(slices)):
+        sel = np.flatnonzero(slice_of[rest] == s)
+        turn[sel[np.argsort(within[sel], kind="stable")]] = np.arange(sel.size)
+    rest = rest[np.lexsort((slice_pos[slice_of[rest]], turn))]
+    return [ids[i] for i in (*order, *rest.tolist())]
 
 
 def cold_start_order(
@@ -322,5 +374,5 @@ def cold_start_order(
     held = set(audit)
     first = [int(t) for t in head if int(t) in in_pool and int(t) not in held]
     seen = set(first)
-    rest = [t for t in spread_order([t for t in pool if t not in held and t not in seen], tasks, settings)]
+    rest = [t for t in spread_order(pool, tasks, settings) if t not in held and t not in seen]  # the pool's order
     return interleave_audit(first + rest, audit, audit_every(settings.audit_fraction))

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     inference_batch: int = Field(4, ge=1, validation_alias=_env("INFERENCE_BATCH", "inference_batch"))
     max_image_pixels: int = Field(120_000_000, ge=1, validation_alias=_env("MAX_IMAGE_PIXELS", "max_image_pixels"))
     rescore_chunk: int = Field(50, ge=1, validation_alias=_env("RESCORE_CHUNK", "rescore_chunk"))
+    # Issue 20.2 (active_learning.candidates): each training scores and ranks at most CANDIDATE_POOL unlabelled tiles
+    # (the papers' pool of 2,000 random tiles; 0 = the whole pool), a fresh seeded draw per round plus up to
+    # CANDIDATE_KEEP of the previous ranking's best still unlabelled (at most half the sample). The round's cost is
+    # then bounded by the sample, not the dataset; tiles outside it keep their last prediction.
+    candidate_pool: int = Field(2000, ge=0, validation_alias=_env("CANDIDATE_POOL", "candidate_pool"))
+    candidate_keep: int = Field(200, ge=0, validation_alias=_env("CANDIDATE_KEEP", "candidate_keep"))
     # Where relative /data/local-files/?d= paths resolve when the backend shares a disk with Label Studio.
     local_files_root: str = Field(
         "", validation_alias=_env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "local_files_root")

@@ -9,6 +9,8 @@ The plug-ins, product | benchmark:
   oracle on the tiles selected so far (``ml_backend.benchmarks.run``).
 * ``Publisher``: the model registry (versioned, promoted, pruned) | memory (the model is carried to the next round).
 * ``PoolScorer``: chunks shared with idle workers through Redis | in-process; both call ``inference.scoring``.
+  ``RoundPlan.candidates`` first bounds what it scores (``active_learning.candidates``: CANDIDATE_POOL tiles, a
+  fresh draw per round plus the previous best), so a round costs the same for 2,000 or 1,000,000 tiles.
 * ``Selector``: a queue score for every task (``QueueOrder``) | the strategy's batch of k (``TopK``). Issue 11's
   stack-aware batch diversity is a selector.
 * ``Evaluator`` (optional): the benchmark's test-region IoU | the product's audit gate (``active_learning.audit``:
@@ -104,6 +106,9 @@ class RoundPlan:
     score_seed: int = 0
     select_seed: int = 0
     score: bool = True
+    # (unlabelled pool, round's version) -> the ids to score and select among (``candidates.CandidateSampler``:
+    # a bounded sample, issue 20.2); None scores the whole pool.
+    candidates: Callable[[list[int], str], list[int]] | None = None
 
 
 @dataclass
@@ -116,6 +121,7 @@ class RoundOutcome:
     ranking: Ranking | None = None
     delivered: int = 0  # predictions handed to the sink
     timings: dict[str, float] = field(default_factory=dict)
+    pool_size: int = 0  # unlabelled tiles the round could score; ``len(scored.ids)`` of them were (candidate sample)
 
 
 class LabelSource(Protocol):
@@ -193,8 +199,11 @@ def run_round(
     if not evaluation.promote:  # the live version keeps serving, and so does the queue it ordered
         return outcome
     ids = source.unlabelled() if plan.score and scorer is not None and select is not None else []
+    outcome.pool_size = len(ids)
     if ids:
         with _timed("score", timings, phase):
+            if plan.candidates is not None:  # issue 20.2: the round's cost bounded by the sample, not the pool
+                ids = plan.candidates(ids, version)
             outcome.scored = scorer.score(trained, version, plan.strategy, ids, plan.score_seed)
             if outcome.scored.ids:
                 outcome.ranking = select(

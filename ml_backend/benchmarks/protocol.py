@@ -89,6 +89,15 @@ class Protocol:
     # 2.5D context (issue 11): the slices z + offset each tile and test slice is read from, as the U-Net's input
     # channels (ml_backend.data.context: edges clamped into the stack). [0]: plain 2-D, today's protocol.
     context_offsets: list[int] = field(default_factory=lambda: [0])
+    # Issue 20.2: each round scores a candidate sample of this many unlabelled pool tiles (the product's
+    # CANDIDATE_POOL, active_learning.candidates: a fresh draw per round plus up to candidate_keep of the previous
+    # round's best) and selects among them; 0 = the whole pool (the published protocol).
+    candidate_pool: int = 0
+    candidate_keep: int = 200
+
+
+# Fields that change what a round scores, not the initial model: left out of an arm's initial-model tag.
+SCORING_ONLY_FIELDS = ("candidate_pool", "candidate_keep")
 
 
 # Fields that change only the ``default`` arm's numbers (its recipe scaling): an output dir written before they

@@ -53,8 +53,9 @@ from ml_backend.active_learning import (
     TopK,
     run_round,
 )
+from ml_backend.active_learning.candidates import CandidateSampler, best_candidates
 from ml_backend.benchmarks.data import Dataset, dataset_for
-from ml_backend.benchmarks.protocol import Protocol, train_config
+from ml_backend.benchmarks.protocol import SCORING_ONLY_FIELDS, Protocol, train_config
 from ml_backend.benchmarks.report import write_json
 from ml_backend.inference.scoring import ScoringConfig, score_images
 from ml_backend.training.recipe import EnsembleSpec, ModelState, TrainedModel, train_model
@@ -394,7 +395,8 @@ def initial_tag(p: Protocol, ap: Protocol) -> str:
         return ""
     import hashlib
 
-    return "arm-" + hashlib.sha1(json.dumps(asdict(ap), sort_keys=True).encode()).hexdigest()[:10]
+    fields = {k: v for k, v in asdict(ap).items() if k not in SCORING_ONLY_FIELDS}  # the same tags as before them
+    return "arm-" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def arm_batch_config(p: Protocol, arm: str | Arm):
@@ -596,6 +598,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
             wants_labelled_embeddings=arm.labelled_embeddings,
         )
     picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
+    best: list[int] = []  # the previous round's best candidates (candidate_pool > 0)
     for rnd in range(p.rounds + 1):
         tests: dict[str, float] = {}
 
@@ -619,6 +622,9 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
             score_seed=seed * 1000 + rnd + 1,
             select_seed=seed * 1000 + rnd + 1,
             score=not last,
+            candidates=CandidateSampler(p.candidate_pool, p.candidate_keep, seed, tuple(best))
+            if p.candidate_pool > 0
+            else None,  # issue 20.2: a bounded candidate sample per round (0: the whole pool)
         )
         sink = NextBatch()
         outcome = run_round(
@@ -646,6 +652,9 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
         picking = {"ensemble": trained.ensemble_seconds, "score": outcome.timings.get("score", 0.0)}
         if not sink.picked:
             break
+        if p.candidate_pool > 0:  # what this round scored (its sample) and the best it carries to the next one
+            rounds[-1].update(pool=outcome.pool_size, candidates=len(outcome.scored.ids))
+            best = best_candidates(outcome, strategy, p.candidate_keep + p.k)
         rounds[-1].update(served_effort(trained.model, ds, sink.picked, p))  # this round's model pre-annotates them
         lab = lab + sink.picked
     record = {

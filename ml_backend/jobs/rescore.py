@@ -45,7 +45,7 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
         model, _meta = registry.load(version, map_location=device)
         ensemble = [registry.load_extra(version, name, map_location=device) for name in ctx.get("ensemble", [])]
         config = parse_label_config(ctx["label_config"])
-        compute_chunk(pid, version, ids, ctx, model, ensemble, config, settings, conn)
+        compute_chunk(pid, version, ids, ctx, model, ensemble, config, settings, conn, owner=owner)
     except BaseException:
         conn.delete(rescore_key(pid, version, f"claim:{chunk}"))  # let the coordinator redo it now
         raise

@@ -32,6 +32,7 @@ import numpy as np
 
 from ml_backend.active_learning import LabelledSet, LabelledTile, RoundPlan, TrainingError, run_round
 from ml_backend.active_learning.audit import AuditGate, audit_task_ids, split_audit
+from ml_backend.active_learning.candidates import CandidateSampler, PredictionAgeLog, previous_best
 from ml_backend.active_learning.plan import log_plan, product_plan, product_selector
 from ml_backend.config import Settings, get_settings, torch_device
 from ml_backend.data.context import model_offsets
@@ -219,7 +220,7 @@ def _resume_plan(
     stored = [registry.load_extra(meta["version"], n, map_location=device) for n in meta.get("extra_models", [])]
     state = ModelState(model, meta["version"], "kept", stored)
     plan = RoundPlan(strategy, state, scoring=ScoringConfig.from_settings(settings), score_seed=settings.seed,
-                     select_seed=settings.seed)  # fmt: skip
+                     select_seed=settings.seed, candidates=CandidateSampler.from_settings(settings))  # fmt: skip
     return plan, KeepVersion(meta["version"], meta, announce=progress.published)
 
 
@@ -258,8 +259,10 @@ def _train_and_rescore(
         unlabelled = lambda: unlabelled_crops(  # noqa: E731
             {t: snap.tasks[t] for t in pool}, snap.config, settings, offsets=offsets, index=snap.neighbours()
         )
+        # The live ranking's top still unlabelled: kept in this round's candidate sample (issue 20.2).
+        best = previous_best(snap.tasks, snap.annotations, (snap.current or {}).get("version"), settings.candidate_keep)
         plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
-                            progress=progress.train_step, unlabelled=unlabelled)  # fmt: skip
+                            progress=progress.train_step, unlabelled=unlabelled, previous_best=best)  # fmt: skip
         log_plan(registry, plan, len(labelled.tiles))
         extra = {"annotation_signature": snap.signature, "skipped": labelled.skipped, "trigger": reason, "job": job_id}
         publisher = RegistryPublisher(
@@ -301,6 +304,7 @@ def _train_and_rescore(
         }
     if evaluation.reason:
         progress.update(promotion={"version": version, "promoted": True, "reason": evaluation.reason})
+    _record_prediction_age(pid, snap, settings, outcome)
     log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, outcome.delivered, version)
     return {
         "promoted": True,
@@ -313,6 +317,7 @@ def _train_and_rescore(
         "n_annotations": len(labelled.tiles),
         "skipped": len(labelled.skipped),
         "predictions": outcome.delivered,
+        "candidates": {"pool": outcome.pool_size, "scored": 0 if outcome.scored is None else len(outcome.scored.ids)},
         "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
     }
 
@@ -346,6 +351,22 @@ def _record_effort(
     skipped = sum(1 for r in records if r.get("skipped"))
     log.info("project %s: annotation effort of %d new annotation(s) recorded (%d not measurable)", pid, written,
              skipped)  # fmt: skip
+
+
+def _record_prediction_age(pid: int, snap: ProjectSnapshot, settings: Settings, outcome: Any) -> None:
+    """How old each unlabelled task's prediction is after this delivery (issue 20.2: tiles outside the candidate
+    sample keep their last one), for the status page. A report: never fails the job."""
+    if outcome.scored is None or not outcome.delivered:
+        return
+    try:
+        rec = PredictionAgeLog(settings.model_dir, pid).record(
+            snap.tasks, snap.annotations, outcome.version, outcome.scored.ids, pool=outcome.pool_size,
+            candidate_pool=settings.candidate_pool,
+        )  # fmt: skip
+    except Exception as exc:
+        log.warning("project %s: prediction age not recorded: %s: %s", pid, type(exc).__name__, exc)
+        return
+    log.info("project %s: prediction age of the %d unlabelled tasks: %s", pid, outcome.pool_size, rec["ages"])
 
 
 def _live(registry: ModelRegistry) -> tuple[Any, str] | None:

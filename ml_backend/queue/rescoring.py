@@ -75,9 +75,10 @@ def _url_loader(tid: int, config: Any, settings: Settings) -> Any:
 
 def compute_chunk(
     pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], config: Any,
-    settings: Settings, conn: Any,
+    settings: Settings, conn: Any, owner: str = "",
 ) -> None:  # fmt: skip
-    """Score one chunk and store its summary + masks in Redis for the coordinator."""
+    """Score one chunk and store its summary + masks in Redis for the coordinator (``owner``: who scored it, the
+    claim's holder, kept with the result so a round can show that every chunk was scored exactly once)."""
     from ml_backend.strategies import get_strategy
 
     strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
@@ -99,7 +100,7 @@ def compute_chunk(
         except Exception as exc:  # an unreadable image drops that task from this round only
             log.warning("project %s: task %s not scored: %s: %s", pid, tid, type(exc).__name__, exc)
             failed.append({"task": tid, "error": f"{type(exc).__name__}: {exc}"})
-    record: dict[str, Any] = {"task_ids": json.dumps(ok_ids), "failed": json.dumps(failed)}
+    record: dict[str, Any] = {"task_ids": json.dumps(ok_ids), "failed": json.dumps(failed), "owner": owner}
     if images:
         seed = settings.seed + int(chunk_id(task_ids), 16) % 1000
         summary, results, pixels = score_tiles(model, images, strategy, config, settings, ensemble=ensemble, seed=seed)
@@ -127,6 +128,8 @@ class RescoreRound:
     chunks: list[list[int]]
     ctx: dict
     helper_jobs: list[str] = field(default_factory=list)
+    owners: dict[str, str] = field(default_factory=dict)  # chunk id -> who scored it (filled by collect_rescore)
+    scored_here: int = 0  # chunks the coordinator scored itself
 
 
 def start_rescore(
@@ -219,7 +222,8 @@ def collect_rescore(
                 progressed = True
                 continue
             if claim_chunk(conn, pid, version, chunk, owner):
-                compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), config, settings, conn)
+                compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), config, settings, conn,
+                              owner=owner)  # fmt: skip
                 done_local += 1
                 progressed = True
                 log.info(
@@ -231,6 +235,8 @@ def collect_rescore(
                 raise TimeoutError(f"project {pid}: {len(pending)} re-scoring chunk(s) never completed")
             time.sleep(0.2)
     log.info("project %s: %d/%d chunks scored here, the rest by helpers", pid, done_local, len(rnd.chunks))
+    rnd.scored_here = done_local
+    rnd.owners = {c: (r.get("owner") or b"").decode() for c, r in collected.items()}
 
     all_ids: list[int] = []
     results: list[list[dict]] = []
@@ -319,12 +325,14 @@ class RedisPoolScorer:
     settings: Settings
     conn: Any
     helpers: bool = True
+    last: RescoreRound | None = None  # the last round's chunks and who scored them (benchmarks, tests)
 
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
         rnd = start_rescore(
             self.pid, version, self.config, self.label_xml, strategy, self.tasks, ids, self.settings, self.conn,
             n_ensemble=len(trained.ensemble), helpers=self.helpers, offsets=model_offsets(trained.model),
         )  # fmt: skip
+        self.last = rnd
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
         return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)

@@ -8,12 +8,16 @@ What it does, in order (every step is idempotent, so re-running reuses what exis
    in `<workdir>/backend-login.json` (mode 0600);
 2. imports EM tiles into a project: `--data PATH` (multi-page TIFF or a folder of PNG/TIFF slices), otherwise
    generated EM-like tiles with ground truth;
-3. sets the project up for the loop (dense brush config, local storage, backend connected with that login and its
-   webhook carrying it, "Active learning queue" view sorted by score, sequential sampling over it) and asks the
-   backend for cold-start predictions;
-4. with ground truth at hand (generated data, or `--masks PATH`), plays the annotator for one batch: submits
-   `--simulate` brush annotations for the first tiles of the queue through the SDK, which fires Label Studio's
-   webhooks -> fine-tuning on the worker -> a new model version -> the pool re-scored and the queue re-ordered;
+3. sets the project up for the loop (`dense_uncertainty.xml`: mask, uncertainty layer, suggested region; local
+   storage; backend connected with that login and its webhook carrying it; "Active learning queue" view sorted by
+   score; "Uncertainty sampling", so every way of asking for the next task serves the lowest score), publishes at
+   once a first queue spread over the stack's slices and field of view (no model needed: seconds), and queues the
+   cold start (pretraining, then a coverage order of a bounded sample; `ml_backend.jobs.pretrain`);
+4. with ground truth at hand (generated data, or `--masks PATH`), plays the annotator for one batch: asks Label
+   Studio's own `/api/projects/<id>/next/` (no view, as an SDK script would) `--simulate` times and submits the
+   ground-truth mask of each task served, which fires Label Studio's webhooks -> fine-tuning on the worker (after
+   the cold start, from its pretrained weights) -> a new model version of the backend's registry -> the pool
+   re-scored and the queue re-ordered; it prints each job's phase, step and ETA while it waits;
 5. prints Label Studio's URL and login, the backend's status page and login, and keeps everything running until
    Ctrl-C.
 """
@@ -38,11 +42,12 @@ import numpy as np
 from ml_backend.cli import worker_command
 from ml_backend.config import Settings
 from ml_backend.data.stacks import read_stack
-from ml_backend.labelstudio.client import as_dict, call, connect, list_tasks
+from ml_backend.jobs.pretrain import COLD_START_VERSION, publish_spread_queue
+from ml_backend.labelstudio.client import as_dict, call, connect
 from ml_backend.labelstudio.importing import import_tiles
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.rle import mask_to_results
-from ml_backend.labelstudio.setup import setup_project, sync_model_version
+from ml_backend.labelstudio.setup import DEFAULT_LABEL_CONFIG, setup_project
 from ml_backend.services.label_studio import start_label_studio
 from ml_backend.services.redis import start_redis, stop_redis
 
@@ -58,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=REPO / ".quickstart", help="state (default: .quickstart/)")
     p.add_argument("--tiles", type=int, default=60, help="generated tiles when no --data (default: 60)")
     p.add_argument("--tile-size", type=int, default=256, help="task tile size in pixels (default: 256)")
-    p.add_argument("--label-config", type=Path, default=REPO / "label_config" / "dense.xml")
+    p.add_argument("--label-config", type=Path, default=DEFAULT_LABEL_CONFIG,
+                   help="label config XML (default: label_config/dense_uncertainty.xml)")  # fmt: skip
     p.add_argument(
         "--simulate",
         type=int,
@@ -132,30 +138,42 @@ def ground_truth(masks: Path) -> dict[str, np.ndarray]:
             for s in read_stack(masks)}  # fmt: skip
 
 
+def next_task(ls_url: str, api_key: str, project_id: int, timeout: float = 30.0) -> dict | None:
+    """Label Studio's own next task for this user (``GET /api/projects/<id>/next/`` without ``view=``, what an SDK
+    script calls); None when nothing is left. It locks the task for the user until it is annotated."""
+    import requests
+
+    resp = requests.get(f"{ls_url.rstrip('/')}/api/projects/{int(project_id)}/next/",
+                        headers={"Authorization": f"Token {api_key}"}, timeout=timeout)  # fmt: skip
+    if resp.status_code == 404:
+        return None
+    resp.raise_for_status()
+    return resp.json()
+
+
 def simulate_annotator(
-    ls, project_id: int, view_id: int, config, truth: dict[str, np.ndarray], count: int
-) -> list[int]:
-    """Label the first `count` tiles of the active-learning queue with their ground truth, as an annotator would."""
-    tasks = list_tasks(ls, project_id, fields="all")
-    order = [as_dict(t) for t in call(ls, lambda: list(ls.tasks.list(project=project_id, view=view_id)),
-                                      what="reading the queue view")]  # fmt: skip
-    by_id = {t["id"]: t for t in tasks}
-    done: list[int] = []
-    for t in order:
-        task = by_id.get(t["id"], t)
-        if task.get("annotations") or len(done) >= count:
-            continue
+    ls, ls_url: str, api_key: str, project_id: int, config, truth: dict[str, np.ndarray], count: int
+) -> list[dict]:
+    """Label the next ``count`` tasks Label Studio serves with their ground truth, as an annotator would: each task
+    comes from ``/next`` (the queue), gets its mask submitted, and the next one is asked for. Returns the tasks'
+    ``{id, slice, tile_y, tile_x}``."""
+    done: list[dict] = []
+    while len(done) < count:
+        task = next_task(ls_url, api_key, project_id)
+        if task is None:
+            break
         d = task["data"]
         mask = truth[Path(d["source"]).stem]
         y, x, h, w = d["tile_y"], d["tile_x"], d["tile_height"], d["tile_width"]
         results = mask_to_results(mask[y : y + h, x : x + w], config)
         call(ls, ls.annotations.create, id=task["id"], result=results, what=f"annotating task {task['id']}")
-        done.append(task["id"])
+        done.append({"id": int(task["id"]), "slice": d.get("slice"), "tile_y": y, "tile_x": x})
     return done
 
 
 def job_progress(project_id: int, settings: Settings) -> str:
-    """One line of the training job's progress, from its RQ meta (what `ml_backend.cli status` shows in full)."""
+    """One line of the running job's progress, from its RQ meta (what `ml_backend.cli status` shows in full): the
+    phase and that phase's own step, unit and ETA."""
     from ml_backend.queue import QueueUnavailable, queue_state
 
     try:
@@ -168,10 +186,24 @@ def job_progress(project_id: int, settings: Settings) -> str:
     if not meta:
         return "queued" if state.get("queued") else "waiting for the worker"
     step = meta.get("progress") or {}
-    fields = {k: step[k] for k in ("step", "steps", "loss", "val_iou") if step.get(k) is not None}
-    return f"{meta.get('phase', 'starting')} " + " ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()
-    )
+    line = f"{meta.get('reason') or 'job'}: {meta.get('phase', 'starting')}"
+    if step.get("steps"):
+        line += f" {step.get('step', 0)}/{step['steps']} {step.get('unit') or 'steps'}"
+    for k in ("loss", "val_iou"):
+        if isinstance(step.get(k), float):
+            line += f" {k}={step[k]:.3f}"
+    if isinstance(step.get("eta_s"), (int, float)):
+        line += f", ETA {step['eta_s']:.0f} s"
+    return line
+
+
+def backend_version(settings: Settings, project_id: int) -> str | None:
+    """The backend's live version of the project (its registry: a version id such as ``v0001-...``), None before
+    the first training. Label Studio's project ``model_version`` alone is no proof: connecting the backend sets it
+    to the backend's title, and the cold start sets it to ``cold-start``."""
+    from ml_backend.store.registry import ModelRegistry
+
+    return ModelRegistry(settings.model_dir, project_id).current_version()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                "BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1]}  # fmt: skip
         settings = Settings.from_env(**{
             "label_studio_url": ls_server.url, "label_studio_api_key": ls_server.api_key,
-            "redis_url": env["REDIS_URL"], "model_dir": Path(env["MODEL_DIR"])})  # fmt: skip
+            "redis_url": env["REDIS_URL"], "model_dir": Path(env["MODEL_DIR"]),
+            "train_batch_size": int(batch)})  # fmt: skip
         backend_url = f"http://127.0.0.1:{args.backend_port}"
         print(f"[2/5] starting the backend on {backend_url} and an RQ worker", flush=True)
         logs = work / "logs"
@@ -239,27 +272,53 @@ def main(argv: list[str] | None = None) -> int:
         summary = setup_project(ls, title=TITLE, label_config=label_config, backend_url=backend_url, basic_auth=auth,
                                 retrieve=False)  # fmt: skip
         pid, view = summary["project"], summary["view"]
+        import_started = time.monotonic()
         imported = import_tiles(ls, pid, stacks, document_root=files, tile=args.tile_size)
+        imported_at = time.monotonic()
+        print(f"      import: {imported_at - import_started:.0f} s", flush=True)
+        live = backend_version(settings, pid)
+        project_version = as_dict(ls.projects.get(id=pid)).get("model_version")
+        if live is None and (imported["created"] or project_version != COLD_START_VERSION):
+            # issue 18: a first queue spread over the stack at once; the cold start's coverage order replaces it
+            spread = publish_spread_queue(ls, pid, settings)
+            first = spread.get("first") or []
+            print(f"      {imported['tiles']} tiles ({imported['created']} new); first queue spread over the stack "
+                  f"({spread.get('queued', 0)} tasks, first batch {first[:10]}{' ...' if len(first) > 10 else ''})",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by "
+                  f"'{live or project_version}'")  # fmt: skip
         if imported["created"]:
             from ml_backend.labelstudio.importing import enqueue_cold_start
 
-            enqueue_cold_start(pid, settings)
-        version = sync_model_version(ls, pid, summary["backend_version"], retrieve=True)
-        print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by model '{version}'")
+            cold = enqueue_cold_start(pid, settings)
+            print(f"      cold start (pretraining at most {settings.pretrain_time_budget_s:.0f} s, then a coverage "
+                  f"order of at most {settings.coldstart_embed_tiles} tiles): {cold['status']}",
+                  flush=True)  # fmt: skip
 
         if masks and args.simulate > 0:
-            print(f"[4/5] simulated annotator submits {args.simulate} brush masks from the ground truth", flush=True)
+            print(f"[4/5] simulated annotator: {args.simulate} tasks from Label Studio's /next, each annotated with "
+                  "its ground-truth mask", flush=True)  # fmt: skip
             config = parse_label_config(label_config)
-            done = simulate_annotator(ls, pid, view, config, ground_truth(masks), args.simulate)
+            done = simulate_annotator(ls, ls_server.url, ls_server.api_key, pid, config, ground_truth(masks),
+                                      args.simulate)  # fmt: skip
+            slices = sorted({d["slice"] for d in done if d.get("slice") is not None})
             print(
-                f"      annotated tasks {done}; waiting for the worker to fine-tune and re-score "
-                f"(progress: python -m ml_backend.cli status --project {pid}; log: {logs / 'worker.log'})"
+                f"      annotated tasks {[d['id'] for d in done]} ({len(slices)} different slices: {slices}) "
+                f"{time.monotonic() - imported_at:.0f} s after the import; waiting for the worker to pretrain, "
+                f"fine-tune and re-score (progress: python -m ml_backend.cli status --project {pid}; status page; "
+                f"log: {logs / 'worker.log'})",
+                flush=True,
             )
             start = time.monotonic()
-            while (current := as_dict(ls.projects.get(id=pid)).get("model_version")) == version:
+            while True:  # a new version of the backend's registry, delivered (the project orders by it)
+                current = backend_version(settings, pid)
+                if current not in (None, live) and as_dict(ls.projects.get(id=pid)).get("model_version") == current:
+                    break
                 time.sleep(10)
                 print(f"      ... {time.monotonic() - start:4.0f} s  {job_progress(pid, settings)}", flush=True)
-            print(f"      new model version {current} after {time.monotonic() - start:.0f} s; queue re-ordered")
+            print(f"      new model version {current} live {time.monotonic() - imported_at:.0f} s after the import "
+                  f"({time.monotonic() - start:.0f} s after the batch); queue re-ordered", flush=True)  # fmt: skip
         else:
             print(
                 "[4/5] no ground truth given: annotate in the browser; every "

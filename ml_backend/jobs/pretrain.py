@@ -125,6 +125,7 @@ def _phase(progress: JobProgress, done: dict[str, float], name: str, total: int,
         tracker.report(0)
         yield tracker
     done[name] = round(time.monotonic() - tracker.t0, 1)
+    progress.update(phases=tracker.phases())  # this phase is done, with its duration
 
 
 def _pending_training(pid: int, settings: Settings, conn: Any) -> bool:

@@ -1,9 +1,10 @@
 """Set a Label Studio project up for the active-learning loop (idempotent: run it as often as you like).
 
-1. the project (found by title, else created) with a label config from ``label_config/``, one annotation per task
-   and "Sequential sampling": ``/next?view=<queue view>`` (the "Active learning queue" tab) serves each annotator the
-   unlocked task with the LOWEST prediction score ("Uncertainty sampling" would pick a random predicted task as soon
-   as a project has two annotators; see ``SHARED_QUEUE``);
+1. the project (found by title, else created) with a label config from ``label_config/`` (default
+   ``dense_uncertainty.xml``: the mask, the uncertainty layer and the suggested region), one annotation per task
+   and "Uncertainty sampling": every way of asking Label Studio 1.23.2 for the next task ("Label All Tasks" from any
+   tab, ``/next`` with or without ``view=``) serves each annotator the unlocked task with the LOWEST prediction
+   score of the project's model version (see ``SHARED_QUEUE`` for why, and what must not be changed);
 2. optionally a local storage for a tile folder (``--storage-path``; ``import_tiles.py`` makes its own);
 3. the ML backend connected (``--backend-url``; basic auth from BASIC_AUTH_USER/BASIC_AUTH_PASS when set), and
    its annotation webhook carrying the same credentials as an ``Authorization: Basic`` header: Label Studio
@@ -17,8 +18,8 @@
    curve) linked from the project description, so the team finds it from Label Studio (``--public-url`` when the
    browser reaches the backend under another address than Label Studio does).
 
-    python -m ml_backend.labelstudio.setup --title "EM mitochondria" --label-config label_config/dense.xml \\
-        --backend-url http://127.0.0.1:9090
+    python -m ml_backend.labelstudio.setup --title "EM mitochondria" \\
+        --label-config label_config/dense_uncertainty.xml --backend-url http://127.0.0.1:9090
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ log = logging.getLogger("setup_project")
 
 QUEUE_VIEW_TITLE = "Active learning queue"
 QUEUE_ORDERING = ["tasks:predictions_score"]  # ascending: lowest score (most informative) first
-SAMPLING = "Sequential sampling"  # over the queue view; see SHARED_QUEUE for why not "Uncertainty sampling"
+SAMPLING = "Uncertainty sampling"  # lowest score first from every tab and from /next without view=; see SHARED_QUEUE
+DEFAULT_LABEL_CONFIG = REPO_ROOT / "label_config" / "dense_uncertainty.xml"  # issue 18: annotators see why a tile
 
 
 class SetupError(RuntimeError):
@@ -155,12 +157,20 @@ def sync_model_version(ls: Any, project_id: int, version: str, *, retrieve: bool
     return version
 
 
-# Several annotators at once (issue 12): /next locks the task it serves and skips tasks others hold once
-# maximum_annotations (the overlap) is reached. Under "Uncertainty sampling" with more than one organisation member,
-# Label Studio 1.23.2 serves a RANDOM task with a prediction; "Sequential sampling" over the queue view (ascending
-# score) serves the lowest-score unlocked task to each annotator. Annotators label from the "Active learning queue"
-# tab ("Label All Tasks" / "Label Tasks As Displayed" there, or /next?view=<id>).
-SHARED_QUEUE = {"maximum_annotations": 1, "sampling": "Sequential sampling", "show_overlap_first": False}
+# Every way of getting the next task serves the queue (issues 12, 18), read off Label Studio 1.23.2's code:
+# - "Label All Tasks" (any tab) posts the next_task action with an EMPTY body (dm:labelstream:mode "all": no
+#   filters, no ordering, no view), and /next without view= (an SDK script) has no ordering either: under
+#   "Sequential sampling" both serve tasks in id order (issue 18: tasks 1-20, the first two slices).
+# - Under "Uncertainty sampling" /next (any tab, with or without view=, dm_queue false) orders the tasks holding a
+#   prediction of the project's model_version by its score, LOWEST first, and takes the first one not locked by
+#   someone else (``_try_uncertainty_sampling``). It draws at random only when ``project.annotators()`` counts more
+#   than one; in the open-source edition that count is of team members (Enterprise) and project members
+#   (``add_collaborator``, never called by the open-source server), so it is 0 there whatever the number of users:
+#   the lowest score is served (checked with two users in tests/integration/test_first_hour.py).
+# - /next locks the task it serves (TASK_LOCK_TTL) and skips tasks others hold once maximum_annotations (the
+#   overlap) is reached, so concurrent annotators get different tasks; no overlap-first reordering.
+# "Label Tasks As Displayed" follows the tab's own ordering: the "Active learning queue" tab sorts by score.
+SHARED_QUEUE = {"maximum_annotations": 1, "sampling": SAMPLING, "show_overlap_first": False}
 
 
 def configure_shared_queue(ls: Any, project_id: int) -> dict[str, Any]:
@@ -264,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--title", default="EM mitochondria (active learning)")
-    parser.add_argument("--label-config", default=str(REPO_ROOT / "label_config" / "dense.xml"),
-                        help="label config XML file (label_config/dense.xml or sparse.xml)")  # fmt: skip
+    parser.add_argument("--label-config", default=str(DEFAULT_LABEL_CONFIG),
+                        help="label config XML file (default label_config/dense_uncertainty.xml; any config of "
+                        "label_config/)")  # fmt: skip
     parser.add_argument("--backend-url", default=None, help="ML backend URL, e.g. http://127.0.0.1:9090")
     parser.add_argument("--storage-path", default=None, help="tile folder for a local storage (optional)")
     parser.add_argument("--url", default=settings.label_studio_url, help="LABEL_STUDIO_URL")

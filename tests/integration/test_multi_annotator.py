@@ -5,9 +5,9 @@ first.
 
 Why the set-up's configuration (``setup.configure_shared_queue``): in 1.23.2 ``/next`` locks the task it serves
 (TaskLock, TTL ``TASK_LOCK_TTL``) and skips tasks locked by others once ``maximum_annotations`` (the overlap) is
-reached; under "Uncertainty sampling" with more than one member in the organisation it picks a RANDOM task among those
-holding a prediction of the project's model version (the ``upper_limit`` it computes is ignored), so only
-"Sequential sampling" over the queue view (ascending prediction score) serves informative tasks first to everyone.
+reached; the set-up's "Uncertainty sampling" serves the lowest score of the project's model version first (it would
+draw at random only with more than one TEAM or PROJECT member, which the open-source server never creates: issue 18),
+from the queue view as from any other tab or no view at all.
 
 The guarantee needs Label Studio on PostgreSQL (its production database): ``get_next_task`` runs in a transaction and
 takes the candidate row with ``SELECT ... FOR UPDATE SKIP LOCKED`` only when the database is not SQLite. On SQLite
@@ -34,7 +34,7 @@ import pytest
 import requests
 
 from ml_backend.labelstudio.client import as_dict, push_predictions
-from ml_backend.labelstudio.setup import QUEUE_ORDERING, QUEUE_VIEW_TITLE, configure_shared_queue
+from ml_backend.labelstudio.setup import QUEUE_ORDERING, QUEUE_VIEW_TITLE, SHARED_QUEUE, configure_shared_queue
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -188,7 +188,7 @@ def test_two_annotators_at_the_same_moment_get_different_informative_tasks(label
     pid, view, scores = _project_with_scores(ls, QUEUE_VIEW_TITLE)
     changed = configure_shared_queue(ls, pid)
     project = as_dict(ls.projects.get(id=pid))
-    assert project["maximum_annotations"] == 1 and project["sampling"] == "Sequential sampling", changed
+    assert project["maximum_annotations"] == 1 and project["sampling"] == SHARED_QUEUE["sampling"], changed
     served = _pull_together(server.url, annotators, pid, view, ROUNDS)
     _check_served(served, scores)
     # a task held by one annotator (not submitted) is never served to the other, over many simultaneous pulls

@@ -152,8 +152,9 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         summary = job.return_value()
         assert job.get_status() == "finished" and summary["status"] == "pretrained", logs()
         assert summary["queue"] == "coverage" and summary["steps"] == 30
-        assert job.meta["progress"]["step"] == job.meta["progress"]["steps"] == 30  # progress in the job's meta
-        assert {"read_s", "pretrain_s", "coverage_s"} <= set(job.meta["timings"])
+        # every phase reported its own progress in the job's meta (issue 18) and ended
+        assert [p["state"] for p in job.meta["phases"]] == ["done"] * 6, job.meta["phases"]
+        assert {"read_s", "pretrain_s", "embed_s", "publish_s"} <= set(job.meta["timings"])
         assert (registry.root / "pretrain" / "pretrained.pt").is_file()
         assert (registry.root / "pretrain" / "checkpoint.pt").is_file()  # resumable
         assert registry.current_version() is None

@@ -1,0 +1,299 @@
+"""A new team's first hour on its own stack (issue 18), end to end: real Label Studio 1.23.2, real Redis, the backend
+under gunicorn behind basic auth, a real ``rq worker``, a generated stack of 1,024 tiles of 32 px.
+
+1. ``ml-backend setup`` configures the project as the quick start does: ``dense_uncertainty.xml``, "Uncertainty
+   sampling" (every way of asking for the next task serves the lowest score), the webhook carrying the login.
+2. The quick start's import path: tiles imported, the position-spread first queue published at once
+   (``jobs.pretrain.publish_spread_queue``), the cold start queued (tiny pretraining budget).
+3. Before any model exists, a second user of the organisation asks ``/next`` WITHOUT ``view=`` (what an SDK script
+   calls): it gets the head of the spread queue, not task 1 (two users do not make Label Studio draw at random);
+   then the cold start is queued.
+4. The cold start ends: every phase reported its own progress; only COLDSTART_EMBED_TILES tiles were embedded; the
+   coverage order is what ``/next`` serves from then on.
+5. The admin takes the rest of the first batch from ``/next`` (no view) and submits the ground truth: the served
+   tasks are exactly the queue's lowest scores, skipping the task the other user holds.
+6. A first version of the backend's registry (``v0001-...``) is trained from the pretrained weights, delivered, and
+   the queue re-ordered: ``/next`` serves the new version's lowest score.
+
+Fast tests of the pieces (spread order, bounded coverage sample, the "a training waits" rule) come first.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tifffile
+from waiting import wait_until
+
+from ml_backend.config import Settings
+from ml_backend.labelstudio.client import as_dict, list_tasks
+
+REPO = Path(__file__).resolve().parents[2]
+TILE = 32
+SLICES = 16
+BATCH = 10
+EMBED = 200  # COLDSTART_EMBED_TILES: fewer than the 1,024 tiles
+Z_RADIUS = 3
+
+
+def _grid_tasks(slices: int, rows: int, cols: int, tile: int = TILE, start: int = 1) -> dict[int, dict]:
+    tasks, tid = {}, start
+    for z in range(slices):
+        for r in range(rows):
+            for c in range(cols):
+                tasks[tid] = {"id": tid, "data": {"image": f"/t/{tid}.png", "source": "/stack.tif", "slice": z,
+                                                  "tile_y": r * tile, "tile_x": c * tile, "tile_width": tile,
+                                                  "tile_height": tile}}  # fmt: skip
+                tid += 1
+    return tasks
+
+
+def _near(a: dict, b: dict, tile: int = TILE) -> bool:
+    da, db = a["data"], b["data"]
+    return (
+        abs(da["slice"] - db["slice"]) <= Z_RADIUS
+        and abs(da["tile_x"] - db["tile_x"]) < tile
+        and abs(da["tile_y"] - db["tile_y"]) < tile
+    )
+
+
+def _settings(tmp_path: Path, **kw) -> Settings:
+    return Settings.from_env(model_dir=tmp_path, train_batch_size=BATCH, audit_fraction=0.1, device="cpu",
+                             model_width=4, model_depth=2, **kw)  # fmt: skip
+
+
+def test_the_spread_order_spans_the_stack_without_near_duplicates(tmp_path):
+    from ml_backend.active_learning.audit import audit_task_ids
+    from ml_backend.active_learning.plan import cold_start_order, spread_order
+
+    settings = _settings(tmp_path)
+    tasks = _grid_tasks(SLICES, 8, 8)
+    order = spread_order(sorted(tasks), tasks, settings)
+    assert sorted(order) == sorted(tasks) and order == spread_order(sorted(tasks), tasks, settings)
+    first = order[:BATCH]
+    slices = sorted(tasks[t]["data"]["slice"] for t in first)
+    assert len(set(slices)) >= BATCH - 2 and slices[-1] - slices[0] >= SLICES // 2, slices  # over the whole stack
+    for i, a in enumerate(first):
+        for b in first[i + 1 :]:
+            assert not _near(tasks[a], tasks[b]), (a, b)
+    served = cold_start_order(sorted(tasks), tasks, settings)
+    audit = set(audit_task_ids(sorted(tasks), 0.1, settings.seed))
+    assert [t in audit for t in served[:20]] == [(i + 1) % 10 == 0 for i in range(20)]  # audit places kept
+    # labelled tasks are not served; a given head comes first, the rest keeps the spread order
+    head = [t for t in order[50:60] if t not in audit]
+    pool = [t for t in sorted(tasks) if t != order[0]]
+    served = cold_start_order(pool, tasks, settings, head=head)
+    assert order[0] not in served and [t for t in served if t not in audit][: len(head)] == head
+
+
+def test_the_coverage_order_embeds_only_the_sample_it_is_given(tmp_path):
+    from ml_backend.active_learning.audit import audit_task_ids
+    from ml_backend.active_learning.plan import spread_order
+    from ml_backend.data.synthetic import generate_em_like
+    from ml_backend.jobs.pretrain import coverage_queue
+    from ml_backend.training.recipe import new_model
+
+    settings = _settings(tmp_path)
+    tasks = _grid_tasks(6, 4, 4)
+    sample = sorted(tasks)[::3]
+    raw, _ = generate_em_like(len(sample), size=TILE, seed=2)
+    images = {t: r.astype(np.float32) / 255.0 for t, r in zip(sample, raw, strict=True)}
+    model = new_model(settings, 2)
+    calls: list[int] = []
+    embed = model.embed
+
+    def counting_embed(x):  # the real encoder, counted
+        calls.append(int(x.shape[0]))
+        return embed(x)
+
+    model.embed = counting_embed
+    order = coverage_queue(tasks, images, model, settings, "cpu")
+    audit = set(audit_task_ids(sorted(tasks), 0.1, settings.seed))
+    embedded = {t for t in sample if t not in audit}
+    assert sum(calls) == len(embedded) < len(tasks)  # the sample only, never the whole stack
+    assert sorted(order) == sorted(tasks)  # every task is queued: the others in spread order behind the sample
+    served = [t for t in order if t not in audit]
+    assert set(served[: len(embedded)]) == embedded
+    assert served[len(embedded) :] == [t for t in spread_order(sorted(tasks), tasks, settings)
+                                       if t not in embedded and t not in audit]  # fmt: skip
+
+
+def test_a_waiting_training_skips_the_coverage_push(tmp_path, redis_url):
+    import redis
+
+    from ml_backend.jobs.pretrain import _pending_training
+    from ml_backend.queue.keys import key
+
+    conn = redis.Redis.from_url(redis_url)
+    settings = _settings(tmp_path, redis_url=redis_url)
+    pid = 91000 + int(uuid.uuid4().int % 1000)
+    assert not _pending_training(pid, settings, conn)
+    conn.sadd(key(pid, "pending"), *[f"a{i}" for i in range(BATCH - 1)])
+    assert not _pending_training(pid, settings, conn)  # one annotation short of a batch
+    conn.sadd(key(pid, "pending"), "a-last")
+    assert _pending_training(pid, settings, conn)
+    conn.delete(key(pid, "pending"))
+    conn.set(key(pid, "queued"), "train-p-gone")  # a stale slot naming no waiting job does not count
+    assert not _pending_training(pid, settings, conn)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def _signup(url: str) -> requests.Session:
+    """A second user of the organisation, signed up and logged in through Label Studio's own form."""
+    s = requests.Session()
+    email, password = f"annotator-{uuid.uuid4().hex[:6]}@example.com", "annotator-pass-123"
+    s.get(url + "/user/signup/", timeout=30)
+    form = {"email": email, "password": password, "how_find_us": "Other",
+            "csrfmiddlewaretoken": s.cookies.get("csrftoken", "")}  # fmt: skip
+    resp = s.post(url + "/user/signup/", data=form, headers={"Referer": url + "/user/signup/"}, timeout=30)
+    assert resp.status_code == 200, resp.text[:300]
+    assert s.get(url + "/api/current-user/whoami", timeout=30).json().get("email") == email
+    s.headers.update({"X-CSRFToken": s.cookies.get("csrftoken", ""), "Referer": url})
+    return s
+
+
+def _next(session: requests.Session, url: str, pid: int) -> dict:
+    """``GET /api/projects/<id>/next/`` without ``view=``: what an SDK script calls."""
+    resp = session.get(f"{url}/api/projects/{pid}/next/", timeout=60)
+    assert resp.status_code == 200, resp.text[:300]
+    return resp.json()
+
+
+def _queue(tasks: dict[int, dict], version: str) -> list[int]:
+    """Unlabelled tasks by ascending score of ``version`` (Label Studio's serving order)."""
+    scored = []
+    for tid, t in tasks.items():
+        if any(not a.get("was_cancelled") for a in t.get("annotations") or []):
+            continue
+        preds = [p for p in t.get("predictions") or [] if p.get("model_version") == version]
+        assert len(preds) == 1, f"task {tid}: {len(preds)} predictions of {version}"
+        scored.append((preds[0]["score"], tid))
+    return [tid for _, tid in sorted(scored)]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url, tmp_path, monkeypatch):
+    import redis
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from ml_backend.data.volume import generate_volume
+    from ml_backend.jobs.pretrain import COLD_START_VERSION, publish_spread_queue
+    from ml_backend.labelstudio.importing import enqueue_cold_start, import_tiles
+    from ml_backend.labelstudio.labelconfig import parse_label_config
+    from ml_backend.labelstudio.rle import mask_to_results
+    from ml_backend.labelstudio.setup import DEFAULT_LABEL_CONFIG, SAMPLING, setup_project
+    from ml_backend.store.registry import ModelRegistry
+
+    vol = generate_volume((SLICES, 256, 256), setting="isotropic", seed=5, foreground=0.1)
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, vol.image, photometric="minisblack")
+    model_dir = tmp_path / "models"
+    login = ("team-backend", uuid.uuid4().hex)
+    env = {
+        "REDIS_URL": redis_url, "TRAIN_BATCH_SIZE": str(BATCH), "TRAIN_STEPS": "60", "TRAIN_CROP": "32",
+        "MODEL_WIDTH": "8", "MODEL_DEPTH": "3", "RESCORE_CHUNK": "256", "DEVICE": "cpu", "BN_CALIBRATION_TILES": "16",
+        "PRETRAIN": "true", "PRETRAIN_STEPS": "100000", "PRETRAIN_TIME_BUDGET_S": "20", "PRETRAIN_CROP": "32",
+        "PRETRAIN_TILES": "64", "COLDSTART_EMBED_TILES": str(EMBED), "DIVERSITY_Z_RADIUS": str(Z_RADIUS),
+        "SUGGEST_MIN_TILE": "16", "SUGGEST_WINDOW": "16",
+    }  # fmt: skip
+    backend = start_backend(model_dir, **env, BASIC_AUTH_USER=login[0], BASIC_AUTH_PASS=login[1])
+    worker_env = {
+        **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.api_key,
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    worker = start_rq_worker(worker_env, "first-hour")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key,
+                                 model_dir=model_dir)  # fmt: skip
+    conn = redis.Redis.from_url(redis_url)
+
+    def logs() -> str:
+        return f"--- worker\n{worker.log_path.read_text(errors='replace')[-8000:]}\n--- backend\n{backend.log_tail()}"
+
+    # --- 1. the set-up of the quick start
+    label_config = DEFAULT_LABEL_CONFIG.read_text()
+    assert DEFAULT_LABEL_CONFIG.name == "dense_uncertainty.xml"
+    info = setup_project(ls, title=f"first hour {uuid.uuid4().hex[:6]}", label_config=label_config,
+                         backend_url=backend.url, basic_auth=login, retrieve=False)  # fmt: skip
+    pid = int(info["project"])
+    project = as_dict(ls.projects.get(id=pid))
+    assert project["sampling"] == SAMPLING == "Uncertainty sampling" and project["maximum_annotations"] == 1
+    config = parse_label_config(project["label_config"])
+    assert 'name="uncertainty"' in project["label_config"] and "Suggested region" in project["label_config"]
+
+    # --- 2. the quick start's import: the spread queue at once (the cold start is queued after step 3)
+    imported = import_tiles(ls, pid, [stack], document_root=label_studio.document_root, tile=TILE, progress=False)
+    assert imported["created"] == SLICES * 8 * 8 >= 1000
+    spread = publish_spread_queue(ls, pid, settings)
+    assert spread["queued"] == imported["created"]
+    assert as_dict(ls.projects.get(id=pid))["model_version"] == COLD_START_VERSION
+    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    spread_queue = _queue(tasks, COLD_START_VERSION)
+    assert spread_queue[:BATCH] == spread["first"]
+    head_slices = [tasks[t]["data"]["slice"] for t in spread_queue[: BATCH - 1]]
+    assert len(set(head_slices)) >= BATCH - 3 and max(head_slices) - min(head_slices) >= SLICES // 2, head_slices
+
+    # --- 3. a second user's SDK-style /next (no view) before any model exists: the head of the spread queue
+    other = _signup(label_studio.url)
+    first = _next(other, label_studio.url, pid)
+    assert first["id"] == spread_queue[0] != min(tasks), (first["id"], spread_queue[:5])
+    d = first["data"]
+    truth = vol.labels[d["slice"], d["tile_y"] : d["tile_y"] + TILE, d["tile_x"] : d["tile_x"] + TILE]
+    resp = other.post(f"{label_studio.url}/api/tasks/{first['id']}/annotations/",
+                      json={"result": mask_to_results(truth.astype(np.int64), config)}, timeout=60)  # fmt: skip
+    assert resp.status_code == 201, resp.text[:300]
+    assert enqueue_cold_start(pid, settings)["status"] == "queued"
+    job = wait_until(lambda: Job.fetch(f"pretrain-{pid}", connection=conn, serializer=JSONSerializer), 30,
+                     "the cold-start job")  # fmt: skip
+
+    # --- 4. the cold start: bounded, every phase with its own progress, the coverage order published
+    wait_until(lambda: job.get_status(refresh=True) in ("finished", "failed"), 900, "the cold start", logs=logs)
+    job.refresh()
+    summary = job.return_value()
+    assert job.get_status() == "finished" and summary["status"] == "pretrained", logs()
+    assert summary["stopped"] == "time_budget" and summary["spread"] == "in place"
+    assert summary["queue"] == "coverage" and summary["embedded"] <= EMBED < imported["created"]
+    phases = {p["name"]: p for p in job.meta["phases"]}
+    assert list(phases) == ["spread", "read", "pretrain", "embed", "order", "publish"]
+    assert all(p["state"] == "done" and p["seconds"] is not None for p in phases.values()), phases
+    assert job.meta["phase"] == "publish" and job.meta["progress"]["unit"] == "tasks"
+    assert job.meta["progress"]["step"] == job.meta["progress"]["steps"] == imported["created"] - 1
+    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    coverage = _queue(tasks, COLD_START_VERSION)
+    assert coverage[:BATCH] == summary["first"] and first["id"] not in coverage
+    assert all(p["result"] == [] for t in coverage for p in tasks[t]["predictions"])  # no masks before labels
+
+    # --- 5. the admin takes the rest of the batch from /next (no view): exactly the queue's lowest scores
+    admin = requests.Session()
+    admin.headers["Authorization"] = f"Token {label_studio.api_key}"
+    served = []
+    for _ in range(BATCH - 1):
+        task = _next(admin, label_studio.url, pid)
+        served.append(int(task["id"]))
+        d = task["data"]
+        truth = vol.labels[d["slice"], d["tile_y"] : d["tile_y"] + TILE, d["tile_x"] : d["tile_x"] + TILE]
+        ls.annotations.create(id=task["id"], result=mask_to_results(truth.astype(np.int64), config))
+    assert served == coverage[: BATCH - 1], (served, coverage[:BATCH])
+
+    # --- 6. a first version of the backend, delivered: the queue re-ordered by it
+    registry = ModelRegistry(model_dir, pid)
+    version = wait_until(registry.current_version, 1200, "the first version", logs=logs)
+    assert version.startswith("v0001-") and registry.current_meta()["initialised"] == "pretrained"
+    wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == version, 600,
+               "the first version's queue", logs=logs)  # fmt: skip
+    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    requeued = _queue(tasks, version)
+    assert len(requeued) == imported["created"] - BATCH
+    assert requeued[:BATCH] != [t for t in coverage if t in set(requeued)][:BATCH]  # re-ordered by the model
+    assert int(_next(admin, label_studio.url, pid)["id"]) == requeued[0]

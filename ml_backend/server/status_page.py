@@ -24,6 +24,8 @@ Input: ``render_status_page({"title": ..., "generated_at": ..., "projects": [pro
      "effort": [{"version": "v0004-...", "tiles": 12, "changed_fraction_mean": 0.04, "boundary_edited_mean": 31.0,
                  "boundary_scratch_mean": 120.0, "effort_saved": 0.74, "audit_tiles": 1, "skipped": 0}, ...],
                                                        # active_learning.effort.effort_by_version (issue 17.6)
+     "prediction_age": {"live": "v0004-...", "pool": 98000, "scored": 2000, "candidate_pool": 2000,
+                        "ages": {"0": 2000, "1": 1980, "never": 94020}},   # active_learning.candidates (issue 20.2)
      "errors": [{"task": 17, "reason": "...", "time": "..."}],
      "problems": ["project 3: CURRENT ... is not text ..."]}   # what is broken on disk (rendered first, in red)
 
@@ -296,6 +298,34 @@ def _effort_section(effort: Any, live: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- sections
+def _age_section(age: Any) -> str:
+    """How old each unlabelled tile's prediction is after the last delivery (issue 20.2: each training scores a
+    CANDIDATE_POOL sample; the other tiles keep their last prediction and queue after the sample)."""
+    ages = age.get("ages") if isinstance(age, Mapping) else None
+    if not isinstance(ages, Mapping) or not ages:
+        return '<p class="meta">No delivery recorded yet.</p>'
+    counts = {str(k): int(v) for k, v in ages.items() if isinstance(v, int) and not isinstance(v, bool)}
+    backs = sorted(int(k) for k in counts if k.isdigit())
+    labels = [(str(b), "live version" if b == 0 else f"{b} version{'s' if b > 1 else ''} back") for b in backs]
+    labels += [("older", "an older version"), ("cold-start", "cold-start order only (no mask)"),
+               ("never", "never predicted")]  # fmt: skip
+    total = max(1, sum(counts.values()))
+    rows = []
+    for key, label in labels:
+        if key not in counts:
+            continue
+        n = counts[key]
+        bar = f'<span class="bar"><span style="width:{100 * n / total:.1f}%"></span></span>'
+        rows.append(f'<tr class="age-{_e(key)}"><th>{_e(label)}</th><td class="num">{_num(n)}</td><td>{bar}</td></tr>')
+    caption = (
+        f"Unlabelled tiles by the age of their prediction after {_e(age.get('live'))} was delivered "
+        f"({_e(age.get('time'))}): it scored {_num(age.get('scored'))} of {_num(age.get('pool'))} "
+        f"(CANDIDATE_POOL {_num(age.get('candidate_pool'))}, 0 = all); the others keep their last prediction and "
+        "Label Studio serves them after the scored ones."
+    )
+    return f'<table class="prediction-age">{"".join(rows)}</table><p class="meta age-caption">{caption}</p>'
+
+
 def _job_section(job: Any) -> str:
     if not isinstance(job, Mapping) or not job:
         return '<p class="meta job-idle">No training job running.</p>'
@@ -465,6 +495,7 @@ def _project_section(project: Mapping, cli: str) -> str:
         f"<div><h3>Queue</h3>{_queue_section(project.get('queue'))}</div></div>"
         f"<h3>Learning curve</h3>{learning_curve_svg(versions, live)}{_curve_caption(versions)}"
         f"<h3>Annotation effort</h3>{_effort_section(project.get('effort'), live)}"
+        f"<h3>Prediction age</h3>{_age_section(project.get('prediction_age'))}"
         f"<h3>Last training</h3>{_promotion_section(project.get('promotion'))}"
         f"<h3>Recent errors</h3>{_errors_section(project.get('errors'))}"
         f"<h3>Versions</h3>{_versions_section(pid, versions, live, cli)}"
@@ -585,6 +616,15 @@ def collect_project_status(
         )
         if queue_state.get("running"):
             job = dict(queue_state.get("running_progress") or {"phase": "starting"})
+    try:  # issue 20.2: how old each unlabelled tile's prediction is (the training job's record)
+        from pathlib import Path
+
+        from ml_backend.active_learning.candidates import PredictionAgeLog
+
+        prediction_age = PredictionAgeLog(Path(registry.root).parents[1], registry.project_id).read()
+    except Exception as exc:  # a report: never takes the project's section down
+        prediction_age = {}
+        problems.append(f"prediction age unreadable: {type(exc).__name__}: {exc}")
     effort: list[dict] = []
     try:  # issue 17.6: what the annotators changed, per version that served the pre-annotation
         from pathlib import Path
@@ -619,6 +659,7 @@ def collect_project_status(
         "queue": queue,
         "versions": versions,
         "effort": effort,
+        "prediction_age": prediction_age,
         "promotion": promotion,
         "errors": list(errors or []),
         "problems": problems,

@@ -5,6 +5,7 @@ selects on it; the benchmark's ``candidate_pool`` option is honoured; the predic
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 import numpy as np
@@ -193,3 +194,24 @@ def test_benchmark_protocol_option_is_honoured(tmp_path):
     assert len(scored) == 2 and all(c == 12 and pool > 12 for pool, c in scored), rec["rounds"]
     assert len(rec["labelled_order"]) == 4 + 2 * 3
     assert initial_tag(base, p) == initial_tag(base, Protocol(**{**p.__dict__, "candidate_pool": 0}))
+
+
+def test_status_page_shows_how_old_each_tiles_prediction_is(tmp_path):
+    from ml_backend.server.status_page import collect_project_status, render_status_page
+    from ml_backend.store.registry import ModelRegistry
+
+    tasks = {i: {"predictions": [{"model_version": "v1"}]} for i in range(10)}
+    tasks.update({10 + i: {} for i in range(5)})
+    log = PredictionAgeLog(tmp_path, 3)
+    log.record(tasks, [], "v1", list(range(10)), pool=15, candidate_pool=10)
+    hostile = 'v2<script>alert("x")</script>'
+    log.record(tasks, [0], hostile, [1, 2, 3, 10], pool=14, candidate_pool=4)
+    project = collect_project_status(ModelRegistry(tmp_path, 3))
+    assert project["prediction_age"]["ages"] == {"0": 4, "1": 6, "never": 4} and not project["problems"]
+    page = render_status_page({"projects": [project]})
+    rows = re.findall(r'<tr class="age-([^"]+)"><th>([^<]+)</th><td class="num">(\d+)</td>', page)
+    assert rows == [("0", "live version", "4"), ("1", "1 version back", "6"), ("never", "never predicted", "4")]
+    assert "scored 4 of 14" in page and "<script>" not in page and "v2&lt;script&gt;" in page
+    (tmp_path / "projects" / "3" / "prediction_age.json").write_text("{not json")  # damaged: no section, no failure
+    page = render_status_page({"projects": [collect_project_status(ModelRegistry(tmp_path, 3))]})
+    assert "No delivery recorded yet" in page

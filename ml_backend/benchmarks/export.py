@@ -187,7 +187,7 @@ def figure(export_dir: Path, png: Path, z: int | None = None) -> Path:
     lab = np.asarray(objects[z])
     side = np.asarray(objects[:, :, :]).max(axis=1)  # (Z, X): the stack seen from the side
     fig = plt.figure(figsize=(13, 8.5), dpi=90)
-    ax1 = fig.add_axes([0.02, 0.40, 0.47, 0.56])
+    ax1 = fig.add_axes([0.01, 0.40, 0.50, 0.56])
     ax1.imshow(src.normalised(z), cmap="gray")
     overlay = np.zeros((*lab.shape, 4))
     overlay[..., :3] = colours[lab]
@@ -195,12 +195,12 @@ def figure(export_dir: Path, png: Path, z: int | None = None) -> Path:
     ax1.imshow(overlay)
     ax1.set_title(f"slice {z} of {objects.shape[0]}: 3-D objects (one colour each)")
     ax1.axis("off")
-    ax2 = fig.add_axes([0.52, 0.40, 0.46, 0.56])
+    ax2 = fig.add_axes([0.58, 0.43, 0.41, 0.52])
     ax2.imshow(colours[side], aspect="auto", interpolation="nearest")
-    ax2.set_title("the same objects seen from the side (max over y): z down, x across")
+    ax2.set_title("the same objects from the side (max over y)")
     ax2.set_xlabel("x (voxels)")
     ax2.set_ylabel("z (slice)")
-    ax3 = fig.add_axes([0.02, 0.02, 0.96, 0.33])
+    ax3 = fig.add_axes([0.02, 0.0, 0.96, 0.31])
     ax3.axis("off")
     cols = ["label", "voxels", "volume_um3", "centroid_z", "centroid_y", "centroid_x", "n_slices", "touches_border"]
     top = sorted(rows, key=lambda r: -int(r["voxels"]))[:8]

@@ -34,7 +34,8 @@ _POSITION_KEYS = ("stack", "slice", "tile_x", "tile_y", "tile_width", "tile_heig
 
 @dataclass(frozen=True)
 class Override:
-    """An annotated tile of slice ``z`` at (``y``, ``x``): ``mask`` int64 (h, w) classes, ``IGNORE`` = not labelled."""
+    """An annotated tile of slice ``z`` at (``y``, ``x``): ``mask`` int8 (h, w) classes, ``IGNORE`` = not labelled
+    (int8: a fully annotated stack's masks stay an eighth of int64's size)."""
 
     task_id: int
     z: int
@@ -82,7 +83,7 @@ def overrides_for_stack(tasks: Iterable[dict], config: Any, stack_key: str, shap
                 raise ValueError(f"tile z={z} y={y} x={x} {w}x{h} lies outside the {shape[1]}x{shape[0]}x{n_slices} "
                                  "stack")  # fmt: skip
             mask = annotation_training_mask(ann.get("result") or [], overlay, h, w)
-            out.append(Override(task_id, z, y, x, np.asarray(mask, dtype=np.int64)))
+            out.append(Override(task_id, z, y, x, np.asarray(mask, dtype=np.int8)))
         except Exception as exc:  # one bad annotation must not sink the export
             log.warning("task %s: annotation not used: %s: %s", task_id, type(exc).__name__, exc)
             skipped.append({"task": task_id, "error": f"{type(exc).__name__}: {exc}"})
@@ -115,12 +116,14 @@ def write_overrides(path: Path, overrides: list[Override]) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def read_overrides(path: Path) -> dict[int, list[Override]]:
-    """{slice: overrides} from ``write_overrides``' file (empty when there is none)."""
+def read_overrides(path: Path, z0: int = 0, z1: int | None = None) -> dict[int, list[Override]]:
+    """{slice: overrides} of slices z0..z1-1 from ``write_overrides``' file (empty when there is none); only those
+    masks are read (an .npz is read member by member), so a chunk job holds its own slices' annotations only."""
     if not path.is_file():
         return {}
     out: dict[int, list[Override]] = {}
     with np.load(path, allow_pickle=False) as npz:
         for i, (tid, z, y, x) in enumerate(npz["pos"].tolist()):
-            out.setdefault(z, []).append(Override(tid, z, y, x, npz[f"m{i}"].astype(np.int64)))
+            if z >= z0 and (z1 is None or z < z1):
+                out.setdefault(z, []).append(Override(tid, z, y, x, npz[f"m{i}"].astype(np.int8)))
     return out

@@ -315,7 +315,7 @@ def predict_chunk(work: Path, j: int, *, progress: Callable[[int], None] | None 
     z0, z1 = plan.chunk_range(j)
     n_z, h, w = plan.shape
     model = _load_model(plan.model_dir, plan.project, plan.version, plan.device)
-    overrides = read_overrides(work / "annotations.npz")
+    overrides = read_overrides(work / "annotations.npz", z0, z1)
     root = _zarr_group(work)
     seg_arr = root["segmentation/0"]
     prob_arr = root["probabilities/0"] if plan.probabilities else None

@@ -205,6 +205,11 @@ class Settings(BaseSettings):
     )
     pretrain_tiles: int = Field(256, ge=1, validation_alias=_env("PRETRAIN_TILES", "pretrain_tiles"))
     pretrain_crop: int = Field(64, ge=8, validation_alias=_env("PRETRAIN_CROP", "pretrain_crop"))
+    # Issue 18: once a training waits for the cold start (a batch was labelled from the spread queue), pretraining
+    # stops after running at least this long: the first version sooner rather than more pretraining.
+    pretrain_yield_after_s: float = Field(
+        60.0, ge=0, validation_alias=_env("PRETRAIN_YIELD_AFTER_S", "pretrain_yield_after_s")
+    )
     # Issue 18: the cold start's coverage order embeds at most this many tiles, spread over the stack (the first
     # ones of the position-spread order); the rest keep that spread order behind them. Bounds the cold start's cost
     # whatever the stack's size.

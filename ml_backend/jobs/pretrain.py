@@ -16,8 +16,9 @@ steps, unit, ETA) in the job's meta (``phase``, ``progress``, ``phases``), which
 3. ``pretrain``: a fresh U-Net of the project's architecture on a seeded sample of PRETRAIN_TILES of them
    (``training.pretrain``: masked-image + denoising reconstruction, SimMIM / Models Genesis), bounded by
    PRETRAIN_STEPS and PRETRAIN_TIME_BUDGET_S, checkpointed under ``<MODEL_DIR>/projects/<id>/pretrain/`` so a
-   re-run resumes; the weights are written to ``pretrained.pt`` and the first training starts from them
-   (``active_learning.plan.product_plan``);
+   re-run resumes; it yields (stops early) once a training waits for it and it has run PRETRAIN_YIELD_AFTER_S: a
+   labelled batch is worth more than more pretraining. The weights are written to ``pretrained.pt`` and the first
+   training starts from them (``active_learning.plan.product_plan``);
 4. ``embed`` and ``order``: the bottleneck embeddings of at most COLDSTART_EMBED_TILES unlabelled tiles (the spread
    sample), ordered by ``strategies.batch.coverage_order(method="random")`` under the stack/feature exclusions (on a
    stack with ~4% foreground TypiClust's typical tiles are background and did not beat random; random order with the
@@ -213,8 +214,11 @@ def cold_start(
             ph.report(int(info["step"]), loss=info["loss"], eta_s=info.get("eta_s"))
             log.info("project %s: pretraining step %s/%s loss %.4f", pid, info["step"], info["steps"], info["loss"])
 
+        def yield_to_training(elapsed: float) -> bool:  # a labelled batch waits: the first version comes first
+            return elapsed >= settings.pretrain_yield_after_s and _pending_training(pid, settings, conn)
+
         result = pretrain(model, [images[t] for t in sample], cfg, checkpoint_path=folder / "checkpoint.pt",
-                          progress=report)  # fmt: skip
+                          progress=report, should_stop=yield_to_training)  # fmt: skip
         save_pretrained(registry, model, result)
     summary.update({
         "status": "pretrained",

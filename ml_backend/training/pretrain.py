@@ -86,7 +86,7 @@ class PretrainConfig:
 @dataclass
 class PretrainResult:
     """``state_dict``: weights for ``build_model(**hparams)``; ``losses``: per-step loss of the whole run (resumed
-    runs include the steps before the restart); ``stopped``: "steps" | "time_budget"."""
+    runs include the steps before the restart); ``stopped``: "steps" | "time_budget" | "requested"."""
 
     state_dict: dict[str, torch.Tensor]
     steps: int
@@ -206,8 +206,12 @@ def pretrain(
     *,
     checkpoint_path: str | Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    should_stop: Callable[[float], bool] | None = None,
 ) -> PretrainResult:
     """Pretrain ``model`` in place on unlabelled normalised tiles ((H, W) or (C, H, W)); returns its state dict.
+
+    ``should_stop(elapsed_s)``, asked every ``log_every`` steps, ends the run early (``stopped="requested"``,
+    checkpointed like any other end): the cold start yields to a training that waits for it.
 
     With ``checkpoint_path`` an existing checkpoint of the same model configuration is resumed from its step (a
     finished run returns at once); progress receives {"step", "steps", "loss", "eta_s", "seconds"} (``eta_s``: to
@@ -260,6 +264,10 @@ def pretrain(
         for step in range(start + 1, cfg.steps + 1):
             if time.monotonic() - t0 > cfg.time_budget_s:
                 stopped, step = "time_budget", step - 1
+                break
+            asked = should_stop is not None and step > start + 1 and (step - 1) % max(1, cfg.log_every) == 0
+            if asked and should_stop(time.monotonic() - t0):
+                stopped, step = "requested", step - 1
                 break
             for grp in opt.param_groups:
                 grp["lr"] = cfg.lr * _lr_factor(step - 1, cfg.steps, warmup, cfg.min_lr_ratio)

@@ -15,7 +15,8 @@ under gunicorn behind basic auth, a real ``rq worker``, a generated stack of 1,0
 6. A first version of the backend's registry (``v0001-...``) is trained from the pretrained weights, delivered, and
    the queue re-ordered: ``/next`` serves the new version's lowest score.
 
-Fast tests of the pieces (spread order, bounded coverage sample, the "a training waits" rule) come first.
+Fast tests of the pieces (spread order, bounded coverage sample, the "a training waits" rule, pretraining that
+yields to a waiting training) come first.
 """
 
 from __future__ import annotations
@@ -140,6 +141,33 @@ def test_a_waiting_training_skips_the_coverage_push(tmp_path, redis_url):
     conn.delete(key(pid, "pending"))
     conn.set(key(pid, "queued"), "train-p-gone")  # a stale slot naming no waiting job does not count
     assert not _pending_training(pid, settings, conn)
+
+
+def test_pretraining_yields_when_asked_and_checkpoints(tmp_path):
+    import torch
+
+    from ml_backend.data.synthetic import generate_em_like
+    from ml_backend.model import build_model
+    from ml_backend.training.pretrain import PretrainConfig, pretrain
+
+    raw, _ = generate_em_like(8, size=TILE, seed=1)
+    tiles = [r.astype(np.float32) / 255.0 for r in raw]
+    cfg = PretrainConfig(steps=40, batch_size=4, crop=TILE, patch=4, log_every=5, checkpoint_every=50, device="cpu")
+    asked: list[float] = []
+
+    def after_ten_steps(elapsed: float) -> bool:  # the job asks Redis whether a training waits; here: the 3rd time
+        asked.append(elapsed)
+        return len(asked) >= 2
+
+    ckpt = tmp_path / "pre.pt"
+    torch.manual_seed(0)
+    result = pretrain(build_model("unet", width=4, depth=2), tiles, cfg, checkpoint_path=ckpt,
+                      should_stop=after_ten_steps)  # fmt: skip
+    assert result.stopped == "requested" and result.steps == 10 and len(asked) == 2
+    assert torch.load(ckpt, weights_only=True)["step"] == 10  # a re-run resumes from there
+    torch.manual_seed(0)
+    rest = pretrain(build_model("unet", width=4, depth=2), tiles, cfg, checkpoint_path=ckpt)
+    assert rest.stopped == "steps" and rest.steps == 40 and rest.resumed_from == 10
 
 
 # ------------------------------------------------------------------------------------------------- end to end

@@ -193,6 +193,8 @@ def run(args: argparse.Namespace) -> dict:
             unlabelled = [t for t in task_ids if t not in labelled and t not in chosen]
             have = predictions_of(ls, pid, version)
             missing = [t for t in unlabelled if t not in have]
+            # CANDIDATE_POOL (issue 20.2): the job scores a sample; the other tasks keep their older prediction
+            scored = int((summary.get("candidates") or {}).get("scored") or len(unlabelled))
             project_version = ls.projects.get(id=pid).model_version
             timings = summary.get("timings", {})
             rounds.append(
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace) -> dict:
                     "unlabelled_tasks": len(unlabelled),
                     "predictions_of_new_version": len(have),
                     "missing_predictions": len(missing),
+                    "scored_tasks": scored,
                     "project_model_version_set": project_version == version,
                     "webhook_to_all_predictions_s": round(t_done - t0_wall, 2),
                     "queue_wait_s": round(job.started_at.replace(tzinfo=timezone.utc).timestamp() - t0_wall, 2),
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
                     "score_s": timings.get("score_s"),
                     "upload_s": timings.get("upload_s"),
                     "train_tiles_per_s": round(summary.get("train_tiles_per_s") or 0.0, 2),
-                    "score_tiles_per_s": round(len(unlabelled) / timings["score_s"], 2)
+                    "score_tiles_per_s": round(min(scored, len(unlabelled)) / timings["score_s"], 2)
                     if timings.get("score_s")
                     else None,
                     "val_iou": (summary.get("metrics") or {}).get("val_iou"),
@@ -225,8 +228,10 @@ def run(args: argparse.Namespace) -> dict:
             rounds[-1]["steps_done"] = meta.get("steps")
             rounds[-1]["stopped_by"] = (meta.get("metrics") or {}).get("stopped")
             log.info("round %d: %s", r + 1, json.dumps(rounds[-1]))
-            if missing:
-                raise RuntimeError(f"{len(missing)} unlabelled tasks lack a prediction of {version}")
+            age = work / "models" / "projects" / str(pid) / "prediction_age.json"
+            rounds[-1]["prediction_age"] = json.loads(age.read_text())["ages"] if age.is_file() else None
+            if len(unlabelled) - len(missing) != min(scored, len(unlabelled)):
+                raise RuntimeError(f"{len(missing)} unlabelled tasks lack a prediction of {version} ({scored} scored)")
         info["rounds"] = rounds
         info["project"] = pid
         return info
@@ -246,6 +251,7 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(info: dict) -> str:
     cols = [
         ("round", "round"), ("annotations", "annotated tiles"), ("unlabelled_tasks", "unlabelled tasks"),
+        ("scored_tasks", "scored"),
         ("webhook_to_all_predictions_s", "webhook -> all predictions (s)"), ("queue_wait_s", "queue wait (s)"),
         ("read_s", "read LS (s)"), ("train_s", "training (s)"), ("score_s", "scoring (s)"), ("upload_s", "upload (s)"),
         ("steps_done", "steps"), ("train_tiles_per_s", "train tiles/s"), ("score_tiles_per_s", "score tiles/s"),

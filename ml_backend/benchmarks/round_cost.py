@@ -18,7 +18,10 @@ i mod files (only the sampled tasks are read). Not timed here: reading the proje
 which ``--label-studio`` measures end to end at one size with the real Label Studio and the training job
 (``benchmarks.retrain``).
 
-    python scripts/bench_round_cost.py --sizes 1000,2000,10000,100000 --processes 1,2 --out benchmarks/round_cost
+    python scripts/bench_round_cost.py --sizes 1000,2000,10000,100000 --processes 1,2 --whole-pool 10000 \
+        --out benchmarks/round_cost
+
+``--whole-pool`` also measures sizes with CANDIDATE_POOL=0 (every unlabelled task scored, as before the sample).
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ def measure(n: int, processes: int, ctx: dict, settings: Any, conn: Any) -> dict
     return {
         "tasks": n,
         "processes": processes,
+        "candidate_pool": settings.candidate_pool,
         "pool": outcome.pool_size,
         "scored": len(outcome.scored.ids),
         "chunks": len(rnd.chunks) if rnd else 0,
@@ -248,6 +252,10 @@ def run(args: argparse.Namespace) -> dict:
                 row = measure(n, processes, ctx, settings, conn)
                 log.info("%s", json.dumps(row))
                 rows.append(row)
+            for n in args.whole_pool if processes == args.processes[0] else []:  # the cost the sample avoids
+                row = measure(n, processes, ctx, settings.replace(candidate_pool=0), conn)
+                log.info("%s", json.dumps(row))
+                rows.append(row)
         info["rows"] = rows
         return info
     finally:
@@ -257,11 +265,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(info: dict) -> str:
-    cols = [("tasks", "tasks"), ("processes", "processes"), ("scored", "scored"), ("chunks", "chunks"),
+    cols = [("tasks", "tasks"), ("candidate_pool", "CANDIDATE_POOL"), ("processes", "processes"),
+            ("scored", "scored"), ("chunks", "chunks"),
             ("chunks_by_helper", "by the rq worker"), ("sample_s", "sample (s)"), ("score_s", "score (s)"),
             ("select_s", "select (s)"), ("scoring_part_s", "scoring part (s)")]  # fmt: skip
     lines = ["| " + " | ".join(h for _, h in cols) + " | vs 2,000 tasks |", "|" + "---:|" * (len(cols) + 1)]
-    ref = {r["processes"]: r["scoring_part_s"] for r in info["rows"] if r["tasks"] == 2000}
+    ref = {r["processes"]: r["scoring_part_s"] for r in info["rows"] if r["tasks"] == 2000 and r["candidate_pool"]}
     for r in info["rows"]:
         base = ref.get(r["processes"])
         ratio = f"{r['scoring_part_s'] / base:.2f}x" if base else "-"
@@ -277,11 +286,19 @@ def plot(info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for processes in sorted({r["processes"] for r in info["rows"]}):
-        rows = sorted((r for r in info["rows"] if r["processes"] == processes), key=lambda r: r["tasks"])
-        ax.plot([r["tasks"] for r in rows], [r["scoring_part_s"] for r in rows], "o-",
-                label=f"{processes} process{'es' if processes > 1 else ''}")  # fmt: skip
     pool = info["settings"]["CANDIDATE_POOL"]
+    for processes in sorted({r["processes"] for r in info["rows"]}):
+        rows = sorted((r for r in info["rows"] if r["processes"] == processes and r["candidate_pool"]),
+                      key=lambda r: r["tasks"])  # fmt: skip
+        ax.plot([r["tasks"] for r in rows], [r["scoring_part_s"] for r in rows], "o-",
+                label=f"CANDIDATE_POOL={pool}, {processes} process{'es' if processes > 1 else ''}")  # fmt: skip
+    whole = [r for r in info["rows"] if not r["candidate_pool"]]
+    if whole:  # the whole pool: the sampled series' points where the sample was the pool, then the measured ones
+        first = whole[0]["processes"]
+        rows = [r for r in info["rows"] if r["processes"] == first and r["scored"] == r["pool"]]
+        rows = sorted({r["tasks"]: r for r in rows}.values(), key=lambda r: r["tasks"])
+        ax.plot([r["tasks"] for r in rows], [r["scoring_part_s"] for r in rows], "s--", color="#999",
+                label=f"whole pool (CANDIDATE_POOL=0), {first} process")  # fmt: skip
     ax.axvline(pool, color="#888", ls=":", lw=1)
     ax.text(pool, ax.get_ylim()[1] * 0.95, f" CANDIDATE_POOL={pool}", fontsize=8, color="#555", va="top")
     ax.set_xscale("log")
@@ -302,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", default="1,2", help="scoring processes: 1 = the coordinator, 2 = + one rq worker")
     ap.add_argument("--candidate-pool", type=int, default=2000, help="CANDIDATE_POOL")
     ap.add_argument("--chunk", type=int, default=50, help="RESCORE_CHUNK")
+    ap.add_argument("--whole-pool", default="", help="sizes also measured with CANDIDATE_POOL=0 (first --processes)")
     ap.add_argument("--tile", type=int, default=64, help="tile side in pixels")
     ap.add_argument("--files", type=int, default=1000, help="distinct tile images on disk")
     ap.add_argument("--seed", type=int, default=0)
@@ -310,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.processes = [int(s) for s in args.processes.split(",") if s.strip()]
+    args.whole_pool = [int(s) for s in args.whole_pool.split(",") if s.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     info = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

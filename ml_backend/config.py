@@ -105,6 +105,17 @@ class Settings(BaseSettings):
     tile_size: int = Field(256, ge=16, validation_alias=_env("TILE_SIZE", "tile_size"))
     tile_overlap: int = Field(32, ge=0, validation_alias=_env("TILE_OVERLAP", "tile_overlap"))
     inference_batch: int = Field(4, ge=1, validation_alias=_env("INFERENCE_BATCH", "inference_batch"))
+    # Issue 20.3 (inference.precision): the engine /predict and the re-scoring run the U-Net on. INFERENCE_PRECISION
+    # auto = bf16 autocast on CUDA, fp32 on CPU; int8 = ONNX Runtime static quantisation (CPU; calibrated on the
+    # first INT8_CALIBRATION_TILES images it scores). INFERENCE_RUNTIME auto = ONNX Runtime on CPU when installed
+    # (BatchNorm folded, ReLU fused: measured faster, BENCHMARKS.md "Speed"), PyTorch on CUDA. CUDA_TUNING (CUDA
+    # only): channels-last, cudnn.benchmark, pinned-memory transfers.
+    inference_precision: str = Field("auto", validation_alias=_env("INFERENCE_PRECISION", "inference_precision"))
+    inference_runtime: str = Field("auto", validation_alias=_env("INFERENCE_RUNTIME", "inference_runtime"))
+    int8_calibration_tiles: int = Field(
+        16, ge=1, validation_alias=_env("INT8_CALIBRATION_TILES", "int8_calibration_tiles")
+    )
+    cuda_tuning: bool = Field(True, validation_alias=_env("CUDA_TUNING", "cuda_tuning"))
     max_image_pixels: int = Field(120_000_000, ge=1, validation_alias=_env("MAX_IMAGE_PIXELS", "max_image_pixels"))
     rescore_chunk: int = Field(50, ge=1, validation_alias=_env("RESCORE_CHUNK", "rescore_chunk"))
     # Issue 20.2 (active_learning.candidates): each training scores and ranks at most CANDIDATE_POOL unlabelled tiles
@@ -239,6 +250,16 @@ class Settings(BaseSettings):
     export_tiff_max_bytes: int = Field(
         4 * 1024**3, ge=1, validation_alias=_env("EXPORT_TIFF_MAX_BYTES", "export_tiff_max_bytes")
     )
+
+    @field_validator("inference_precision", "inference_runtime")
+    @classmethod
+    def _inference_engine(cls, value: str, info: Any) -> str:
+        from ml_backend.inference.precision import PRECISIONS, RUNTIMES
+
+        allowed = PRECISIONS if info.field_name == "inference_precision" else RUNTIMES
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
 
     @field_validator("diversity_method")
     @classmethod

@@ -42,6 +42,12 @@ class ScoringConfig:
     mc_passes: int = 8
     device: str = "auto"
     embed_batch: int = 1  # labelled-set embeddings per forward pass
+    # The inference engine (inference.precision): None = the model as given (direct callers, the AL benchmark's
+    # reproducible numbers); from_settings takes INFERENCE_RUNTIME / INFERENCE_PRECISION.
+    runtime: str | None = None
+    precision: str = "fp32"
+    calibration_tiles: int = 16
+    cuda_tuning: bool = True
 
     @classmethod
     def from_settings(cls, settings: Any) -> ScoringConfig:
@@ -51,6 +57,10 @@ class ScoringConfig:
             batch_size=max(1, int(settings.inference_batch)),
             mc_passes=int(settings.mc_passes),
             device=str(settings.device),
+            runtime=str(getattr(settings, "inference_runtime", "auto")),
+            precision=str(getattr(settings, "inference_precision", "auto")),
+            calibration_tiles=int(getattr(settings, "int8_calibration_tiles", 16)),
+            cuda_tuning=bool(getattr(settings, "cuda_tuning", True)),
         )
 
 
@@ -82,6 +92,13 @@ def score_images(
     from ml_backend.config import torch_device
 
     device = torch_device(cfg.device)
+    if cfg.runtime is not None:  # the cached fast engine of this model (int8 calibrates on these images)
+        from ml_backend.inference.precision import inference_model
+
+        model = inference_model(
+            model, cfg.precision, cfg.runtime, device, calibration=images, calibration_tiles=cfg.calibration_tiles,
+            cuda_tuning=cfg.cuda_tuning,
+        )  # fmt: skip
     n = len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):

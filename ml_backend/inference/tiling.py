@@ -147,17 +147,25 @@ def predict_tiled(
         return windows[key]
 
     out: np.ndarray | None = None
-    buf = np.empty((batch_size, img.shape[0], th, tw), dtype=np.float32)
+    cuda = dev.type == "cuda"
+    # On CUDA the input batch is staged in pinned memory and copied asynchronously; the .cpu() of the results
+    # below waits for the stream, so the buffer is free again before it is refilled.
+    staging = torch.empty((batch_size, img.shape[0], th, tw), dtype=torch.float32, pin_memory=cuda)
+    buf = staging.numpy()
     pending: list[tuple[int, int]] = []
 
     def flush() -> None:
         nonlocal out
         n = len(pending)
-        x = torch.from_numpy(buf[:n]).to(dev)  # synchronous: buf is refilled for the next batch
+        x = staging[:n].to(dev, non_blocking=cuda)
         probs = torch.softmax(model(x).float(), dim=1)
         if out is None:
             out = np.zeros((probs.shape[1], h, w), dtype=np.float32)
-        weighted = torch.stack([probs[k] * window(i, j) for k, (i, j) in enumerate(pending)]).cpu().numpy()
+        wins = [window(i, j) for i, j in pending]
+        if len({id(win) for win in wins}) == 1:  # interior tiles share one window: one broadcast multiply
+            weighted = probs.mul_(wins[0]).cpu().numpy()
+        else:
+            weighted = torch.stack([probs[k] * win for k, win in enumerate(wins)]).cpu().numpy()
         for k, (i, j) in enumerate(pending):
             y, x0 = ys[i], xs[j]
             out[:, y : y + th, x0 : x0 + tw] += weighted[k]

@@ -62,7 +62,11 @@ class TrainConfig:
     select: str = "best"  # "best": EMA weights with the lowest validation loss; "last": final EMA weights
     keep_initial: bool = False  # let "best" keep the starting weights (off: a noisy val set can freeze the model)
     log_every: int = 10
-    amp: bool = True  # bfloat16 autocast on CUDA only
+    amp: bool = True  # mixed precision on CUDA only (CPU always trains in fp32)
+    # CUDA autocast dtype: "auto"/"bf16" = bfloat16, "fp16" = float16 with a GradScaler (older GPUs without bf16).
+    precision: str = "auto"
+    # CUDA only: channels-last weights and batches, cudnn.benchmark, pinned-memory non-blocking batch transfers.
+    cuda_tuning: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Semi-supervised term on unlabelled tiles (``training.semi``: FixMatch pseudo-labels from the EMA teacher);
     # off by default, and off it leaves the supervised path exactly as it was.
@@ -79,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.precision not in {"auto", "bf16", "fp16", "fp32"}:
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.select not in {"best", "last"}:
             raise ValueError(f"select must be 'best' or 'last', got {self.select!r}")
 
@@ -339,7 +345,14 @@ def fine_tune(
     except StopIteration as exc:
         raise ValueError("model has no parameters") from exc
     model.to(device)
-    use_amp = cfg.amp and device.type == "cuda"
+    cuda = device.type == "cuda"
+    use_amp = cfg.amp and cuda and cfg.precision != "fp32"
+    amp_dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    tuned = cuda and cfg.cuda_tuning
+    if tuned:  # fixed crop shapes: cuDNN picks its fastest algorithms once; NHWC runs the tensor cores best
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(round(cfg.warmup_fraction * cfg.steps))
@@ -388,18 +401,22 @@ def fine_tune(
             order.extend(rng.permutation(len(tr_img)).tolist())
         idx, order = np.array(order[: cfg.batch_size]), order[cfg.batch_size :]
         x, y = sample_crops(tr_img, tr_msk, idx, cfg.crop, rng)
+        if tuned:
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         x, y = augment_batch(x.to(device), y.to(device), gen, cfg.augment)
+        if tuned:
+            x = x.contiguous(memory_format=torch.channels_last)
         if u_img:  # semi-supervised: one student batch of labelled + strong unlabelled crops (training.semi)
             weak, strong, keep = unlabelled_views(u_img, rng, gen, cfg.crop, semi, cfg.augment, device)
             teacher = averaged()
-            with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.no_grad(), torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
                 if teacher is model:  # no EMA: the student itself, in eval mode (FixMatch)
                     model.eval()
                     t_logits = model(weak)
                     model.train()
                 else:
                     t_logits = teacher(weak)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
                 both = model(torch.cat([x, strong]))
             logits, s_logits = both[: x.shape[0]], both[x.shape[0] :]
             loss_u, confident = consistency_loss(s_logits, t_logits, semi.threshold, keep)
@@ -408,14 +425,16 @@ def fine_tune(
             semi_losses.append(float(loss_u.detach()))
             semi_confident.append(confident)
         else:
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
                 logits = model(x)
             loss = segmentation_loss(logits, y, dice_weight=cfg.dice_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # fp16: scaled against underflow; otherwise the scaler is a no-op
         if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         if ema is not None:
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short runs: average over what exists
@@ -461,6 +480,8 @@ def fine_tune(
             raise ValueError("calibration_images must be finite non-empty (H, W) or (C, H, W) images")
         calibrated = recalibrate_batchnorm(model.to(device), cal, device)
     model.to(home).eval()
+    if tuned:  # back to the default layout: checkpoints and CPU consumers see the usual strides
+        model.to(memory_format=torch.contiguous_format)
     seconds = time.monotonic() - t0
     tail = losses[-max(1, len(losses) // 5) :] if losses else []
     metrics = {

@@ -185,7 +185,8 @@ def cold_start(
             summary["spread"] = publish_order(ls, pid, spread, report=ph.report)
     audit = set(audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed))
     embed_ids = [t for t in spread if t not in audit][: settings.coldstart_embed_tiles]
-    extra = [t for t in spread if t not in set(embed_ids)] + [t for t in sorted(tasks) if t not in set(unlabelled)]
+    embedded, open_ = set(embed_ids), set(unlabelled)
+    extra = [t for t in spread if t not in embedded] + [t for t in sorted(tasks) if t not in open_]
     read_ids = embed_ids + extra[: max(0, settings.pretrain_tiles - len(embed_ids))]
     offsets = settings.context_offset_list  # 2.5D context: the new model reads these slices as channels
     index = NeighbourIndex.from_tasks(tasks, config.image_key) if offsets != (0,) else None
@@ -281,7 +282,8 @@ def coverage_queue(
     done = {} if done is None else done
     unlabelled = [t for t in sorted(tasks) if not _labelled(tasks[t])]
     audit = set(audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed))
-    rest = [t for t in sorted(images) if t in set(unlabelled) and t not in audit]
+    open_ = set(unlabelled)
+    rest = [t for t in sorted(images) if t in open_ and t not in audit]
     head: list[int] = []
     if rest:
         chunks = []

@@ -5,8 +5,9 @@ ceiling, measured in ONE run so the ratios share the machine's load.
     python -m ml_backend.benchmarks.speed --device cuda         # the GPU preset (bf16 autocast engine)
     python -m ml_backend.benchmarks.speed --quick --out /tmp/s  # seconds: every section on tiny sizes (tests)
 
-What it measures, in this order (``--rounds`` rounds of short windows; the ceiling is measured at the start and end
-of every round and each figure is divided by that round's ceiling, so a load change between rounds cancels out):
+What it measures, in this order (``--rounds`` rounds of short windows; in each round every figure is measured in
+turn with the figures it is compared with (a, b, c, a, b, c, ... until each had its window: ``interleaved``), so
+a change in the machine's load hits both sides of every ratio alike):
 
 1. the fp32 matmul ceiling: ``torch.mm`` of two large square matrices, torch's thread count (GFLOP/s);
 2. the U-Net's FLOPs per megapixel (``torch.utils.flop_counter.FlopCounterMode``, not by hand);
@@ -125,6 +126,36 @@ def rate(fn: Callable[[], Any], work: float, window_s: float, device: Any = "cpu
         elapsed = time.perf_counter() - t0
         if elapsed >= window_s:
             return work * calls / elapsed
+
+
+def interleaved(jobs: dict[str, tuple[Callable[[], Any], float]], window_s: float, device: Any = "cpu") -> dict:
+    """Rates (work units / s) of several jobs run in turn (a, b, c, a, b, c, ...) until each has had ``window_s``
+    of time: a change in the machine's load hits all of them alike, so their ratios hold even when it does not."""
+    spent = dict.fromkeys(jobs, 0.0)
+    done = dict.fromkeys(jobs, 0.0)
+    for fn, _ in jobs.values():  # untimed warm-up
+        fn()
+    _sync(device)
+    while min(spent.values()) < window_s:
+        for name, (fn, work) in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            spent[name] += time.perf_counter() - t0
+            done[name] += work
+    return {name: done[name] / spent[name] for name in jobs}
+
+
+def _mm(n: int, device: Any) -> tuple[Callable[[], Any], float]:
+    """One ``torch.mm`` of two n x n fp32 matrices and its GFLOP."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device)
+    b = torch.randn(n, n, generator=gen).to(device)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 figure
+    return (lambda: torch.mm(a, b)), 2 * n**3 / 1e9
 
 
 def matmul_ceiling(n: int, window_s: float, device: Any = "cpu") -> float:
@@ -280,17 +311,20 @@ def measure_speed(p: Preset, device: str, log: Callable[[str], None]) -> dict[st
         app.run()  # warm-up: the worker loads the version and builds its engine
         mp_predict = p.predict_tiles * p.tile * p.tile / 1e6
         mp_rescore = p.rescore_tiles * p.tile * p.tile / 1e6
+        mm = _mm(p.matmul, dev)
         for r in range(p.rounds):
             fig: dict[str, Any] = {"load_avg": _load_avg()}
-            ceil = [matmul_ceiling(p.matmul, p.window_s, dev)]
-            fig["forward_mp_s"] = {k: rate(engines.forward(k), mp_batch, p.window_s, dev) for k in engines.models}
-            fig["bare_for_predict_mp_s"] = rate(bare(p.predict_tiles), mp_predict, p.window_s, dev)
-            fig["predict_mp_s"] = rate(app.run, mp_predict, p.window_s, dev)
-            fig["bare_for_rescore_mp_s"] = rate(bare(p.rescore_tiles), mp_rescore, p.window_s, dev)
-            fig["rescore_mp_s"] = rate(rescore, mp_rescore, p.window_s, dev)
-            ceil.append(matmul_ceiling(p.matmul, p.window_s, dev))
-            fig["ceiling_gflop_s"] = float(np.mean(ceil))
-            fig["ceiling_windows"] = ceil
+            # The ceiling and every engine in turn, then each served path in turn with its bare forward.
+            jobs = {"ceiling": mm, **{k: (engines.forward(k), mp_batch) for k in engines.models}}
+            got = interleaved(jobs, p.window_s, dev)
+            fig["ceiling_gflop_s"] = got.pop("ceiling")
+            fig["forward_mp_s"] = got
+            got = interleaved({"bare": (bare(p.predict_tiles), mp_predict), "predict": (app.run, mp_predict)},
+                              p.window_s, dev)  # fmt: skip
+            fig["bare_for_predict_mp_s"], fig["predict_mp_s"] = got["bare"], got["predict"]
+            got = interleaved({"bare": (bare(p.rescore_tiles), mp_rescore), "rescore": (rescore, mp_rescore)},
+                              p.window_s, dev)  # fmt: skip
+            fig["bare_for_rescore_mp_s"], fig["rescore_mp_s"] = got["bare"], got["rescore"]
             rounds.append(fig)
             log(f"round {r + 1}/{p.rounds}: ceiling {fig['ceiling_gflop_s']:.1f} GFLOP/s, forward "
                 + ", ".join(f"{k} {v:.3f}" for k, v in fig["forward_mp_s"].items())
@@ -298,7 +332,7 @@ def measure_speed(p: Preset, device: str, log: Callable[[str], None]) -> dict[st
                 f"load {fig['load_avg']}")  # fmt: skip
         app.backend.close()
 
-    # Training: the product's fine_tune, bracketed by two ceiling windows.
+    # Training: the product's fine_tune (its own setup included), bracketed by two ceiling windows.
     cfg = TrainConfig(steps=p.train_steps, batch_size=8, crop=min(128, p.tile), val_fraction=0.0, eval_every=0,
                       device=device, time_budget_s=1e9)  # fmt: skip
     train_model = build_model("unet", width=p.width, depth=p.depth, norm="batch").to(dev)
@@ -432,7 +466,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"# Speed ({res['device']})", "", f"`{res['command']}`", "", f"Machine: {res['machine']}", "",
         f"Load average at start {res['load_start']}, at end {res['load_end']}. {res['rounds']} rounds; each figure is "
-        "the median over rounds, each fraction divided by the same round's ceiling.", "",
+        "the median over rounds; within a round each ratio's two sides ran in turn (a, b, a, b, ...).", "",
         "| measure | value | fraction of the ceiling | ratio |", "| --- | ---: | ---: | ---: |",
         f"| fp32 matmul ceiling (torch.mm {res['preset']['matmul']}^2) | {s['ceiling_gflop_s']:.1f} GFLOP/s | 1 | |",
         f"| U-Net FLOPs (width {res['preset']['width']}, depth {res['preset']['depth']}) | {flops:.1f} GFLOP/MP | | |",

@@ -197,6 +197,22 @@ def job_progress(project_id: int, settings: Settings) -> str:
     return line
 
 
+def wait_for_jobs(project_id: int, settings: Settings, limit_s: float = 300.0) -> bool:
+    """Wait (at most ``limit_s``) until no job of the project runs, so that stopping the services does not cut a
+    job's last step (the prediction hygiene after a delivery); True when none runs."""
+    from ml_backend.queue import QueueUnavailable, queue_state
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            if not queue_state(project_id, settings).get("running"):
+                return True
+        except QueueUnavailable:
+            return False
+        time.sleep(5)
+    return False
+
+
 def backend_version(settings: Settings, project_id: int) -> str | None:
     """The backend's live version of the project (its registry: a version id such as ``v0001-...``), None before
     the first training. Label Studio's project ``model_version`` alone is no proof: connecting the backend sets it
@@ -229,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=15)
+        for p in procs:  # what is left of a group (an RQ work horse waiting for Redis) must not outlive us
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
         if ls_server is not None:
             ls_server.stop()
         if redis_proc is not None:
@@ -333,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             f"python -m ml_backend.cli status --project {pid}\n",
             flush=True,
         )
+        if args.exit_after_loop:  # let the running job finish its clean-up (prediction hygiene) before stopping
+            wait_for_jobs(pid, settings)
         if not args.exit_after_loop:
             print("Ctrl-C stops everything.", flush=True)
             while all(p.poll() is None for p in procs):

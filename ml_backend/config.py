@@ -110,8 +110,13 @@ class Settings(BaseSettings):
     # first INT8_CALIBRATION_TILES images it scores). INFERENCE_RUNTIME auto = ONNX Runtime on CPU when installed
     # (BatchNorm folded, ReLU fused: measured faster, BENCHMARKS.md "Speed"), PyTorch on CUDA. CUDA_TUNING (CUDA
     # only): channels-last, cudnn.benchmark, pinned-memory transfers.
-    inference_precision: str = Field("auto", validation_alias=_env("INFERENCE_PRECISION", "inference_precision"))
-    inference_runtime: str = Field("auto", validation_alias=_env("INFERENCE_RUNTIME", "inference_runtime"))
+    # (Literal values, not a validator importing inference.precision: reading settings must not import torch.)
+    inference_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", validation_alias=_env("INFERENCE_PRECISION", "inference_precision")
+    )
+    inference_runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", validation_alias=_env("INFERENCE_RUNTIME", "inference_runtime")
+    )
     int8_calibration_tiles: int = Field(
         16, ge=1, validation_alias=_env("INT8_CALIBRATION_TILES", "int8_calibration_tiles")
     )
@@ -250,16 +255,6 @@ class Settings(BaseSettings):
     export_tiff_max_bytes: int = Field(
         4 * 1024**3, ge=1, validation_alias=_env("EXPORT_TIFF_MAX_BYTES", "export_tiff_max_bytes")
     )
-
-    @field_validator("inference_precision", "inference_runtime")
-    @classmethod
-    def _inference_engine(cls, value: str, info: Any) -> str:
-        from ml_backend.inference.precision import PRECISIONS, RUNTIMES
-
-        allowed = PRECISIONS if info.field_name == "inference_precision" else RUNTIMES
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
-        return value
 
     @field_validator("diversity_method")
     @classmethod

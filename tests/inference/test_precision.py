@@ -104,10 +104,20 @@ def test_settings_validate_and_default_to_the_measured_cpu_path():
     cfg = ScoringConfig.from_settings(s.replace(inference_precision="int8", int8_calibration_tiles=3))
     assert (cfg.runtime, cfg.precision, cfg.calibration_tiles) == ("auto", "int8", 3)
     assert ScoringConfig().runtime is None  # direct callers keep the model as given
+    fields = Settings.model_fields
+    assert set(fields["inference_precision"].annotation.__args__) == set(precision.PRECISIONS)
+    assert set(fields["inference_runtime"].annotation.__args__) == set(precision.RUNTIMES)
     with pytest.raises(ConfigError, match="INFERENCE_PRECISION"):
         Settings.from_env(inference_precision="int4")
     with pytest.raises(ConfigError, match="INFERENCE_RUNTIME"):
         Settings.from_env(inference_runtime="tensorrt")
+
+
+def test_the_engine_settings_are_in_the_readme_table_with_their_defaults():
+    readme = (REPO / "README.md").read_text()
+    defaults = dict(Settings.documented())
+    for var in ("INFERENCE_PRECISION", "INFERENCE_RUNTIME", "INT8_CALIBRATION_TILES", "CUDA_TUNING"):
+        assert f"| `{var}` | `{defaults[var]}` |" in readme, var
 
 
 def test_torch_engine_matches_the_model_on_every_inference_entry_point():

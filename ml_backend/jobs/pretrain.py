@@ -129,6 +129,12 @@ def _phase(progress: JobProgress, done: dict[str, float], name: str, total: int,
     progress.update(phases=tracker.phases())  # this phase is done, with its duration
 
 
+def _skip_rest(progress: JobProgress, done: dict[str, float]) -> None:
+    """Mark the phases that will not run as skipped in the job's meta (the status page's phase list)."""
+    states = [{"name": n, "state": "done" if n in done else "skipped", "seconds": done.get(n)} for n in PHASES]
+    progress.update(phases=states)
+
+
 def _pending_training(pid: int, settings: Settings, conn: Any) -> bool:
     """Whether a training waits for this job (enough annotations arrived, or it was asked for): then its queue,
     minutes away, replaces the cold start's, and pushing a coverage order first only delays it."""
@@ -231,14 +237,17 @@ def cold_start(
         "final_loss": result.losses[-1] if result.losses else None,
     })  # fmt: skip
     if registry.current_version() is not None:  # a version was trained meanwhile: its queue wins
+        _skip_rest(progress, done)
         return {**summary, "queue": "kept (a trained version serves)", "phases": done}
     if _pending_training(pid, settings, conn):
+        _skip_rest(progress, done)
         return {**summary, "queue": "spread kept (a training waits: its queue comes next)", "phases": done}
     device = torch_device(settings.device)
     embed_images_ = {t: images[t] for t in embed_ids if t in images}
     with torch.no_grad():
         order = coverage_queue(tasks, embed_images_, model, settings, device, progress=progress, done=done)
     if registry.current_version() is not None:
+        _skip_rest(progress, done)
         return {**summary, "queue": "kept (a trained version serves)", "phases": done}
     with _phase(progress, done, "publish", len(order), "tasks") as ph:
         summary.update(publish_order(ls, pid, order, report=ph.report))

@@ -170,6 +170,51 @@ def test_pretraining_yields_when_asked_and_checkpoints(tmp_path):
     assert rest.stopped == "steps" and rest.steps == 40 and rest.resumed_from == 10
 
 
+@pytest.mark.integration
+def test_a_batch_labelled_during_pretraining_gets_the_first_version_sooner(label_studio, ls, redis_url, tmp_path):
+    """The cold start on a real Label Studio project while a labelled batch waits: pretraining yields after
+    PRETRAIN_YIELD_AFTER_S (not its whole budget), the spread queue stays (no coverage push the trained version
+    would replace minutes later), and the job's meta says which phases ran and which were skipped."""
+    import redis
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from ml_backend.data.volume import generate_volume
+    from ml_backend.jobs.pretrain import cold_start, publish_spread_queue
+    from ml_backend.labelstudio.importing import import_tiles
+    from ml_backend.labelstudio.setup import DEFAULT_LABEL_CONFIG, setup_project
+    from ml_backend.queue.keys import key
+    from ml_backend.queue.status import JobProgress
+
+    vol = generate_volume((4, 64, 64), seed=3)
+    stack = tmp_path / "small.tif"
+    tifffile.imwrite(stack, vol.image, photometric="minisblack")
+    pid = int(setup_project(ls, title=f"yield {uuid.uuid4().hex[:6]}",
+                            label_config=DEFAULT_LABEL_CONFIG.read_text())["project"])  # fmt: skip
+    assert import_tiles(ls, pid, [stack], document_root=label_studio.document_root, tile=TILE,
+                        progress=False)["created"] == 16  # fmt: skip
+    settings = Settings.from_env(
+        label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key, redis_url=redis_url,
+        local_files_root=str(label_studio.document_root), model_dir=tmp_path / "models", device="cpu",
+        model_width=4, model_depth=2, train_batch_size=2, pretrain_steps=100000, pretrain_time_budget_s=120.0,
+        pretrain_yield_after_s=0.0, pretrain_crop=TILE, pretrain_tiles=16,
+    )  # fmt: skip
+    spread = publish_spread_queue(ls, pid, settings)
+    conn = redis.Redis.from_url(redis_url)
+    conn.sadd(key(pid, "pending"), "annotation-1", "annotation-2")  # a batch of TRAIN_BATCH_SIZE waits
+    job = Job.create("builtins.print", connection=conn, serializer=JSONSerializer, id=f"cold-{uuid.uuid4().hex[:6]}")
+    job.save()
+    summary = cold_start(pid, settings, JobProgress(job, pid), ls=ls, conn=conn)
+    assert summary["stopped"] == "requested" and summary["steps"] < 100000, summary  # yielded, not its budget
+    assert summary["spread"] == "in place" and summary["queue"].startswith("spread kept"), summary
+    job.refresh()
+    states = {p["name"]: p["state"] for p in job.meta["phases"]}
+    assert states == {"spread": "done", "read": "done", "pretrain": "done", "embed": "skipped",
+                      "order": "skipped", "publish": "skipped"}, states  # fmt: skip
+    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    assert _queue(tasks, "cold-start")[:2] == spread["first"][:2]  # the spread queue still serves
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 def _signup(url: str) -> requests.Session:
     """A second user of the organisation, signed up and logged in through Label Studio's own form."""

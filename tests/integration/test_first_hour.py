@@ -170,6 +170,20 @@ def test_pretraining_yields_when_asked_and_checkpoints(tmp_path):
     assert rest.stopped == "steps" and rest.steps == 40 and rest.resumed_from == 10
 
 
+def test_the_status_page_shows_the_running_phase_with_its_own_eta():
+    from ml_backend.server.status_page import render_status_page
+
+    meta = {"phase": "embed", "progress": {"step": 64, "steps": 512, "unit": "tiles", "seconds": 8.0, "eta_s": 56.0},
+            "phases": [{"name": "spread", "state": "done", "seconds": 0.1},
+                       {"name": "pretrain", "state": "done", "seconds": 180.2},
+                       {"name": "embed", "state": "running", "seconds": None},
+                       {"name": "publish", "state": "waiting", "seconds": None}]}  # fmt: skip
+    page = render_status_page({"projects": [{"id": 3, "job": meta}]})
+    assert "<th>phase</th><td>embed</td>" in page and "64 / 512 tiles" in page
+    assert "<th>ETA</th><td>56 s</td>" in page  # the embedding's own ETA, not pretraining's
+    assert "pretrain (done, 3 min 00 s) &rarr; embed (running) &rarr; publish (waiting)" in page
+
+
 @pytest.mark.integration
 def test_a_batch_labelled_during_pretraining_gets_the_first_version_sooner(label_studio, ls, redis_url, tmp_path):
     """The cold start on a real Label Studio project while a labelled batch waits: pretraining yields after

@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = measure_speed(p, a.device, log)
     iou = {name: int8_iou(name, p.iou_train_steps, log) for name in p.iou_datasets} if a.device == "cpu" else {}
     res = {
-        "command": "python -m ml_backend.benchmarks.speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m ml_backend.benchmarks.speed", *(argv if argv is not None else sys.argv[1:])]),
         "device": a.device, "machine": machine, "preset": p.__dict__, "rounds": p.rounds,
         "load_start": load_start, "load_end": _load_avg(), "flops_per_mp": raw["flops_per_mp"],
         "configured_engine": raw["configured_engine"], "summary": raw["summary"], "training": raw["training"],

@@ -54,7 +54,6 @@ from .schemas import (
     MAX_JSON_DEPTH,
     MAX_TASKS,
     BadRequest,
-    UnsupportedMediaType,
     _parse_int,
     bounded_id,
     json_depth,
@@ -451,17 +450,9 @@ def parse_predict_body(raw: bytes, content_type: str | None) -> dict:
     recursion limit with a RecursionError; a scan of the whole text would copy it twice), and the task cap
     (``MAX_TASKS``) is checked while reading.
     """
-    from .schemas import parse_json_body
+    from .schemas import json_body_text, parse_json_body
 
-    mimetype = (content_type or "").split(";", 1)[0].strip().lower()
-    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise UnsupportedMediaType(f"unsupported content type {mimetype[:80]!r}: send 'Content-Type: application/json'")
-    if not raw.strip():
-        raise BadRequest("empty request body: expected a JSON object")
-    try:
-        text = raw.decode(json.detect_encoding(raw))
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise BadRequest(f"malformed JSON: the body is not UTF-8/16/32 text ({exc.__class__.__name__})") from exc
+    text = json_body_text(raw, content_type)
     start = _WS.match(text, 0).end()
     if text[start : start + 1] != "{":
         return parse_json_body(raw, content_type)  # not an object: its own error ("expected a JSON object, got ...")

@@ -42,6 +42,7 @@ __all__ = [
     "check_json_depth",
     "describe_validation_error",
     "json_depth",
+    "json_body_text",
     "parse_json_body",
     "project_id",
 ]
@@ -118,8 +119,8 @@ def loads_limited(text: str, what: str = "request body") -> Any:
         raise BadRequest(f"malformed JSON in {what}: {exc}") from exc
 
 
-def parse_json_body(raw: bytes, content_type: str | None) -> dict:
-    """The body as a JSON object; BadRequest / UnsupportedMediaType with a reason otherwise.
+def json_body_text(raw: bytes, content_type: str | None) -> str:
+    """The body as JSON text, checked before any parsing: content type, not empty, UTF-8/16/32.
 
     A missing content type is accepted (hand-written calls); a declared non-JSON one (form data, text) is not.
     """
@@ -129,9 +130,14 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict:
     if not raw.strip():
         raise BadRequest("empty request body: expected a JSON object")
     try:
-        text = raw.decode(json.detect_encoding(raw))
+        return raw.decode(json.detect_encoding(raw))
     except (UnicodeDecodeError, LookupError) as exc:
         raise BadRequest(f"malformed JSON: the body is not UTF-8/16/32 text ({exc.__class__.__name__})") from exc
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> dict:
+    """The body as a JSON object; BadRequest / UnsupportedMediaType with a reason otherwise (``json_body_text``)."""
+    text = json_body_text(raw, content_type)
     try:
         body = loads_limited(text)
     except BadRequest as exc:

@@ -204,6 +204,15 @@ class Settings(BaseSettings):
         0.05, ge=0, validation_alias=_env("DIVERSITY_FEATURE_RADIUS", "diversity_feature_radius")
     )
     diversity_method: str = Field("top", validation_alias=_env("DIVERSITY_METHOD", "diversity_method"))
+    # Issue 17's hedges (strategies.batch.hedged_share): SELECTION_RANDOM_SHARE of every batch is a seeded uniform
+    # draw among the allowed tiles instead of the strategy's picks; the whole batch is while fewer than
+    # UNCERTAINTY_FROM_LABELS tasks are labelled (a budget switch). Defaults: benchmarks/label_efficiency/RULE.md.
+    selection_random_share: float = Field(
+        0.0, ge=0, le=1, validation_alias=_env("SELECTION_RANDOM_SHARE", "selection_random_share")
+    )
+    uncertainty_from_labels: int = Field(
+        0, ge=0, validation_alias=_env("UNCERTAINTY_FROM_LABELS", "uncertainty_from_labels")
+    )
     # Audit split: a fixed random AUDIT_FRACTION of the tasks (hash of the task id), served one in every
     # round(1 / AUDIT_FRACTION) queue places, never trained on; every new version is measured on its annotated tiles
     # and promoted only if its audit IoU is at most PROMOTION_TOLERANCE below the live version's (with at least
@@ -240,9 +249,7 @@ class Settings(BaseSettings):
     semi_supervised: bool = Field(False, validation_alias=_env("SEMI_SUPERVISED", "semi_supervised"))
     semi_threshold: float = Field(0.95, gt=0, le=1, validation_alias=_env("SEMI_THRESHOLD", "semi_threshold"))
     semi_weight: float = Field(1.0, ge=0, validation_alias=_env("SEMI_WEIGHT", "semi_weight"))
-    semi_unlabelled_batch: int = Field(
-        8, ge=1, validation_alias=_env("SEMI_UNLABELLED_BATCH", "semi_unlabelled_batch")
-    )
+    semi_unlabelled_batch: int = Field(8, ge=1, validation_alias=_env("SEMI_UNLABELLED_BATCH", "semi_unlabelled_batch"))
     semi_unlabelled_tiles: int = Field(
         256, ge=1, validation_alias=_env("SEMI_UNLABELLED_TILES", "semi_unlabelled_tiles")
     )

@@ -134,11 +134,13 @@ def positions_of(ids: Sequence[int], tasks: dict[int, dict]) -> np.ndarray:
 
 
 def batch_config(settings: Settings) -> BatchConfig:
-    """BATCH_DIVERSITY's rules from Settings (strategies.batch): z radius, feature radius, method."""
+    """BATCH_DIVERSITY's rules from Settings (strategies.batch): z radius, feature radius, method, hedges."""
     return BatchConfig(
         neighbourhood=Neighbourhood(z_radius=settings.diversity_z_radius),
         method=settings.diversity_method,
         feature_radius=settings.diversity_feature_radius,
+        random_share=settings.selection_random_share,
+        uncertainty_from_labels=settings.uncertainty_from_labels,
     )
 
 

@@ -94,10 +94,14 @@ class Protocol:
     # round's best) and selects among them; 0 = the whole pool (the published protocol).
     candidate_pool: int = 0
     candidate_keep: int = 200
+    # Issue 17's hedges of a stack-aware arm (strategies.batch.hedged_share; the product's SELECTION_RANDOM_SHARE and
+    # UNCERTAINTY_FROM_LABELS): part of every batch, or every batch while labels are few, drawn at random.
+    random_share: float = 0.0
+    uncertainty_from_labels: int = 0
 
 
 # Fields that change what a round scores, not the initial model: left out of an arm's initial-model tag.
-SCORING_ONLY_FIELDS = ("candidate_pool", "candidate_keep")
+SCORING_ONLY_FIELDS = ("candidate_pool", "candidate_keep", "random_share", "uncertainty_from_labels")
 
 
 # Fields that change only the ``default`` arm's numbers (its recipe scaling): an output dir written before they

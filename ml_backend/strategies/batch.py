@@ -269,10 +269,17 @@ class BatchConfig:
     low_budget_fraction: float = 0.05
     typicality_neighbours: int = 20  # Hacohen et al. 2022: K = 20
     max_clusters: int = 500  # TypiClust caps the cluster count (the paper's code uses 500)
+    # Issue 17's hedges (``hedged_share``): this fraction of every batch is a seeded uniform draw among the allowed
+    # tiles instead of the method's picks, and the whole batch is while fewer than ``uncertainty_from_labels`` tiles
+    # are labelled (a budget switch: uncertainty only once the model has seen enough of the stack).
+    random_share: float = 0.0
+    uncertainty_from_labels: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown batch method {self.method!r}")
+        if not 0.0 <= self.random_share <= 1.0 or self.uncertainty_from_labels < 0:
+            raise ValueError("random_share in [0, 1] and uncertainty_from_labels >= 0 required")
         if self.feature_radius < 0 or self.candidates_factor < 1 or self.typicality_neighbours < 1:
             raise ValueError("feature_radius >= 0, candidates_factor >= 1, typicality_neighbours >= 1 required")
 
@@ -287,6 +294,22 @@ class BatchSelection:
     regime: str
     relaxed: int = 0
     z_radius: int | None = None  # the stack rule's radius in slices (measured when the config says "auto")
+    random_picks: int = 0  # picks drawn at random (``hedged_share``), interleaved with the method's
+
+
+def hedged_share(n_labelled: int, config: BatchConfig) -> float:
+    """The fraction of a batch drawn at random: all of it before ``uncertainty_from_labels`` labels (the budget
+    switch: Hacohen et al. 2022 show uncertainty failing while labels are few, issue 17 measured its first batch
+    lowering test IoU on an isotropic stack), ``random_share`` after (a hedge: half a batch of uncertainty cannot
+    shift the labelled set's class prior as far as a whole one)."""
+    return 1.0 if n_labelled < config.uncertainty_from_labels else float(config.random_share)
+
+
+def interleave(first: list[int], second: list[int]) -> list[int]:
+    """Both lists in their own order, merged evenly (a partly labelled batch holds both kinds in proportion)."""
+    keyed = [((j + 0.5) / len(first), 0, t) for j, t in enumerate(first)]
+    keyed += [((j + 0.5) / len(second), 1, t) for j, t in enumerate(second)]
+    return [t for *_, t in sorted(keyed)]
 
 
 def is_low_budget(n_labelled: int, n_total: int, k: int, config: BatchConfig) -> bool:
@@ -533,15 +556,23 @@ def select_batch(
     if k == 0:
         return BatchSelection(np.zeros(0, dtype=np.int64), regime)
     picker = _Picker(x, pos, cfg, lx, lpos, seed, z_features)
-    if method == "typiclust":
-        _typiclust(picker, x, lx, k, cfg, seed)
+    k_random = int(round(hedged_share(n_labelled, cfg) * k))
+    k_method = k - k_random
+    if k_method == 0:
+        pass
+    elif method == "typiclust":
+        _typiclust(picker, x, lx, k_method, cfg, seed)
     elif method == "weighted_kmeans":
-        _weighted_kmeans(picker, x, s, k, cfg, seed)
+        _weighted_kmeans(picker, x, s, k_method, cfg, seed)
     elif method == "stochastic":
-        picker.fill_by(softrank_keys(s, seed), k)
+        picker.fill_by(softrank_keys(s, seed), k_method)
     else:  # "top": the score ranking with the exclusion rules only
-        picker.fill_by(s, k)
-    return BatchSelection(np.asarray(picker.order, dtype=np.int64), regime, picker.relaxed, int(picker.nb.z_radius))
+        picker.fill_by(s, k_method)
+    order = list(picker.order)
+    if k_random:  # the rest of the batch: a seeded uniform draw under the same exclusions
+        picker.fill_by(np.random.default_rng([seed, 17]).random(n), k)
+        order = interleave(order, picker.order[len(order) :])
+    return BatchSelection(np.asarray(order, dtype=np.int64), regime, picker.relaxed, int(picker.nb.z_radius), k_random)
 
 
 def softrank_keys(scores: np.ndarray, seed: int, beta: float = 1.0) -> np.ndarray:

@@ -806,9 +806,9 @@ def run_all(
     todo_init.sort(key=lambda job: (job[4], job[5] is not None))  # seed-major, the shared model first
     log.info("%d initial models and %d runs to do (%d workers)", len(todo_init), len(runs), workers)
     level = log.getEffectiveLevel()
-    if workers <= 1:
+    if workers <= 1:  # in order: each run trains (once) the initial model it needs, so seeds complete one by one
         _worker_init(torch_threads(), level)
-        for job in tqdm(todo_init + runs, desc="benchmark"):
+        for job in tqdm(runs, desc="benchmark"):
             _job(job)
         return len(runs)
     ctx = mp.get_context("spawn")

@@ -107,15 +107,39 @@ def test_a_version_the_evaluation_rejects_is_published_unpromoted_and_the_live_q
     assert out.scored is None and out.delivered == 0 and out.evaluation.reason == "worse on the audit tiles"
 
 
-def test_queue_order_scores_every_unlabelled_tile_and_picks_the_lowest_first():
-    images, masks = _pool()
+class IntensityModel(torch.nn.Module):
+    """Two-class logits +-8 (x - 0.5) per pixel: a tile at 0.5 is the most uncertain, one at 0 or 1 the least."""
+
+    depth = 0  # no padding needed (score_pool pads to 2**depth)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x]
+
+    def decode(self, feats: list[torch.Tensor], mc_dropout: bool = False) -> torch.Tensor:
+        d = 8.0 * (feats[-1][:, :1] - 0.5)
+        return torch.cat([d, -d], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def test_queue_order_serves_the_most_uncertain_tile_first():
+    # Constant tiles; the model's uncertainty grows as the intensity nears 0.5: tile 4 (0.5) is the most uncertain,
+    # tile 6 (0.42) the next, and the served order is by distance from 0.5.
+    levels = [0.0, 0.95, 0.3, 0.1, 0.5, 0.8, 0.42, 0.65]
+    images = np.stack([np.full((32, 32), v, dtype=np.float32) for v in levels])
+    masks = np.zeros(images.shape, dtype=np.int64)
     rec = Recorder(images)
-    out = run_round(
-        _plan("entropy"), Oracle(images, masks, [0]), publisher=rec, scorer=rec, select=QueueOrder(2), sink=rec
-    )
+    plan = RoundPlan(get_strategy("entropy"), ModelState(IntensityModel(), "v0", "kept"), train=None)
+    out = run_round(plan, Oracle(images, masks, [0]), publisher=rec, scorer=rec, select=QueueOrder(2), sink=rec)
+    expected = sorted(range(1, len(levels)), key=lambda i: abs(levels[i] - 0.5))
+    assert expected[:2] == [4, 6]
+    assert out.ranking.picked[0] == 4  # the most uncertain tile is served first
+    assert out.ranking.picked == expected  # and the rest in order of decreasing uncertainty
+    assert rec.calls[-1] == ("put", "v1", tuple(expected))  # the sink receives that order
     scores = out.ranking.scores
-    assert scores.shape == (11,) and np.all((scores >= 0) & (scores <= 1))
-    assert out.ranking.picked[0] == out.ranking.ids[int(np.argmin(scores))]
+    assert scores.shape == (7,) and np.all((scores >= 0) & (scores <= 1))  # every unlabelled tile has a queue score
+    assert scores[out.ranking.ids.index(4)] < scores[out.ranking.ids.index(6)] < scores[out.ranking.ids.index(1)]
 
 
 def test_ensemble_is_trained_only_for_strategies_that_need_it_and_a_kept_model_is_not_trained():

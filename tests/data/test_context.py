@@ -67,12 +67,18 @@ def test_single_slice_stack_is_all_centre():
     np.testing.assert_array_equal(t.image, np.repeat(vol[:1, :4, :4], 3, axis=0))
 
 
-def test_context_batch_shapes_and_values():
-    vol = _stack(3, 16)
+def test_context_batch_holds_the_neighbouring_slices_pixels_clamped_at_the_edges():
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)  # every pixel of every slice distinct
     pos = np.array([[0, 0, 0], [1, 8, 8], [2, 4, 0]])
     out = context_batch(vol, pos, 8)
     assert out.shape == (3, 3, 8, 8)
-    assert out[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 2]]
+    sources = [(0, 0, 1), (0, 1, 2), (1, 2, 2)]  # z-1, z, z+1 clamped into the stack at the first and last slice
+    for i, ((_, y, x), source) in enumerate(zip(pos, sources, strict=True)):
+        for c, k in enumerate(source):
+            np.testing.assert_array_equal(out[i, c], vol[k, y : y + 8, x : x + 8])
+    wide = context_batch(vol, pos[1:2], 8, offsets=(-2, 0, 2))
+    for c, k in enumerate((0, 1, 2)):  # 1-2 and 1+2 clamp to the first and last slice
+        np.testing.assert_array_equal(wide[0, c], vol[k, 8:16, 8:16])
     assert context_batch(vol, np.zeros((0, 3), np.int64), 8).shape == (0, 3, 8, 8)
 
 
@@ -92,14 +98,25 @@ def test_errors():
         read_context([vol[0], np.zeros((4, 4))], 0, 0, 0, 2, offsets=(0, 1))
 
 
-def test_unet_accepts_context_channels():
-    """The model side of 2.5D: UNet(in_channels=C) runs on read_context's (C, h, w) tiles."""
+def test_unet_reads_every_context_channel():
+    """The model side of 2.5D: UNet(in_channels=C) runs on context_batch's (C, h, w) tiles, and what a neighbouring
+    slice shows changes its output (the extra channels are not dropped)."""
     import torch
 
     from ml_backend.model import build_model
 
-    vol = _stack(3, 32)
-    x = torch.from_numpy(context_batch(vol, np.array([[1, 0, 0]]), 32))
+    vol = np.random.default_rng(1).random((3, 32, 32)).astype(np.float32)
+    torch.manual_seed(0)
     model = build_model("unet", in_channels=3, width=4, depth=2).eval()
-    with torch.no_grad():
-        assert model(x).shape == (1, 2, 32, 32)
+
+    def predict(stack: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.from_numpy(context_batch(stack, np.array([[1, 0, 0]]), 32))).softmax(dim=1)
+
+    out = predict(vol)
+    assert out.shape == (1, 2, 32, 32)
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(1, 32, 32))
+    for k in (0, 2):  # the slice above and the slice below
+        changed = vol.copy()
+        changed[k, 8:24, 8:24] = 1.0 - changed[k, 8:24, 8:24]
+        assert (predict(changed) - out).abs().amax() > 1e-4, f"slice {k} does not reach the model"

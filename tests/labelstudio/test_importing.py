@@ -88,18 +88,34 @@ def test_tile_folder_must_be_inside_the_document_root(importer, tmp_path):
 
 def test_server_token_is_kept_in_the_data_dir(lss, tmp_path):
     token = lss._token_for(tmp_path, None)
-    assert len(token) == 40 and int(token, 16) >= 0
+    assert len(token) == 40 and set(token) <= set("0123456789abcdef")
+    saved = tmp_path / lss.TOKEN_FILE
+    assert saved.read_text() == token and saved.stat().st_mode & 0o777 == 0o600  # only the owner can read it
     assert lss._token_for(tmp_path, None) == token  # a restart reuses the admin's token
+    other = tmp_path / "other"
+    other.mkdir()
+    assert lss._token_for(other, None) != token  # each data dir has its own token
+    given = tmp_path / "given"
+    given.mkdir()
+    assert lss._token_for(given, "g" * 40) == "g" * 40 and (given / lss.TOKEN_FILE).read_text() == "g" * 40
+    assert lss._token_for(given, None) == "g" * 40  # a given token is saved and reused after a restart
 
 
-def test_server_environment_allows_a_local_backend_and_stays_offline(lss, tmp_path):
+def test_server_environment_allows_a_local_backend_and_stays_offline(lss, monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "elsewhere"))  # the backend's own paths must not leak into LS
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "venv"))
+    monkeypatch.setenv("KEEP_ME", "1")
     env = lss.server_environment(data_dir=tmp_path, document_root=tmp_path / "f", username="a@b.c", password="p",
                                  token="t" * 40)  # fmt: skip
     assert env["ML_BLOCK_LOCAL_IP"] == "false" and env["SSRF_PROTECTION_ENABLED"] == "false"
     assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     assert env["LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED"] == "true"
-    assert env["LATEST_VERSION_CHECK"] == "false"
-    assert "PYTHONPATH" not in env
+    assert env["LATEST_VERSION_CHECK"] == "false" and env["COLLECT_ANALYTICS"] == "false"
+    assert env["LABEL_STUDIO_BASE_DATA_DIR"] == str(tmp_path)
+    assert env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(tmp_path / "f")
+    assert (env["LABEL_STUDIO_USERNAME"], env["LABEL_STUDIO_PASSWORD"]) == ("a@b.c", "p")
+    assert env["LABEL_STUDIO_USER_TOKEN"] == "t" * 40
+    assert "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env and env["KEEP_ME"] == "1"
 
 
 def test_default_venv_follows_the_environment(lss, monkeypatch, tmp_path):

@@ -57,10 +57,29 @@ class TestModelContract:
         assert not torch.allclose(mc[0], mc[1])
         assert not model.training, "MC dropout must not switch the model to train mode"
 
-    def test_embed_shape(self, model):
-        emb = model.embed(_x(3, 20, 28))
+    def test_output_is_a_per_sample_distribution_that_follows_the_input(self, model):
+        x = _x(2, 32, 32)
+        y = x.clone()
+        y[1] = _x(1, 32, 32, seed=1)[0]  # only the second sample changes
+        with torch.no_grad():
+            px, py = model(x).softmax(dim=1), model(y).softmax(dim=1)
+        torch.testing.assert_close(px.sum(dim=1), torch.ones(2, 32, 32))
+        assert ((px >= 0) & (px <= 1)).all()
+        torch.testing.assert_close(py[0], px[0])  # each sample's output depends on that sample only (eval mode)
+        assert (py[1] - px[1]).abs().amax() > 1e-4, "the output does not depend on the input"
+
+    def test_embed_is_the_mean_bottleneck_of_each_input(self, model):
+        x = torch.cat([_x(1, 32, 48, seed=s) for s in range(3)])
+        with torch.no_grad():
+            emb = model.embed(x)
+            bottleneck = model.encode(x)[-1]
+            alone = model.embed(x[1:2])
         assert emb.shape == (3, model.hparams["width"] * 2 ** model.hparams["depth"])
         assert emb.shape[1] == model.embedding_dim
+        torch.testing.assert_close(emb, bottleneck.mean(dim=(2, 3)))
+        torch.testing.assert_close(alone[0], emb[1])  # independent of the rest of the batch
+        assert torch.cdist(emb, emb)[~torch.eye(3, dtype=torch.bool)].min() > 0  # different tiles, different vectors
+        assert model.embed(_x(3, 20, 28)).shape == emb.shape  # any size (padded like forward)
 
     def test_checkpoint_round_trip(self, model, tmp_path):
         path = tmp_path / "sub" / "model.pt"

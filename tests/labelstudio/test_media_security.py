@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from ml_backend.config import Settings
-from ml_backend.labelstudio import media
+from ml_backend.labelstudio import media, media_cache, media_transport
 from ml_backend.labelstudio.media import MediaError, cache_dir, fetch_image, fetch_image_bytes
 
 TOKEN = "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeed"
@@ -137,7 +137,7 @@ def _settings(tmp_path: Path, ls: Listener, **kw) -> Settings:
 
 
 def _temp_files(s: Settings) -> list[Path]:
-    d = media._temp_dir(s)
+    d = media_cache.temp_dir(s)
     return list(d.iterdir()) if d.exists() else []
 
 
@@ -255,7 +255,7 @@ def test_environment_credentials_and_proxies_are_ignored(tmp_path, ls, evil, mon
     ls.routes[f"{UP}/img.png"] = _needs_token(PNG)
     evil.routes["/img.png"] = _body(PNG)
     s = _settings(tmp_path, ls, media_allowed_hosts=evil.netloc)
-    media._sessions.clear()  # sessions are per thread and read the environment per request: start afresh
+    media_transport._sessions.clear()  # sessions are per thread and read the environment per request: start afresh
     results: list = []
     for url in (f"{ls.base}{UP}/img.png", f"{evil.base}/img.png"):
         t = threading.Thread(target=lambda u=url: results.append(fetch_image(u, s, use_cache=False).shape))
@@ -506,7 +506,7 @@ def test_transient_errors_are_retried_within_the_deadline(tmp_path, ls):
         fetch_image(f"{UP}/down", s)
     assert time.monotonic() - t0 < 3.0 + 0.5
     assert MARKER not in str(err.value)
-    assert sum(p == f"{UP}/down" for p, _ in ls.seen) == media.MAX_ATTEMPTS
+    assert sum(p == f"{UP}/down" for p, _ in ls.seen) == media_transport.MAX_ATTEMPTS
 
 
 def test_unreachable_host_fails_fast_with_the_os_reason(tmp_path):
@@ -684,7 +684,7 @@ def test_unwritable_cache_falls_back_to_a_private_temp_dir_and_says_so(tmp_path,
     assert fetch_image(f"{UP}/a.png", s).shape == (32, 32)
     assert fetch_image(f"{UP}/a.png", s).shape == (32, 32)
     assert len(ls.seen) == 2  # not cached: fetched again
-    assert list(media._fallback_dir().iterdir()) == []  # staged downloads are removed after use
+    assert list(media_cache.fallback_dir().iterdir()) == []  # staged downloads are removed after use
     (s.model_dir / "cache").unlink()  # the disk is fixed: caching resumes, the warning goes
     assert media.cache_problem(s) is None
     fetch_image(f"{UP}/a.png", s)
@@ -720,7 +720,7 @@ def test_read_only_model_dir_still_serves_images(tmp_path, ls, tmpfs):
     assert subprocess.run(["mount", "-o", "remount,ro", str(model_dir)], capture_output=True).returncode == 0
     assert "Read-only file system" in (media.cache_problem(s) or "")
     assert fetch_image(f"{UP}/a.png", s).shape == (32, 32)
-    assert list(media._fallback_dir().iterdir()) == []
+    assert list(media_cache.fallback_dir().iterdir()) == []
 
 
 def test_disk_filling_up_during_a_download_retries_it_elsewhere(tmp_path, ls, tmpfs):
@@ -732,4 +732,4 @@ def test_disk_filling_up_during_a_download_retries_it_elsewhere(tmp_path, ls, tm
     assert fetch_image(f"{UP}/big.png", s).shape == (400, 400)
     assert [p for p, _ in ls.seen] == [f"{UP}/big.png"] * 2  # the second try went to the fallback directory
     assert _temp_files(s) == [] and _cache_files(s) == []
-    assert list(media._fallback_dir().iterdir()) == []
+    assert list(media_cache.fallback_dir().iterdir()) == []

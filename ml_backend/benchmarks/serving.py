@@ -180,9 +180,6 @@ class _Bare:
 
 
 # ----------------------------------------------------------------------------------------------- server
-_free_port = free_port  # scripts/bench_load.py uses this name
-
-
 class _Client:
     """POST JSON to the app, either over HTTP (gunicorn) or through Flask's test client."""
 
@@ -200,7 +197,7 @@ class _Client:
         import requests
 
         self.session = requests.Session()
-        port = _free_port()
+        port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which("gunicorn")
         if gunicorn is None:

@@ -11,7 +11,14 @@ import torch
 
 from ml_backend.active_learning.plan import batch_config as product_batch_config
 from ml_backend.benchmarks.protocol import PRESETS, Protocol, train_config
-from ml_backend.benchmarks.run import arm_batch_config, arm_protocol, arm_strategy, initial_tag, resolve_arm
+from ml_backend.benchmarks.run import (
+    LEVERS,
+    arm_batch_config,
+    arm_protocol,
+    arm_strategy,
+    initial_tag,
+    resolve_arm,
+)
 from ml_backend.config import Settings
 from ml_backend.strategies.resolve import stored_strategy
 from ml_backend.training.recipe import product_train_config
@@ -101,11 +108,34 @@ def test_changing_a_setting_changes_the_arm(monkeypatch):
         {"aggregation": "mean"},
         {"semi_weight": 0.5},
         {"context_offsets": "-1,0,1"},
+        {"selection_random_share": 0.5},
+        {"uncertainty_from_labels": 60},
     ):
         s2 = Settings(**change)
         arm2 = resolve_arm(p, "default", s2)
         assert arm2 != before, change
         _matches(arm2, arm_protocol(p, arm2), s2)
+
+
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+def test_lever_arms_are_settings_with_the_lever(lever):
+    """ "default@<lever>" is the product's Settings with the lever's values, and nothing else changed."""
+    p, s = _cpu(), Settings()
+    arm = resolve_arm(p, f"default@{lever}", s)
+    ap = arm_protocol(p, arm)
+    s2 = s.model_copy(update=LEVERS[lever])
+    _matches(arm, ap, s2)
+    assert arm == replace(resolve_arm(p, "default", s2), name=f"default@{lever}")
+    assert ap.random_share == s2.selection_random_share and ap.uncertainty_from_labels == s2.uncertainty_from_labels
+    # Hedges change what a round selects, not the cold start: the same initial model as the default's.
+    if "pretrain" not in LEVERS[lever]:
+        assert initial_tag(p, ap) == initial_tag(p, arm_protocol(p, resolve_arm(p, "default", s)))
+    assert arm_protocol(p, resolve_arm(p, f"default@{lever}+semi", s)).semi_supervised
+
+
+def test_unknown_lever_is_refused():
+    with pytest.raises(ValueError, match="unknown lever"):
+        resolve_arm(_cpu(), "default@nope", Settings())
 
 
 def test_semi_suffix_on_any_arm_and_refused_arms():

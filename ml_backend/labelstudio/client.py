@@ -46,6 +46,7 @@ __all__ = [
     "push_predictions",
     "retrieve_predictions",
     "retry_policy",
+    "sdk_client",
     "set_project_model_version",
 ]
 
@@ -187,8 +188,10 @@ def as_dict(obj: Any) -> dict:
     raise TypeError(f"cannot convert {type(obj).__name__} to dict")
 
 
-def connect(settings: Any, *, attempts: int = RETRY_ATTEMPTS, timeout: float = REQUEST_TIMEOUT_S) -> Any:
-    """An SDK client for ``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY``, after checking both work (whoami)."""
+def sdk_client(settings: Any, *, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+    """The one factory of SDK clients: ``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY``, no request made, no retries
+    of its own (``call`` retries). ``connect`` adds the check that both work; the status page uses it as is, with
+    its short timeout, so a slow Label Studio never holds the page."""
     from label_studio_sdk import LabelStudio
 
     url = str(getattr(settings, "label_studio_url", "") or "").rstrip("/")
@@ -199,7 +202,13 @@ def connect(settings: Any, *, attempts: int = RETRY_ATTEMPTS, timeout: float = R
         raise LabelStudioAuthError(
             f"LABEL_STUDIO_API_KEY is not set: copy the token from {url}/user/account (Access Token) into it"
         )
-    ls = LabelStudio(base_url=url, api_key=key, timeout=timeout, max_retries=0)
+    return LabelStudio(base_url=url, api_key=key, timeout=timeout, max_retries=0)
+
+
+def connect(settings: Any, *, attempts: int = RETRY_ATTEMPTS, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+    """An SDK client for ``LABEL_STUDIO_URL`` with ``LABEL_STUDIO_API_KEY``, after checking both work (whoami)."""
+    ls = sdk_client(settings, timeout=timeout)
+    url = str(getattr(settings, "label_studio_url", "") or "").rstrip("/")
     try:
         call(ls, ls.users.whoami, what="checking the API token (GET /api/current-user/whoami)", attempts=attempts)
     except LabelStudioAuthError:
@@ -316,10 +325,13 @@ def _api(ls: Any, method: str, path: str, *, json: Any = None, timeout: float = 
     return resp.json() if resp.content else None
 
 
-def model_version_counts(ls: Any, project_id: int) -> dict[str, int]:
-    """``{model_version: number of predictions}`` of a project (``GET /api/projects/{id}/model-versions/``)."""
-    data = call(ls, _api, ls, "GET", f"api/projects/{int(project_id)}/model-versions/",
-                what=f"listing model versions of project {project_id}")  # fmt: skip
+def model_version_counts(
+    ls: Any, project_id: int, *, attempts: int = RETRY_ATTEMPTS, timeout: float = REQUEST_TIMEOUT_S
+) -> dict[str, int]:
+    """``{model_version: number of predictions}`` of a project (``GET /api/projects/{id}/model-versions/``);
+    ``attempts=1`` and a short ``timeout`` for callers that bound their own time (the status page)."""
+    data = call(ls, _api, ls, "GET", f"api/projects/{int(project_id)}/model-versions/", timeout=timeout,
+                what=f"listing model versions of project {project_id}", attempts=attempts)  # fmt: skip
     return {str(k): int(v) for k, v in (data or {}).items()} if isinstance(data, dict) else {}
 
 

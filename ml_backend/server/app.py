@@ -12,7 +12,7 @@ Routes:
 * ``GET /health`` -> {"status": "UP", "model_class": "UNet"} and nothing else (open, for Label Studio's 1 s probe and
   liveness checks); ``GET /health?details=1`` adds model directory, device and strategy and needs basic auth when it
   is configured. ``GET /metrics`` -> JSON counters of this process, ``/metrics?format=prometheus`` the same in
-  Prometheus' text format (both behind basic auth when configured).
+  Prometheus' text format (both behind basic auth when configured; the counters are ``metrics.py``).
 * ``POST /webhook`` -> ``ml_backend.queue.handle_webhook``: annotation events and START_TRAINING; answers at once
   (Label Studio waits 1 s), 503 with a reason when Redis is down (the next trigger re-reads Label Studio anyway).
   A payload with an id that cannot exist (not in 1..2**31-1) is answered 400 and never reaches Redis: Label Studio
@@ -22,7 +22,7 @@ Routes:
   live version, running job's progress, queue and Label Studio counts (bounded by STATUS_LS_TIMEOUT_S: the page
   renders with a note when Label Studio or Redis is slow or down), learning curve, promotion, the recent per-task
   /predict errors of this worker process, versions with rollback hints. HTML, or JSON for ``Accept:
-  application/json``; an unknown project answers 404 with the reason.
+  application/json``; an unknown project answers 404 with the reason. ``status_source.py`` gathers the data.
 
 Every error is JSON ``{"status": "error", "reason": ...}``: 4xx when the request is at fault, 5xx otherwise; the
 server keeps serving. Bodies are validated at the edge (``schemas.py``): size (MAX_REQUEST_BYTES, 413), content type
@@ -37,12 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -52,6 +47,7 @@ from ml_backend.config import Settings, torch_device
 from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 
 from .auth import check_basic_auth, details_requested
+from .metrics import Metrics, prometheus_text
 from .predict import COLD_START_VERSION, ModelConfigMismatch, parse_predict_body, predict_tasks, queue_undone
 from .projects import ProjectError, ProjectStore, parse_project_id, strategy_from_params
 from .schemas import (
@@ -63,66 +59,13 @@ from .schemas import (
     parse_json_body,
     validate,
 )
+from .status_source import StatusSource, TaskErrorLog, backend_warnings
 
 __all__ = ["BadRequest", "Metrics", "create_app"]  # BadRequest re-exported from schemas
 
 log = logging.getLogger("ml_backend.server")
 
 MODEL_CLASS = "UNet"
-
-
-class Metrics:
-    """Thread-safe counters of one process (gunicorn workers each keep their own; ``pid`` tells them apart)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.started = time.time()
-        self.requests: dict[str, int] = defaultdict(int)
-        self.errors: dict[str, int] = defaultdict(int)
-        self.predict = {"requests": 0, "tasks": 0, "failed_tasks": 0, "cold_start_tasks": 0, "queued_tasks": 0}
-        self.latencies: list[float] = []  # last 1000 /predict latencies (seconds)
-        self.latency_total = 0.0
-
-    def record(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[route] += 1
-            if status >= 400:
-                self.errors[f"{route} {status}"] += 1
-
-    def record_predict(self, seconds: float, tasks: int, failed: int, cold: bool, queued: int = 0) -> None:
-        with self._lock:
-            self.predict["requests"] += 1
-            self.predict["tasks"] += tasks
-            self.predict["failed_tasks"] += failed
-            self.predict["queued_tasks"] += queued  # not done by the deadline: predicted in the background
-            if cold:
-                self.predict["cold_start_tasks"] += tasks - failed
-            self.latency_total += seconds
-            self.latencies.append(seconds)
-            del self.latencies[:-1000]
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            lat = sorted(self.latencies)
-            count = self.predict["requests"]
-
-            def pct(q: float) -> float | None:
-                return round(lat[min(len(lat) - 1, int(q * len(lat)))], 4) if lat else None
-
-            return {
-                "pid": os.getpid(),
-                "uptime_s": round(time.time() - self.started, 1),
-                "requests": dict(self.requests),
-                "errors": dict(self.errors),
-                "predict": dict(self.predict),
-                "predict_latency_s": {
-                    "count": count,
-                    "mean": round(self.latency_total / count, 4) if count else None,
-                    "p50": pct(0.5),
-                    "p95": pct(0.95),
-                    "max": round(lat[-1], 4) if lat else None,
-                },
-            }
 
 
 def _error(reason: str, status: int, **extra: Any) -> tuple[Response, int]:
@@ -221,7 +164,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         snap = metrics.snapshot()
         snap["model_loads"] = cache.loads
         if request.args.get("format") == "prometheus":  # for a Prometheus scraper (with the basic-auth credentials)
-            return Response(_prometheus_text(snap), mimetype="text/plain; version=0.0.4; charset=utf-8")
+            return Response(prometheus_text(snap), mimetype="text/plain; version=0.0.4; charset=utf-8")
         return jsonify(snap)
 
     @app.post("/setup")
@@ -355,171 +298,6 @@ def _not_found(project: str, known: list[str], reason: str) -> Any:
     if _wants_json():
         return _error(reason, 404, known_projects=known)
     return Response(render_not_found(project, known), status=404, mimetype="text/html")
-
-
-def backend_warnings(settings: Settings) -> list[str]:
-    """Backend-wide degradations worth a team lead's attention (for /status and /health?details=1): today an image
-    cache that cannot be written (predictions go on, every image is downloaded again)."""
-    from ml_backend.labelstudio.media import cache_problem
-
-    problem = cache_problem(settings)
-    return [problem] if problem else []
-
-
-class TaskErrorLog:
-    """The last ``keep`` per-task /predict errors of each project, in this process (gunicorn workers keep their own):
-    what the status page lists as recent errors, without a database."""
-
-    def __init__(self, keep: int) -> None:
-        self._lock = threading.Lock()
-        self._keep = max(1, int(keep))
-        self._by_project: dict[str, deque] = {}
-
-    def add(self, project: str, errors: list[dict]) -> None:
-        if not errors:
-            return
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        with self._lock:
-            ring = self._by_project.setdefault(str(project), deque(maxlen=self._keep))
-            for err in errors:
-                ring.append({"time": stamp, "task": err.get("task"), "reason": str(err.get("reason"))[:500]})
-
-    def recent(self, project: str) -> list[dict]:
-        with self._lock:
-            return list(self._by_project.get(str(project), ()))
-
-
-class StatusSource:
-    """Gathers a status page's data: the registry (local disk), the queue state (Redis) and Label Studio's counts,
-    the last two in parallel under one deadline (STATUS_LS_TIMEOUT_S) so the page always renders."""
-
-    def __init__(self, settings: Settings, store: ProjectStore, errors: TaskErrorLog) -> None:
-        self.settings, self.store, self.errors = settings, store, errors
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="status")
-        self._ls: Any = None
-        self._ls_lock = threading.Lock()
-
-    def known_projects(self) -> list[str]:
-        """Projects this backend knows: a folder under MODEL_DIR/projects (set up, or holding versions)."""
-        root = self.store.root
-        if not root.is_dir():
-            return []
-        return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
-
-    def _client(self) -> Any:
-        from label_studio_sdk import LabelStudio
-
-        with self._ls_lock:
-            if self._ls is None:
-                if not self.settings.label_studio_api_key:
-                    raise RuntimeError("LABEL_STUDIO_API_KEY is not set")
-                self._ls = LabelStudio(
-                    base_url=self.settings.label_studio_url.rstrip("/"), api_key=self.settings.label_studio_api_key,
-                    timeout=max(1.0, float(self.settings.status_ls_timeout_s)), max_retries=0,
-                )  # fmt: skip
-            return self._ls
-
-    def _counts(self, pid: str, live: str | None) -> dict:
-        from .status_page import label_studio_counts
-
-        return label_studio_counts(self._client(), int(pid), live)
-
-    def _queue(self, pid: str) -> dict:
-        from ml_backend.queue import queue_state
-
-        return queue_state(int(pid), self.settings)
-
-    def status(self, pids: list[str]) -> dict:
-        from ml_backend.store.registry import ModelRegistry, RegistryError
-
-        from .status_page import collect_project_status
-
-        timeout = float(self.settings.status_ls_timeout_s)
-        deadline = time.monotonic() + timeout
-        regs, lives, jobs = {}, {}, {}
-        for pid in pids:
-            regs[pid] = ModelRegistry(self.settings.model_dir, pid)
-            try:
-                lives[pid] = regs[pid].current_version()
-            except RegistryError as exc:
-                lives[pid] = None
-                log.warning("status of project %s: %s", pid, exc)
-            jobs[(pid, "counts")] = self._pool.submit(self._counts, pid, lives[pid])
-            jobs[(pid, "queue")] = self._pool.submit(self._queue, pid)
-        wait_futures(list(jobs.values()), timeout=max(0.0, deadline - time.monotonic()))
-        projects = []
-        ls_url = self.settings.label_studio_url.rstrip("/")
-        for pid in pids:
-            notes: list[str] = []
-            counts = self._result(jobs[(pid, "counts")], f"Label Studio ({ls_url})", timeout, notes)
-            queue = self._result(jobs[(pid, "queue")], "the training queue (Redis)", timeout, notes)
-            title = (counts or {}).pop("title", None)
-            try:
-                project = collect_project_status(
-                    regs[pid], queue_state=queue, counts=counts, errors=self.errors.recent(pid), title=title,
-                    label_studio_url=f"{ls_url}/projects/{pid}/data",
-                )  # fmt: skip
-            except Exception as exc:  # one damaged project gets a note; the others still render (issue 16)
-                log.exception("status of project %s", pid)
-                project = {"id": pid, "title": title, "queue": {}, "problems": [f"{type(exc).__name__}: {exc}"]}
-            if notes:
-                project["queue"]["note"] = "; ".join(notes)
-            projects.append(project)
-        return {
-            "title": "EM active-learning backend — status",
-            "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "projects": projects,
-            "warnings": backend_warnings(self.settings),
-        }
-
-    @staticmethod
-    def _result(future: Any, what: str, timeout: float, notes: list[str]) -> dict | None:
-        if not future.done():
-            notes.append(f"{what} did not answer within {timeout:g} s (STATUS_LS_TIMEOUT_S): shown without it")
-            return None
-        exc = future.exception()
-        if exc is not None:
-            notes.append(f"{what} unavailable: {type(exc).__name__}: {str(exc)[:200]}")
-            return None
-        return future.result()
-
-
-def _prometheus_text(snap: dict) -> bytes:
-    """The JSON counters in Prometheus' text exposition format (this process only: gunicorn workers add ``pid``)."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    pid = str(snap["pid"])
-
-    class _Snapshot:
-        def collect(self) -> Any:
-            requests_ = CounterMetricFamily("mlbackend_requests", "HTTP requests by route", labels=["pid", "route"])
-            for route, count in sorted(snap["requests"].items()):
-                requests_.add_metric([pid, route], count)
-            errors = CounterMetricFamily(
-                "mlbackend_errors", "HTTP error answers by route and status", labels=["pid", "route", "status"]
-            )
-            for key, count in sorted(snap["errors"].items()):
-                route, _, status = key.rpartition(" ")
-                errors.add_metric([pid, route, status], count)
-            predict = CounterMetricFamily("mlbackend_predict", "/predict requests and tasks", labels=["pid", "kind"])
-            for kind, count in snap["predict"].items():
-                predict.add_metric([pid, kind], count)
-            loads = CounterMetricFamily("mlbackend_model_loads", "models loaded by this process", labels=["pid"])
-            loads.add_metric([pid], snap["model_loads"])
-            latency = GaugeMetricFamily(
-                "mlbackend_predict_latency_seconds", "/predict latency of the last 1000 requests", labels=["pid", "q"]
-            )
-            for q, value in snap["predict_latency_s"].items():
-                if q != "count" and value is not None:
-                    latency.add_metric([pid, q], value)
-            uptime = GaugeMetricFamily("mlbackend_uptime_seconds", "seconds since this process started", labels=["pid"])
-            uptime.add_metric([pid], snap["uptime_s"])
-            yield from (requests_, errors, predict, loads, latency, uptime)
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot())
-    return generate_latest(registry)
 
 
 def _project_strategy(store: ProjectStore, pid: str, settings: Settings) -> Any:

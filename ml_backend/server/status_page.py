@@ -669,7 +669,7 @@ def collect_project_status(
 def label_studio_counts(ls: Any, project_id: int, live_version: str | None) -> dict:
     """{"title", "labelled", "unlabelled", "total", "with_live_prediction"} from Label Studio: two requests, no retry
     (the caller bounds the time; a slow or absent Label Studio must never hold the page)."""
-    from ml_backend.labelstudio.client import _api, as_dict
+    from ml_backend.labelstudio.client import as_dict, model_version_counts
 
     project = as_dict(ls.projects.get(id=int(project_id)))
     total = int(project.get("task_number") or 0)
@@ -681,9 +681,8 @@ def label_studio_counts(ls: Any, project_id: int, live_version: str | None) -> d
         "unlabelled": max(0, total - labelled),
     }
     if live_version:
-        counts = _api(ls, "GET", f"api/projects/{int(project_id)}/model-versions/", timeout=5)
-        if isinstance(counts, Mapping):
-            out["with_live_prediction"] = int(counts.get(live_version) or 0)
+        counts = model_version_counts(ls, int(project_id), attempts=1, timeout=5)
+        out["with_live_prediction"] = int(counts.get(live_version) or 0)
     else:
         out["with_live_prediction"] = 0
     return out

@@ -224,3 +224,52 @@ def test_collect_from_registry_and_queue_state(tmp_path):
     assert held["promotion"]["reason"] == "val IoU below the live version" and held["job"] is None
     reg.current_file.write_text(_versions(4)[3]["version"] + "\n")
     assert collect_project_status(reg)["promotion"]["promoted"] is True
+
+
+def test_label_studio_counts_go_through_the_clients_public_calls():
+    """The page's two requests (project, model-version counts) through ``labelstudio.client``'s one factory and its
+    public ``model_version_counts``: one attempt each (the page bounds its own time)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    from ml_backend.labelstudio.client import LabelStudioError, sdk_client
+    from ml_backend.server.status_page import label_studio_counts
+
+    seen: list[str] = []
+    answers = {"versions": (200, {"v0002": 7, "v0001": 3})}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append(self.path)
+            if self.path.startswith("/api/projects/3/model-versions"):
+                status, body = answers["versions"]
+            else:
+                status, body = 200, {"id": 3, "title": "cells", "task_number": 10, "num_tasks_with_annotations": 4}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = SimpleNamespace(label_studio_url=f"http://127.0.0.1:{server.server_port}", label_studio_api_key="k")
+        ls = sdk_client(settings, timeout=5)
+        counts = label_studio_counts(ls, 3, "v0002")
+        assert counts == {"title": "cells", "total": 10, "labelled": 4, "unlabelled": 6, "with_live_prediction": 7}
+        assert label_studio_counts(ls, 3, "v0009")["with_live_prediction"] == 0
+        assert "with_live_prediction" in label_studio_counts(ls, 3, None)
+        seen.clear()
+        answers["versions"] = (503, {"detail": "busy"})
+        with pytest.raises(LabelStudioError):
+            label_studio_counts(ls, 3, "v0002")
+        assert sum("model-versions" in p for p in seen) == 1  # no retry: the page has its own deadline
+    finally:
+        server.shutdown()
+        server.server_close()

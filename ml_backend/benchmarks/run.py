@@ -782,8 +782,8 @@ def run_all(
 
     # Order: the strategies the published claims are about first, then the reference, then the rest, so that an
     # interrupted benchmark has complete seeds for the comparisons that matter most.
-    first = [st for st in PRIORITY if st in strategies]
-    first += [st for st in strategies if st.startswith(DEFAULT_ARM + "@") and st not in first]  # candidate defaults
+    # The arms of the claims and the candidate defaults ("default@<lever>") in the order the command names them.
+    first = [st for st in strategies if st in PRIORITY or st.startswith(DEFAULT_ARM + "@")]
     rest = [st for st in strategies if st not in first]
     # Seed-major: an interrupted benchmark holds complete paired comparisons (every arm of a seed) first.
     runs = [("run", str(out), asdict(p), st, s, asdict(arms[st])) for s in seeds for st in first]

@@ -48,6 +48,7 @@ from ml_backend.queue.rescoring import RedisPoolScorer
 from ml_backend.queue.status import JobProgress
 from ml_backend.store.publisher import KeepVersion, RegistryPublisher
 from ml_backend.store.registry import ModelRegistry
+from ml_backend.strategies.resolve import project_strategy  # THE lookup (also imported from here by jobs/backlog)
 from ml_backend.training.recipe import ModelState
 
 from .logs import ensure_logging
@@ -92,20 +93,6 @@ def train_version(
     publisher = RegistryPublisher(registry, config, settings, strategy, extra_meta)
     outcome = run_round(plan, AnnotatedTasks(LabelledSet(tiles), []), publisher=publisher)
     return TrainOutcome(outcome.version, publisher.meta, outcome.trained.model, outcome.trained.ensemble)
-
-
-def project_strategy(project_id: int, settings: Settings) -> Any:
-    """The project's acquisition strategy: the one stored by /setup (extra_params), else STRATEGY (one resolver and
-    one error policy for /setup, /predict and the jobs: ``strategies.resolve``)."""
-    from ml_backend.store.projects import ProjectError, ProjectStore
-    from ml_backend.strategies.resolve import stored_strategy
-
-    try:
-        state = ProjectStore(settings.model_dir).state(str(project_id))
-    except ProjectError as exc:  # an unreadable state file must not stop the training: the defaults apply
-        log.warning("project %s: %s; using STRATEGY=%s", project_id, exc, settings.strategy)
-        state = {}
-    return stored_strategy(state, settings, project=project_id)  # bad stored params: the default, warned
 
 
 def train_project(project_id: int, force: bool = False, reason: str = "manual") -> dict:

@@ -177,7 +177,10 @@ def create_app(settings: Settings | None = None) -> Flask:
                 config = parse_label_config(xml)
             else:
                 config, xml = store.config(pid)  # re-setup without a schema: keep the stored config
-            stored = store.state(pid)
+            # Setting a strategy: refused (400) unless it resolves. Without one, the stored choice is kept as it is
+            # (the readers' one lookup, strategies.resolve.project_strategy, falls back when it no longer resolves);
+            # an explicit one replaces a damaged state file.
+            stored = store.state(pid) if req.extra_params is None else {}
             if req.extra_params is None and stored.get("strategy"):
                 name, params = stored["strategy"], stored.get("strategy_params") or {}
             else:
@@ -203,11 +206,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         if not tasks:
             return jsonify(results=[])
         pid = str(req.project)
+        from ml_backend.strategies.resolve import StrategyError, project_strategy
+
         try:
             config, _xml = store.config(pid, req.label_config or None)
-            strategy = _project_strategy(store, pid, settings)
+            strategy = project_strategy(pid, settings, store=store)  # a stored choice that became invalid: default
         except (LabelConfigError, ProjectError) as exc:
             return _error(str(exc), 400)
+        except StrategyError as exc:  # only an invalid deployment default (STRATEGY) gets here
+            return _error(f"project {pid}: {exc}", 400)
         entry = cache.get(pid)
         try:
             outcome = predict_tasks(tasks, config, entry, strategy, settings, deadline=deadline)
@@ -298,13 +305,3 @@ def _not_found(project: str, known: list[str], reason: str) -> Any:
     if _wants_json():
         return _error(reason, 404, known_projects=known)
     return Response(render_not_found(project, known), status=404, mimetype="text/html")
-
-
-def _project_strategy(store: ProjectStore, pid: str, settings: Settings) -> Any:
-    """The project's stored strategy (from /setup), else STRATEGY / SCORE_AGGREGATION."""
-    from ml_backend.strategies.resolve import StrategyError, stored_strategy
-
-    try:
-        return stored_strategy(store.state(pid), settings, project=pid)
-    except StrategyError as exc:
-        raise ProjectError(f"project {pid}: the stored {exc}") from exc

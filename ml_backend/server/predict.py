@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 COLD_START_VERSION = "cold-start"
 FETCH_WORKERS = 8
 MC_MAX_PIXELS = 1024 * 1024  # BALD in /predict only up to this size (larger: crops for the score + tiles for the mask)
-FALLBACK_STRATEGY = "entropy"
 INFERENCE_RESERVE = 0.25  # share of PREDICT_DEADLINE_S kept for inferring the images that arrived in time
 
 _inference_lock = threading.Lock()
@@ -154,24 +153,15 @@ def _load(
     )
 
 
-def _strategy_for_request(strategy: Any, settings: Any) -> Any:
-    """The project's strategy when it has an absolute per-tile score, else entropy with the same aggregation."""
-    from ml_backend.strategies import get_strategy
-
-    if strategy.max_pixel_value(2) is not None and strategy.needs <= frozenset({"mc_probs"}):
-        return strategy
-    return get_strategy(FALLBACK_STRATEGY, aggregation=getattr(strategy, "aggregation", settings.aggregation))
-
-
 def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: Any, device: Any, seed: int) -> list:
     """[(probs (C, H, W), queue score)] for equal-size normalised images, through THE scoring pipeline
     (``inference.scoring.score_images``: tiles batched, larger images tiled with bounded memory)."""
     from ml_backend.inference.scoring import ScoringConfig, score_images
-    from ml_backend.strategies import get_strategy, uncertainty_to_queue_score
+    from ml_backend.strategies import uncertainty_to_queue_score
+    from ml_backend.strategies.resolve import predict_strategy
 
     h, w = images[0].shape[-2:]  # (H, W), or (C, H, W) with 2.5D context
-    if "mc_probs" in strategy.needs and h * w > MC_MAX_PIXELS:
-        strategy = get_strategy(FALLBACK_STRATEGY, aggregation=strategy.aggregation)
+    strategy = predict_strategy(strategy, settings.aggregation, pixels=h * w, mc_max_pixels=MC_MAX_PIXELS)
     probs_all: list[Any] = [None] * len(images)
 
     def keep(i: int, probs: np.ndarray) -> None:
@@ -283,7 +273,9 @@ def predict_tasks(
             f"(background + {', '.join(config.foreground_labels)}); the label config changed after training: "
             "retrain (Start training) or roll back"
         )
-    request_strategy = _strategy_for_request(strategy, settings)
+    from ml_backend.strategies.resolve import predict_strategy
+
+    request_strategy = predict_strategy(strategy, settings.aggregation)  # one policy: strategies.resolve
     device = torch_device(settings.device)
     # 2.5D context: the model's input slices; neighbours from the tasks' <image>_prev/_next, else from the other
     # tasks of this request (labelstudio.neighbours), else the tile itself.

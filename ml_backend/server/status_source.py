@@ -126,6 +126,7 @@ class StatusSource:
             except Exception as exc:  # one damaged project gets a note; the others still render (issue 16)
                 log.exception("status of project %s", pid)
                 project = {"id": pid, "title": title, "queue": {}, "problems": [f"{type(exc).__name__}: {exc}"]}
+            project["problems"] = list(project.get("problems") or []) + self._strategy_warnings(pid)
             if notes:
                 project["queue"]["note"] = "; ".join(notes)
             projects.append(project)
@@ -135,6 +136,17 @@ class StatusSource:
             "projects": projects,
             "warnings": backend_warnings(self.settings),
         }
+
+    def _strategy_warnings(self, pid: str) -> list[str]:
+        """Why the project does not use the strategy it stored (the one lookup's warnings), shown on its section."""
+        from ml_backend.strategies.resolve import StrategyError, project_strategy
+
+        warnings: list[str] = []
+        try:
+            project_strategy(pid, self.settings, store=self.store, warnings=warnings)
+        except StrategyError as exc:  # an invalid deployment default: /predict and the jobs fail on it too
+            warnings.append(f"no strategy: {exc}")
+        return warnings
 
     @staticmethod
     def _result(future: Any, what: str, timeout: float, notes: list[str]) -> dict | None:

@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from ml_backend.config import get_settings
+from ml_backend.ids import parse_id
 
 from .status import cmd_status, cmd_train, learning_curve, plot_learning_curve
 from .versions import cmd_prune, cmd_rollback, cmd_versions
@@ -42,33 +43,42 @@ DELEGATED = {
 }
 
 
+def project_arg(text: str) -> str:
+    """``--project``: a Label Studio project id in 1..MAX_ID (``ml_backend.ids``, the one id parser), as the text that
+    names its folder under MODEL_DIR/projects; anything else is a usage error before any file or key is touched."""
+    try:
+        return str(parse_id(text, "--project"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ml_backend.cli", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("versions", help="list a project's model versions (oldest first)")
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", required=True, type=project_arg)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("rollback", help="make an existing version current again")
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", required=True, type=project_arg)
     p.add_argument("--version", required=True)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("status", help="current version, queue state, last metrics, learning curve")
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", required=True, type=project_arg)
     p.add_argument("--plot", help="save the learning curve (val IoU vs annotations) as this PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("prune", help="delete all but the newest K versions (never the current one)")
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", required=True, type=project_arg)
     p.add_argument("--keep", type=int, default=None, help="default: KEEP_VERSIONS")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("train", help="enqueue a training job now (same as Label Studio's Start training)")
-    p.add_argument("--project", required=True)
+    p.add_argument("--project", required=True, type=project_arg)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

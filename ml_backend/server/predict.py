@@ -46,16 +46,15 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.ids import MAX_ID, parse_id
 from ml_backend.labelstudio.labelconfig import BrushConfig
 
 from .schemas import (
-    MAX_ID,
     MAX_IMAGE_URL_CHARS,
     MAX_JSON_DEPTH,
     MAX_TASKS,
     BadRequest,
     _parse_int,
-    bounded_id,
     json_depth,
 )
 
@@ -105,7 +104,7 @@ def _task_id(task: Any, index: int) -> int:
     if not isinstance(task, dict):
         raise TaskError(f"task #{index} is {type(task).__name__}, expected an object with 'id' and 'data'")
     try:
-        return bounded_id(task.get("id"), "the id")
+        return parse_id(task.get("id"), "the id")
     except ValueError as exc:
         raise TaskError(f"task #{index} has no integer 'id' in 1..{MAX_ID}: {exc}") from None
 
@@ -362,7 +361,7 @@ def _model_classes(model: Any) -> int | None:
 def _fail(outcome: PredictionOutcome, index: int, task: Any, exc: Exception, *, quiet: bool = False) -> None:
     tid = task.get("id") if isinstance(task, dict) else None
     try:
-        tid = bounded_id(tid, "id")
+        tid = parse_id(tid, "id")
     except ValueError:  # echo only ids that can exist: never a 5,000-digit number back into the answer and the log
         tid = None
     if not quiet:
@@ -381,7 +380,7 @@ def queue_undone(project: int, outcome: PredictionOutcome, tasks: list[Any], set
     """
     if not outcome.undone:
         return
-    ids = [bounded_id(tasks[i].get("id"), "id") for i in outcome.undone]  # validated before they were fetched
+    ids = [parse_id(tasks[i].get("id"), "id") for i in outcome.undone]  # validated before they were fetched
     try:
         from ml_backend.queue import QueueUnavailable
         from ml_backend.queue.rescoring import enqueue_backlog

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from ml_backend.ids import parse_project_ref
 from ml_backend.store.projects import ProjectError, ProjectStore
 
 __all__ = ["ProjectError", "ProjectStore", "parse_project_id", "strategy_from_params"]
 
 
 def parse_project_id(value: Any) -> str:
-    """Project id from Label Studio's ``"<id>.<timestamp>"`` (or a bare id), in 1..2**31-1; ProjectError otherwise.
+    """Project id from Label Studio's ``"<id>.<timestamp>"`` (or a bare id), in 1..MAX_ID (``ml_backend.ids``, the
+    one id parser); ProjectError otherwise.
 
     Bounded here because the id names a folder (``MODEL_DIR/projects/<id>``) and Redis keys: an id that cannot exist
     in Label Studio must never create either.
     """
-    from .schemas import project_id
-
     try:
-        return str(project_id(value))
+        return str(parse_project_ref(value))
     except ValueError as exc:
         raise ProjectError(str(exc)) from None
 

@@ -8,10 +8,10 @@ disk (``MODEL_DIR/projects/<id>``) or Redis. So, before any handler code runs:
   whose recursion (and everything downstream: pydantic, jsonify) would otherwise blow up on 100k-deep input;
 * integer literals longer than ``MAX_INT_DIGITS`` are kept as text (``BigIntLiteral``) instead of calling ``int()``
   on them (Python refuses > 4,300 digits with a ValueError), so one huge task id fails only its own task;
-* ids are Label Studio's database ids: integers in 1..2**31-1 (``MAX_ID``); project references may carry
-  Label Studio's ``"<id>.<timestamp>"`` suffix. Strings are bounded; unknown extra fields are ignored, because Label
-  Studio sends fields this backend does not use (``hostname``, ``access_token``, ``params``...) and adds new ones
-  between versions.
+* ids are Label Studio's database ids: integers in 1..2**31-1 (``MAX_ID``), parsed by ``ml_backend.ids`` (the one
+  id parser); project references may carry Label Studio's ``"<id>.<timestamp>"`` suffix. Strings are bounded;
+  unknown extra fields are ignored, because Label Studio sends fields this backend does not use (``hostname``,
+  ``access_token``, ``params``...) and adds new ones between versions.
 
 A bad individual task inside ``/predict`` is NOT a request error: ``tasks`` is only checked to be a bounded list here,
 and ``predict.py`` fails just that task (``task_id``).
@@ -26,6 +26,12 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ml_backend.ids import MAX_ID, MAX_INT_DIGITS, BigIntLiteral
+from ml_backend.ids import json_kind as _kind
+from ml_backend.ids import parse_id as bounded_id  # re-exported: the one id parser lives in ml_backend.ids
+from ml_backend.ids import parse_project_ref as project_id
+from ml_backend.ids import shown as _show
 
 __all__ = [
     "MAX_ID",
@@ -47,12 +53,9 @@ __all__ = [
     "project_id",
 ]
 
-MAX_ID = 2**31 - 1  # Label Studio's ids are 32-bit database keys
 MAX_JSON_DEPTH = 64  # Label Studio's deepest payload (a webhook's project) nests < 10
-MAX_INT_DIGITS = 32
 MAX_TASKS = 200_000  # per /predict: a protection only, far above a real project (the quick start: 1,980); what is
 # not done by PREDICT_DEADLINE_S is answered empty and finished in the background (server/predict.py)
-MAX_PROJECT_REF_CHARS = 64  # "<id>.<timestamp>"
 MAX_LABEL_CONFIG_CHARS = 1_000_000
 MAX_EXTRA_PARAMS_CHARS = 65_536
 MAX_NAME_CHARS = 64  # strategy / aggregation names, webhook actions
@@ -69,10 +72,6 @@ class BadRequest(ValueError):
 
 class UnsupportedMediaType(BadRequest):
     """The body is not declared as JSON (answered 415)."""
-
-
-class BigIntLiteral(str):
-    """An integer literal too long to convert (kept as its digits); never a valid id."""
 
 
 def _parse_int(text: str) -> int | BigIntLiteral:
@@ -145,57 +144,6 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict:
     if not isinstance(body, dict):
         raise BadRequest(f"expected a JSON object, got {_kind(body)}")
     return body
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, BigIntLiteral):
-        return f"an integer of {len(value)} digits"
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
-def bounded_id(value: Any, what: str) -> int:
-    """``value`` as an id in 1..MAX_ID (int, integer-valued float or digit string); ValueError saying why not."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {_kind(value)}")
-    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_ID + 1:
-        value = int(value)
-    if isinstance(value, str) and not isinstance(value, BigIntLiteral):
-        text = value.strip()
-        if len(text) > MAX_INT_DIGITS or not text.lstrip("-").isdigit():
-            raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {_show(value)}")
-        value = int(text)
-    if isinstance(value, BigIntLiteral):
-        raise ValueError(f"{what} is out of range 1..{MAX_ID} (an integer of {len(value)} digits)")
-    if not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {_kind(value)}")
-    if not 1 <= value <= MAX_ID:
-        raise ValueError(f"{what} {_show(value)} is out of range 1..{MAX_ID}")
-    return value
-
-
-def project_id(value: Any) -> int:
-    """The project id of Label Studio's ``"<id>.<timestamp>"`` (or a bare id); ValueError with a reason."""
-    if value is None or value == "":
-        raise ValueError("missing 'project' (Label Studio sends '<project id>.<timestamp>')")
-    if isinstance(value, str) and not isinstance(value, BigIntLiteral):
-        if len(value) > MAX_PROJECT_REF_CHARS:
-            raise ValueError(f"'project' is {len(value):,} characters long (at most {MAX_PROJECT_REF_CHARS})")
-        head = value.split(".", 1)[0].strip()
-        if not head.lstrip("-").isdigit():
-            raise ValueError(
-                f"'project' {_show(value)} does not start with a project id (expected '<project id>.<timestamp>')"
-            )
-        value = head
-    elif isinstance(value, bool) or not isinstance(value, (int, float, BigIntLiteral)):
-        raise ValueError(f"'project' must be a string like '3.1700000000', got {_kind(value)}")
-    return bounded_id(value, "'project' id")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -1,0 +1,99 @@
+"""The one id parser (``ml_backend.ids``): what every edge (HTTP bodies, /status/<id>, the CLI) accepts as a Label
+Studio project or task id, with one bound, ``MAX_ID``."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ml_backend import ids
+from ml_backend.ids import MAX_ID, BigIntLiteral, parse_id, parse_project_ref
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1, 1),
+        (42, 42),
+        (MAX_ID, MAX_ID),
+        ("7", 7),
+        (" 7 ", 7),
+        (str(MAX_ID), MAX_ID),
+        (7.0, 7),
+    ],
+)
+def test_valid_ids(value, expected):
+    assert parse_id(value, "id") == expected
+    assert type(parse_id(value, "id")) is int
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(-1, r"id -1 is out of range 1\.\.2147483647", id="negative"),
+        pytest.param("-5", r"id -5 is out of range", id="negative-text"),
+        pytest.param(0, r"id 0 is out of range", id="zero"),
+        pytest.param(MAX_ID + 1, r"id 2147483648 is out of range", id="too-large"),
+        pytest.param(str(MAX_ID + 1), r"id 2147483648 is out of range", id="too-large-text"),
+        pytest.param("9" * 40, r"must be an integer in 1\.\.2147483647, got '9999", id="too-many-digits"),
+        pytest.param(BigIntLiteral("9" * 50), r"out of range 1\.\.2147483647 \(an integer of 50 digits\)", id="bigint"),
+        pytest.param(1e300, r"must be an integer .* got float", id="huge-float"),
+        pytest.param(7.5, r"must be an integer .* got float", id="fraction"),
+        pytest.param("abc", r"must be an integer in 1\.\.2147483647, got 'abc'", id="non-numeric"),
+        pytest.param("7a", r"got '7a'", id="digits-then-text"),
+        pytest.param("", r"got ''", id="empty"),
+        pytest.param(None, r"got null", id="none"),
+        pytest.param(True, r"got boolean", id="bool-true"),
+        pytest.param(False, r"got boolean", id="bool-false"),
+        pytest.param([1], r"got array", id="list"),
+        pytest.param({"id": 1}, r"got object", id="dict"),
+    ],
+)
+def test_invalid_ids_are_value_errors_saying_why(value, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_id(value, "id")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("3.1700000000", 3), ("3", 3), (3, 3), (f"{MAX_ID}.1712345678", MAX_ID)],
+)
+def test_project_references_carry_label_studios_timestamp(value, expected):
+    assert parse_project_ref(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, "missing 'project'"),
+        ("", "missing 'project'"),
+        ("x.1700000000", "does not start with a project id"),
+        ("-3.1700000000", "out of range"),
+        (f"{MAX_ID + 1}.1", "out of range"),
+        ("3." + "1" * 80, "characters long"),
+        (True, "must be a string like '3.1700000000', got boolean"),
+        ([3], "got array"),
+    ],
+)
+def test_bad_project_references(value, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_project_ref(value)
+
+
+def test_one_max_id_and_one_parser_everywhere():
+    """The HTTP edge, the /status route and the CLI use ml_backend.ids, not copies."""
+    from ml_backend.cli import build_parser, project_arg
+    from ml_backend.server import predict, projects, schemas
+
+    from ml_backend.queue.keys import MAX_ID as QUEUE_MAX_ID
+
+    assert schemas.MAX_ID is ids.MAX_ID and predict.MAX_ID is ids.MAX_ID
+    assert QUEUE_MAX_ID == ids.MAX_ID  # queue/keys.py still spells its own copy: same value until it imports this one
+    assert schemas.bounded_id is parse_id and predict.parse_id is parse_id
+    assert schemas.project_id is parse_project_ref and projects.parse_project_ref is parse_project_ref
+    assert project_arg("12") == "12"
+    with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
+        project_arg("0")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["versions", "--project", "../x"])  # never a path outside MODEL_DIR/projects

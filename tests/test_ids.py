@@ -84,9 +84,8 @@ def test_bad_project_references(value, reason):
 def test_one_max_id_and_one_parser_everywhere():
     """The HTTP edge, the /status route and the CLI use ml_backend.ids, not copies."""
     from ml_backend.cli import build_parser, project_arg
-    from ml_backend.server import predict, projects, schemas
-
     from ml_backend.queue.keys import MAX_ID as QUEUE_MAX_ID
+    from ml_backend.server import predict, projects, schemas
 
     assert schemas.MAX_ID is ids.MAX_ID and predict.MAX_ID is ids.MAX_ID
     assert QUEUE_MAX_ID == ids.MAX_ID  # queue/keys.py still spells its own copy: same value until it imports this one

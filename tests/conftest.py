@@ -221,17 +221,18 @@ class RqWorker:
 
 @pytest.fixture
 def start_rq_worker(tmp_path):
-    """start_rq_worker(env, prefix) -> RqWorker: the documented ``python -m ml_backend.cli worker`` with ``env``, its
-    log under tmp_path; every worker is stopped (process group included) at the end of the test."""
+    """start_rq_worker(env, prefix, cwd=REPO) -> RqWorker: the documented ``python -m ml_backend.cli worker`` with
+    ``env``, its log under tmp_path; every worker is stopped (process group included) at the end of the test. ``cwd``:
+    where `rq worker` also imports job modules from (its --path defaults to "."), e.g. tests/queue for slow_jobs."""
     import uuid
 
     started: list[RqWorker] = []
 
-    def start(env: dict[str, str], prefix: str = "worker") -> RqWorker:
+    def start(env: dict[str, str], prefix: str = "worker", cwd: Path = REPO) -> RqWorker:
         log_path = tmp_path / f"{prefix}-worker-{len(started)}.log"
         cmd = [sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"{prefix}-{uuid.uuid4().hex[:6]}"]
         with open(log_path, "wb") as fh:
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         worker = RqWorker(proc, log_path)
         started.append(worker)
         return worker
@@ -274,7 +275,6 @@ def start_backend(label_studio, tmp_path_factory):
         log_path = tmp_path_factory.mktemp("backend") / "gunicorn.log"
         env = {k: v for k, v in os.environ.items() if k != "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"}
         env.update(
-            PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
             MODEL_DIR=str(model_dir),
             LABEL_STUDIO_URL=label_studio.url,
             LABEL_STUDIO_API_KEY=label_studio.api_key,

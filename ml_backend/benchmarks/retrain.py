@@ -124,7 +124,6 @@ def run(args: argparse.Namespace) -> dict:
             "STRATEGY": args.strategy,
             "RESCORE_CHUNK": str(args.chunk),
             "DEVICE": args.device,
-            "PYTHONPATH": str(REPO),
             "OMP_NUM_THREADS": str(args.threads),  # torch's intra-op threads in the worker
         }
         settings = Settings.from_env(

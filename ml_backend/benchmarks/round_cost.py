@@ -182,7 +182,7 @@ def _start_worker(settings: Any, root: Path, workdir: Path, i: int) -> subproces
     env = {
         **os.environ, "REDIS_URL": settings.redis_url, "MODEL_DIR": str(settings.model_dir), "DEVICE": "cpu",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root), "LABEL_STUDIO_URL": settings.label_studio_url,
-        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RESCORE_CHUNK": str(settings.rescore_chunk),
+        "OMP_NUM_THREADS": "1", "RESCORE_CHUNK": str(settings.rescore_chunk),
     }  # fmt: skip
     fh = open(workdir / f"worker-{i}.log", "ab")  # noqa: SIM115 - lives as long as the worker
     return subprocess.Popen([sys.executable, "-m", "ml_backend.cli", "worker", "--name", f"cost-{os.getpid()}-{i}"],

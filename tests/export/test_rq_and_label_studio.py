@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +16,13 @@ from ml_backend.config import Settings
 from ml_backend.export.cli import main as export_main
 from ml_backend.export.run import export_stack
 
-REPO = Path(__file__).resolve().parents[2]
 OPTS = {"project": "1", "tile": 48, "overlap": 8, "progress": False}
 
 
 @pytest.mark.timeout(600)
 def test_chunks_as_rq_jobs_equal_a_local_export(tmp_path, stack_file, model_dir, redis_url, start_rq_worker):
     queue = f"export-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "REDIS_URL": redis_url, "RQ_QUEUE": queue, "MODEL_DIR": str(model_dir),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+    env = {**os.environ, "REDIS_URL": redis_url, "RQ_QUEUE": queue, "MODEL_DIR": str(model_dir), "OMP_NUM_THREADS": "1"}
     start_rq_worker(env, "export")
     start_rq_worker(env, "export")
     settings = Settings.from_env(redis_url=redis_url, queue_name=queue)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
-from fault_helpers import DENSE, REPO, TILE, TRAIN_ENV
+from fault_helpers import DENSE, TILE, TRAIN_ENV
 
 from ml_backend.labelstudio.client import latest_annotations, list_tasks
 
@@ -36,7 +36,6 @@ def start_worker(label_studio, start_rq_worker) -> Callable[..., Any]:
             "LABEL_STUDIO_URL": label_studio.url,
             "LABEL_STUDIO_API_KEY": label_studio.api_key,
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "OMP_NUM_THREADS": "1",
             "DEVICE": "auto",
             **env_overrides,

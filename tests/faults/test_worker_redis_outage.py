@@ -9,7 +9,6 @@ generous bound on a failure (nothing asserts a duration).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from fault_helpers import REPO, wait_for
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-QUEUE_DIR = REPO / "tests" / "queue"  # slow_jobs.slow_marker
+QUEUE_DIR = REPO / "tests" / "queue"  # the workers run there: rq imports slow_jobs from its working directory
 OUTAGE = "Redis unreachable"  # RecoveringWorker's warning (RQ's own message is "could not connect to Redis")
 # Short intervals so the tests see several heartbeats, tries and maintenance runs.
 FAST = {
@@ -30,22 +29,6 @@ FAST = {
     "WORKER_MAINTENANCE_S": "2",
     "WORKER_REDIS_RETRY_MAX_S": "2",
 }
-
-
-def gated_marker(path: str, gate: str, limit_s: float) -> dict:
-    """Test job: append "start <pid>", wait until the file ``gate`` exists (at most ``limit_s``), append "done <pid>".
-
-    The test opens the gate only once Redis is back, so the job is surely running through the whole outage.
-    """
-    marker = Path(path)
-    with marker.open("a") as fh:
-        fh.write(f"start {os.getpid()}\n")
-    deadline = time.monotonic() + float(limit_s)
-    while not Path(gate).exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with marker.open("a") as fh:
-        fh.write(f"done {os.getpid()}\n")
-    return {"pid": os.getpid()}
 
 
 @dataclass
@@ -95,8 +78,6 @@ def _worker_env(server: Server, tmp_path: Path, **extra: str) -> dict[str, str]:
         **FAST,
         "REDIS_URL": server.url,
         "MODEL_DIR": str(tmp_path / "models"),
-        # slow_jobs, and this module (gated_marker) importable as under pytest (tests/ for its helpers' imports)
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(QUEUE_DIR), str(Path(__file__).parent), str(REPO / "tests")]),
         "OMP_NUM_THREADS": "1",
         **extra,
     }
@@ -131,7 +112,7 @@ def _status(server: Server, job_id: str) -> str | None:
 
 
 def _start_registered(start_rq_worker, server: Server, tmp_path: Path, **env: str) -> Any:
-    worker = start_rq_worker(_worker_env(server, tmp_path, **env), "outage")
+    worker = start_rq_worker(_worker_env(server, tmp_path, **env), "outage", cwd=QUEUE_DIR)
     wait_for(lambda: _registered(server, _name(worker)), 120, "the worker to register", logs=worker.log)
     return worker
 
@@ -194,7 +175,7 @@ def test_running_job_goes_on_through_a_redis_outage(make_redis, start_rq_worker,
     pid = worker.process.pid
     marker, gate = tmp_path / "running.marker", tmp_path / "running.gate"
     job = _queue(server).enqueue_call(
-        "test_worker_redis_outage.gated_marker",
+        "slow_jobs.gated_marker",
         kwargs={"path": str(marker), "gate": str(gate), "limit_s": 600},
         timeout=900,
     )
@@ -221,7 +202,7 @@ def test_job_ending_during_the_outage_is_rerun_not_lost(make_redis, start_rq_wor
     pid = worker.process.pid
     marker, gate = tmp_path / "ending.marker", tmp_path / "ending.gate"
     job = _queue(server).enqueue_call(
-        "test_worker_redis_outage.gated_marker",
+        "slow_jobs.gated_marker",
         kwargs={"path": str(marker), "gate": str(gate), "limit_s": 600},
         timeout=900,
         retry=Retry(max=1, interval=[600]),  # the abandoned-job recovery re-queues at once, not after 600 s
@@ -269,7 +250,7 @@ def test_worker_started_during_an_outage_waits_for_redis(make_redis, start_rq_wo
     """A worker (re)started while Redis is down (the compose restart policy) waits instead of exiting."""
     server = make_redis(persist=True)
     server.kill9()
-    worker = start_rq_worker(_worker_env(server, tmp_path), "outage")
+    worker = start_rq_worker(_worker_env(server, tmp_path), "outage", cwd=QUEUE_DIR)
     wait_for(lambda: _outage_logged(worker, 2), 120, "the worker to wait for Redis", logs=worker.log)
     server.start()
     wait_for(lambda: _registered(server, _name(worker)), 120, "the worker to register", logs=worker.log)

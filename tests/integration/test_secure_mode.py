@@ -73,7 +73,6 @@ def test_setup_refuses_a_backend_that_requires_auth_without_its_credentials(
 
     # the documented command: a clear error and exit status 2, nothing connected
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH")}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-m", "ml_backend.cli", "setup", "--title", title, "--backend-url", secure_backend.url,
          "--url", label_studio.url, "--token", label_studio.api_key],
@@ -104,7 +103,7 @@ def test_annotations_train_a_backend_behind_basic_auth(
         **os.environ, **TRAIN_ENV, "REDIS_URL": redis_url, "MODEL_DIR": str(secure_backend.model_dir),
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.api_key,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
     }  # fmt: skip
     worker = start_rq_worker(worker_env, "secure")
 

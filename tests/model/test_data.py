@@ -155,7 +155,6 @@ def test_generate_data_script(tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=120,
     )
     assert result.returncode == 0, result.stderr

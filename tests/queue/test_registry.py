@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ import torch
 from ml_backend.model import build_model
 from ml_backend.store.cache import ModelCache
 from ml_backend.store.registry import ModelRegistry, RegistryError
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(seed: int = 0, **hp):
@@ -108,8 +105,7 @@ def test_extra_models_are_stored_with_the_version(tmp_path):
 
 SLOW_SAVE = textwrap.dedent(
     """
-    import sys, time, torch
-    sys.path.insert(0, {repo!r})
+    import time, torch
     from ml_backend.model import build_model
     from ml_backend.store.registry import ModelRegistry
 
@@ -130,7 +126,7 @@ def test_killed_during_save_leaves_the_current_model_untouched(tmp_path):
     reg = ModelRegistry(tmp_path, 1)
     m1 = tiny(1)
     v1 = reg.publish(m1, {"n_annotations": 20})
-    script = SLOW_SAVE.format(repo=str(REPO), root=str(tmp_path))
+    script = SLOW_SAVE.format(root=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "SAVING"
@@ -156,8 +152,6 @@ def test_killed_during_save_leaves_the_current_model_untouched(tmp_path):
 
 PUBLISH_LOOP = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, {repo!r})
     from ml_backend.model import build_model
     from ml_backend.store.registry import ModelRegistry
     reg = ModelRegistry({root!r}, 1)
@@ -174,7 +168,7 @@ def test_random_kills_during_publishing_never_break_the_registry(tmp_path, delay
     reg = ModelRegistry(tmp_path, 1)
     reg.publish(tiny(1), {"i": -1})
     proc = subprocess.Popen(
-        [sys.executable, "-c", PUBLISH_LOOP.format(repo=str(REPO), root=str(tmp_path))],
+        [sys.executable, "-c", PUBLISH_LOOP.format(root=str(tmp_path))],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -217,7 +211,6 @@ def test_model_cache_picks_up_a_version_published_by_another_process(tmp_path):
     cache = ModelCache(tmp_path, device="cpu")
     first = cache.get(2)[1]["version"]
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r});"
         "from ml_backend.model import build_model; from ml_backend.store.registry import ModelRegistry;"
         f"print(ModelRegistry({str(tmp_path)!r}, 2).publish(build_model('unet', width=4, depth=2), {{}}))"
     )
@@ -235,7 +228,7 @@ def test_metadata_with_numpy_values_is_stored_as_json(tmp_path):
 
 # ---------------------------------------------------------------------- the operator CLI (real subprocesses)
 def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "ml_backend.cli", *args], env=env, capture_output=True, text=True, timeout=120
     )

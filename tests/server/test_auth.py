@@ -43,7 +43,7 @@ def test_gunicorn_does_not_start_with_a_user_without_password(tmp_path, redis_to
     if not os.path.exists(gunicorn):
         pytest.skip("gunicorn is not installed in this environment")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASIC_AUTH")}
-    env.update(BASIC_AUTH_USER="ls", MODEL_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    env.update(BASIC_AUTH_USER="ls", MODEL_DIR=str(tmp_path))
     port = redis_tools.free_port()
     t0 = time.monotonic()
     proc = subprocess.run(

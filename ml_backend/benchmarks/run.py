@@ -31,6 +31,7 @@ resumes where it stopped. Runs execute in worker processes with one torch thread
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import logging
@@ -593,6 +594,54 @@ def served_effort(model: Any, ds: Dataset, picked: list[int], p: Protocol) -> di
     }
 
 
+# Issue 17.5: the product's promotion gate emulated on every round (records only: the curve is the same).
+GATE_AUDIT_FRACTION = 0.1  # AUDIT_FRACTION as it ships
+GATE_MIN_TILES = 4  # AUDIT_MIN_TILES
+GATE_TOLERANCE = 0.02  # PROMOTION_TOLERANCE
+
+
+def audit_order(ds: Dataset, seed: int) -> list[int]:
+    """The seed's audit tasks in the order they are served: a seeded uniform AUDIT_FRACTION of the pool."""
+    n = len(ds.pool_images)
+    return np.random.default_rng([seed, 23]).permutation(n)[: max(1, round(GATE_AUDIT_FRACTION * n))].tolist()
+
+
+def emulated_gate(previous: Any, new: Any, ds: Dataset, p: Protocol, audit: list[int], labelled: list[int]) -> dict:
+    """What the product's gate (``active_learning.audit.compare``) decides for ``new`` against ``previous`` on the
+    audit tiles annotated by now: the queue serves one audit task per ``1 / AUDIT_FRACTION`` places, so about
+    len(labelled) / 9 of them, never ones selection picked (the product keeps them out of training)."""
+    from ml_backend.active_learning.audit import Confusion, compare, summarise
+    from ml_backend.config import torch_device
+    from ml_backend.inference.tiling import predict_tiled
+
+    done = set(labelled)
+    tiles = [i for i in audit if i not in done][: len(labelled) // round(1 / GATE_AUDIT_FRACTION - 1)]
+    if len(tiles) < GATE_MIN_TILES:
+        return {"gate": "not enough audit tiles", "audit_tiles": len(tiles)}
+    dev = torch_device(p.device)
+
+    def counts(model: Any) -> list[Confusion]:
+        return [
+            Confusion.of(
+                predict_tiled(model, ds.pool_images[i], tile=p.infer_tile, overlap=p.infer_overlap, device=dev).argmax(
+                    0
+                ),
+                ds.pool_masks[i],
+            )
+            for i in tiles
+        ]
+
+    c_new, c_prev = counts(new), counts(previous)
+    verdict = compare(c_new, c_prev, GATE_TOLERANCE)
+    return {
+        "gate": verdict.decision,
+        "audit_tiles": len(tiles),
+        "audit_iou": summarise(c_new)["iou"],
+        "audit_iou_previous": summarise(c_prev)["iou"],
+        "gate_informative": len(verdict.informative),
+    }
+
+
 def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm | dict | None = None) -> dict:
     """One (arm, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round. ``arm``:
     the resolved arm (None: ``resolve_arm`` with this process's Settings)."""
@@ -628,6 +677,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
             labelled_positions=lambda: stack_positions(ds, p, lab),  # the current labelled set (late binding)
             wants_labelled_embeddings=arm.labelled_embeddings,
         )
+    audit = audit_order(ds, seed)
     picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
     best: list[int] = []  # the previous round's best candidates (candidate_pool > 0)
     for rnd in range(p.rounds + 1):
@@ -658,6 +708,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
             else None,  # issue 20.2: a bounded candidate sample per round (0: the whole pool)
         )
         sink = NextBatch()
+        previous = copy.deepcopy(state.model) if rnd > 0 else None  # the live version the gate compares with
         outcome = run_round(
             plan,
             OracleLabels(ds, lab),
@@ -673,6 +724,7 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
             times = {**picking, "train": t_train, "test": tests["test"]}
             test = outcome.evaluation.metrics
             rounds.append(_record(ds, lab, rnd, test, trained.result.metrics, times))
+            rounds[-1].update(emulated_gate(previous, trained.model, ds, p, audit, lab))
             val = trained.result.metrics["val_iou"]
             log.info(
                 "%s seed %d round %d/%d: %d tiles, test IoU %.3f (val %s) [ens %.0fs score %.0fs train %.0fs "

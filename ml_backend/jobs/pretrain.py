@@ -140,13 +140,13 @@ def _pending_training(pid: int, settings: Settings, conn: Any) -> bool:
     minutes away, replaces the cold start's, and pushing a coverage order first only delays it."""
     if conn is None:
         return False
-    from ml_backend.queue.keys import decode, key
+    from ml_backend.queue.keys import decode, dirty_key, pending_key, queued_key
     from ml_backend.queue.scheduling import WAITING_STATUSES, _job_status
 
     try:
-        pending = int(conn.scard(key(pid, "pending")))
-        queued = decode(conn.get(key(pid, "queued")))
-        flagged = conn.get(key(pid, "dirty")) is not None or (
+        pending = int(conn.scard(pending_key(pid)))
+        queued = decode(conn.get(queued_key(pid)))
+        flagged = conn.get(dirty_key(pid)) is not None or (
             bool(queued) and _job_status(conn, queued) in WAITING_STATUSES
         )
     except Exception as exc:  # the queue state is advice here, never a reason to fail the cold start

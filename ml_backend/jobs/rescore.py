@@ -8,7 +8,7 @@ import uuid
 
 from ml_backend.config import get_settings, torch_device
 from ml_backend.queue.coordination import redis_for_job
-from ml_backend.queue.keys import chunk_id, rescore_key
+from ml_backend.queue.keys import chunk_id, rescore_claim_key, rescore_ctx_key
 from ml_backend.queue.rescoring import claim_chunk, compute_chunk
 from ml_backend.store.registry import ModelRegistry
 
@@ -31,7 +31,7 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
     ids = [int(t) for t in task_ids]
     job = get_current_job()
     conn = redis_for_job(job, settings)
-    raw = conn.get(rescore_key(pid, version, "ctx"))
+    raw = conn.get(rescore_ctx_key(pid, version))
     if raw is None:
         return {"status": "expired", "project": pid, "version": version}
     ctx = json.loads(raw)
@@ -47,6 +47,6 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
         config = parse_label_config(ctx["label_config"])
         compute_chunk(pid, version, ids, ctx, model, ensemble, config, settings, conn, owner=owner)
     except BaseException:
-        conn.delete(rescore_key(pid, version, f"claim:{chunk}"))  # let the coordinator redo it now
+        conn.delete(rescore_claim_key(pid, version, chunk))  # let the coordinator redo it now
         raise
     return {"status": "scored", "project": pid, "chunk": chunk, "tasks": len(ids)}

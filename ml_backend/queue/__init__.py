@@ -1,6 +1,6 @@
 """Redis and RQ: webhook triggering, scheduling, the training lock, job status and the re-scoring protocol.
 
-One owner of the Redis key layout (``keys``). Modules:
+One owner of the Redis key layout (``keys``: a named function per key). Modules:
 
 * ``keys``: every key name; ``connection``: pooled clients with short timeouts, the RQ queue, ``QueueUnavailable``;
 * ``triggering``: webhook events -> batch counter -> ``scheduling.schedule_training`` (one waiting job per project);
@@ -10,100 +10,45 @@ One owner of the Redis key layout (``keys``). Modules:
 
 Why the webhook path looks like it does (a few Redis round trips, Label Studio as the source of truth): see
 ``triggering``.
+
+This package re-exports only the public API other packages use; everything else is imported from its module.
 """
 
-from .connection import (
-    _CONNECTIONS,
-    SOCKET_TIMEOUT_S,
-    QueueUnavailable,
-    get_connection,
-    get_queue,
-    redact,
-    redis_errors,
-)
+from .connection import QueueUnavailable, get_connection, get_queue, redact
 from .coordination import run_exclusive
-from .keys import MAX_ID, PROJECTS_KEY, chunk_id, decode, key, rescore_key, valid_id
+from .keys import MAX_ID
 from .locks import (
     LOCK_TTL_S,
     LockHeartbeat,
     acquire_training_lock,
-    mark_dirty,
     release_queued_slot,
     release_training_lock,
     running_job,
-    take_dirty,
     take_force_flag,
     take_pending,
-    training_lock,
 )
-from .scheduling import (
-    CLAIM_ATTEMPTS,
-    FAILURE_TTL_S,
-    JOB_RETRY,
-    QUEUED_TTL_S,
-    RESCORE_FUNC,
-    RESULT_TTL_S,
-    TRAIN_FUNC,
-    WAITING_STATUSES,
-    schedule_training,
-)
-from .status import JobProgress, queue_state, record_job
-from .triggering import (
-    ANNOTATION_CREATED,
-    ANNOTATION_DELETED,
-    ANNOTATION_UPDATED,
-    ANNOTATIONS_DELETED,
-    HANDLED_EVENTS,
-    START_TRAINING,
-    handle_webhook,
-    project_id_from_payload,
-)
+from .scheduling import JOB_RETRY, schedule_training
+from .status import queue_state
+from .triggering import handle_webhook, project_id_from_payload
 
 __all__ = [
-    "ANNOTATIONS_DELETED",
-    "ANNOTATION_CREATED",
-    "ANNOTATION_DELETED",
-    "ANNOTATION_UPDATED",
-    "CLAIM_ATTEMPTS",
-    "FAILURE_TTL_S",
-    "HANDLED_EVENTS",
     "JOB_RETRY",
     "LOCK_TTL_S",
     "MAX_ID",
-    "PROJECTS_KEY",
-    "QUEUED_TTL_S",
-    "RESCORE_FUNC",
-    "RESULT_TTL_S",
-    "SOCKET_TIMEOUT_S",
-    "START_TRAINING",
-    "TRAIN_FUNC",
-    "WAITING_STATUSES",
-    "_CONNECTIONS",
-    "JobProgress",
     "LockHeartbeat",
     "QueueUnavailable",
     "acquire_training_lock",
-    "chunk_id",
-    "decode",
     "get_connection",
     "get_queue",
     "handle_webhook",
-    "key",
-    "mark_dirty",
     "project_id_from_payload",
     "queue_state",
-    "record_job",
     "redact",
-    "redis_errors",
     "release_queued_slot",
     "release_training_lock",
-    "rescore_key",
     "run_exclusive",
     "running_job",
     "schedule_training",
-    "take_dirty",
     "take_force_flag",
     "take_pending",
-    "training_lock",
-    "valid_id",
 ]

@@ -16,7 +16,7 @@ from ml_backend.config import Settings
 from ml_backend.labelstudio.project import ProjectNotFound
 
 from .connection import get_connection
-from .keys import MAX_ID, key, valid_id
+from .keys import MAX_ID, queued_key, valid_id
 from .locks import (
     LockHeartbeat,
     acquire_training_lock,
@@ -86,7 +86,7 @@ def run_exclusive(
         with contextlib.suppress(Exception):
             record_job(conn, pid, {**summary, "finished": time.time()})
             if job is not None and (job.retries_left or 0) > 0:
-                conn.set(key(pid, "queued"), job_id, nx=True, ex=QUEUED_TTL_S)  # new events join the retry
+                conn.set(queued_key(pid), job_id, nx=True, ex=QUEUED_TTL_S)  # new events join the retry
         log.error("project %s: training job %s failed: %s", pid, job_id, summary["error"])
         raise
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from redis.lock import Lock
 
-from .keys import decode, key
+from .keys import decode, dirty_key, force_key, lock_key, pending_key, queued_key
 from .scheduling import QUEUED_TTL_S
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ _COMPARE_AND_DELETE = (
 def take_pending(conn: redis.Redis, project_id: int) -> int:
     """Reset the batch counter as the job starts reading Label Studio; returns how many submissions it held."""
     pipe = conn.pipeline(transaction=True)
-    pipe.scard(key(project_id, "pending"))
-    pipe.delete(key(project_id, "pending"))
+    pipe.scard(pending_key(project_id))
+    pipe.delete(pending_key(project_id))
     return int(pipe.execute()[0])
 
 
@@ -42,17 +42,17 @@ def _compare_and_delete(conn: redis.Redis, name: str, value: str) -> bool:
 
 def release_queued_slot(conn: redis.Redis, project_id: int, job_id: str) -> bool:
     """Free the ``queued`` slot if this job holds it (a job that started is no longer waiting)."""
-    return _compare_and_delete(conn, key(project_id, "queued"), job_id)
+    return _compare_and_delete(conn, queued_key(project_id), job_id)
 
 
 def take_force_flag(conn: redis.Redis, project_id: int, job_id: str) -> bool:
     """Whether a START_TRAINING was coalesced into this job."""
-    return _compare_and_delete(conn, key(project_id, "force"), job_id)
+    return _compare_and_delete(conn, force_key(project_id), job_id)
 
 
 def training_lock(conn: redis.Redis, project_id: int, job_id: str, ttl: int = LOCK_TTL_S) -> Lock:
     """The project's training lock as a redis-py Lock whose token is ``job_id`` (usable from any thread)."""
-    lock = Lock(conn, key(project_id, "lock"), timeout=ttl, thread_local=False)
+    lock = Lock(conn, lock_key(project_id), timeout=ttl, thread_local=False)
     lock.local.token = job_id.encode()
     return lock
 
@@ -77,20 +77,20 @@ def release_training_lock(conn: redis.Redis, project_id: int, job_id: str) -> bo
 
 
 def running_job(conn: redis.Redis, project_id: int) -> str | None:
-    return decode(conn.get(key(project_id, "lock")))
+    return decode(conn.get(lock_key(project_id)))
 
 
 def mark_dirty(conn: redis.Redis, project_id: int, *, force: bool) -> None:
     """Ask the running job for one follow-up; "force" (a START_TRAINING) wins over "annotations"."""
     if force:
-        conn.set(key(project_id, "dirty"), "force", ex=QUEUED_TTL_S)
+        conn.set(dirty_key(project_id), "force", ex=QUEUED_TTL_S)
     else:
-        conn.set(key(project_id, "dirty"), "annotations", nx=True, ex=QUEUED_TTL_S)
+        conn.set(dirty_key(project_id), "annotations", nx=True, ex=QUEUED_TTL_S)
 
 
 def take_dirty(conn: redis.Redis, project_id: int) -> str | None:
     """Read-and-clear the follow-up flag (GETDEL: exactly one finishing job sees it)."""
-    return decode(conn.getdel(key(project_id, "dirty")))
+    return decode(conn.getdel(dirty_key(project_id)))
 
 
 class LockHeartbeat:

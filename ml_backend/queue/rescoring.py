@@ -37,7 +37,7 @@ from ml_backend.labelstudio.tasks import load_task_image
 from ml_backend.training.recipe import TrainedModel
 
 from .connection import get_connection, get_queue, redis_errors
-from .keys import chunk_id, key, rescore_key
+from .keys import backlog_key, chunk_id, rescore_claim_key, rescore_ctx_key, rescore_result_key
 from .scheduling import FAILURE_TTL_S, JOB_RETRY, RESCORE_FUNC
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def compute_chunk(
         summary, results, pixels = score_tiles(model, images, strategy, config, settings, ensemble=ensemble, seed=seed)
         record["summary"] = _pack_summary(summary, pixels)
         record["results"] = json.dumps(results)
-    rkey = rescore_key(pid, version, f"result:{chunk_id(task_ids)}")
+    rkey = rescore_result_key(pid, version, chunk_id(task_ids))
     pipe = conn.pipeline(transaction=True)
     pipe.hset(rkey, mapping=record)
     pipe.expire(rkey, RESCORE_TTL_S)
@@ -114,9 +114,9 @@ def compute_chunk(
 
 
 def claim_chunk(conn: Any, pid: int, version: str, chunk: str, owner: str) -> bool:
-    if conn.exists(rescore_key(pid, version, f"result:{chunk}")):
+    if conn.exists(rescore_result_key(pid, version, chunk)):
         return False
-    return bool(conn.set(rescore_key(pid, version, f"claim:{chunk}"), owner, nx=True, ex=CHUNK_CLAIM_TTL_S))
+    return bool(conn.set(rescore_claim_key(pid, version, chunk), owner, nx=True, ex=CHUNK_CLAIM_TTL_S))
 
 
 @dataclass
@@ -175,7 +175,7 @@ def start_rescore(
         ctx["neighbours"] = {
             str(tid): [context_urls(tasks[tid], offs, config.image_key, index)[o] for o in offs] for tid in ids
         }
-    conn.set(rescore_key(pid, version, "ctx"), json.dumps(ctx), ex=RESCORE_TTL_S)
+    conn.set(rescore_ctx_key(pid, version), json.dumps(ctx), ex=RESCORE_TTL_S)
     rnd = RescoreRound(pid, version, chunks, ctx)
     if helpers and len(chunks) > 1:
         queue = get_queue(settings, conn)
@@ -215,7 +215,7 @@ def collect_rescore(
     while pending:
         progressed = False
         for chunk, chunk_ids in list(pending.items()):
-            record = conn.hgetall(rescore_key(pid, version, f"result:{chunk}"))
+            record = conn.hgetall(rescore_result_key(pid, version, chunk))
             if record:
                 collected[chunk] = {k.decode(): v for k, v in record.items()}
                 del pending[chunk]
@@ -252,8 +252,12 @@ def collect_rescore(
         results.extend(json.loads(record["results"]))
         summaries.append(summary)
         pixels.append(pix)
-    keys = ["ctx"] + [f"result:{chunk_id(c)}" for c in rnd.chunks] + [f"claim:{chunk_id(c)}" for c in rnd.chunks]
-    conn.delete(*[rescore_key(pid, version, k) for k in keys])
+    chunks = [chunk_id(c) for c in rnd.chunks]
+    conn.delete(
+        rescore_ctx_key(pid, version),
+        *[rescore_result_key(pid, version, c) for c in chunks],
+        *[rescore_claim_key(pid, version, c) for c in chunks],
+    )
     if not all_ids:
         return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
     summary = {k: np.concatenate([s[k] for s in summaries], axis=0) for k in summaries[0]}
@@ -336,11 +340,6 @@ class RedisPoolScorer:
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
         return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)
-
-
-def backlog_key(pid: int, version: str, task_id: int) -> str:
-    """The claim of one task of the /predict backlog of ``version``."""
-    return key(pid, f"backlog:{version}:{int(task_id)}")
 
 
 @dataclass

@@ -16,7 +16,7 @@ import redis
 from rq import Retry
 
 from .connection import QueueUnavailable, get_connection, get_queue, redis_errors
-from .keys import MAX_ID, decode, key, valid_id
+from .keys import MAX_ID, decode, force_key, queued_key, valid_id
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def schedule_training(
     if not valid_id(project_id):
         raise ValueError(f"project id must be an integer in 1..{MAX_ID}, got {project_id!r}")
     conn = connection if connection is not None else get_connection(settings.redis_url)
-    qkey = key(project_id, "queued")
+    qkey = queued_key(project_id)
     with redis_errors(settings):
         for _attempt in range(CLAIM_ATTEMPTS):
             with conn.pipeline(transaction=True) as pipe:
@@ -56,7 +56,7 @@ def schedule_training(
                     if existing and _job_status(pipe, existing) in WAITING_STATUSES:
                         if force:  # only while the slot still names that job (it may start meanwhile)
                             pipe.multi()
-                            pipe.set(key(project_id, "force"), existing, ex=QUEUED_TTL_S)
+                            pipe.set(force_key(project_id), existing, ex=QUEUED_TTL_S)
                             pipe.execute()
                         else:
                             pipe.unwatch()

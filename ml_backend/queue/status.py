@@ -13,7 +13,7 @@ import redis
 from rq.serializers import JSONSerializer
 
 from .connection import get_connection, get_queue, redis_errors
-from .keys import decode, key
+from .keys import decode, dirty_key, last_job_key, pending_key
 from .locks import running_job
 from .scheduling import FAILURE_TTL_S
 
@@ -65,7 +65,7 @@ def record_job(conn: redis.Redis, project_id: int, info: dict) -> None:
     """Last job's summary per project (for `ml_backend.cli status`)."""
     import json
 
-    conn.set(key(project_id, "last_job"), json.dumps(info, default=str), ex=FAILURE_TTL_S)
+    conn.set(last_job_key(project_id), json.dumps(info, default=str), ex=FAILURE_TTL_S)
 
 
 def queue_state(project_id: int, settings: Any, connection: redis.Redis | None = None) -> dict:
@@ -94,7 +94,7 @@ def queue_state(project_id: int, settings: Any, connection: redis.Redis | None =
         if lock_holder:
             job = Job.fetch_many([lock_holder], connection=conn, serializer=JSONSerializer)[0]
             running_meta = job.get_meta(refresh=True) if job is not None else None
-        last = decode(conn.get(key(project_id, "last_job")))
+        last = decode(conn.get(last_job_key(project_id)))
         return {
             "queued": queued,
             "scheduled_retries": scheduled,
@@ -103,8 +103,8 @@ def queue_state(project_id: int, settings: Any, connection: redis.Redis | None =
             "running_progress": running_meta,
             "failed": failed,
             "finished": finished[-5:],
-            "pending_annotations": int(conn.scard(key(project_id, "pending"))),
+            "pending_annotations": int(conn.scard(pending_key(project_id))),
             "threshold": int(settings.train_batch_size),
-            "follow_up_flag": decode(conn.get(key(project_id, "dirty"))),
+            "follow_up_flag": decode(conn.get(dirty_key(project_id))),
             "last_job": json.loads(last) if last else None,
         }

@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from .connection import get_connection, redis_errors
-from .keys import MAX_ID, PROJECTS_KEY, key, valid_id
+from .keys import MAX_ID, pending_key, projects_key, valid_id
 from .scheduling import schedule_training
 
 ANNOTATION_CREATED = "ANNOTATION_CREATED"
@@ -115,11 +115,11 @@ def handle_webhook(payload: Any, settings: Any) -> dict:
     result: dict[str, Any] = {"action": action, "project": pid}
     with redis_errors(settings):
         if action == START_TRAINING:
-            conn.sadd(PROJECTS_KEY, pid)
+            conn.sadd(projects_key(), pid)
             result.update(schedule_training(pid, settings, reason="START_TRAINING", force=True, connection=conn))
             return result
         if action in (ANNOTATION_DELETED, ANNOTATIONS_DELETED):
-            conn.sadd(PROJECTS_KEY, pid)
+            conn.sadd(projects_key(), pid)
             result.update(status="acknowledged", reason="deletions are picked up by the next training")
             return result
         annotation = payload.get("annotation") if isinstance(payload.get("annotation"), dict) else {}
@@ -127,9 +127,9 @@ def handle_webhook(payload: Any, settings: Any) -> dict:
             result.update(status="ignored", reason="skipped task (was_cancelled)")
             return result
         pipe = conn.pipeline(transaction=True)
-        pipe.sadd(key(pid, "pending"), _submission_key(payload))
-        pipe.scard(key(pid, "pending"))
-        pipe.sadd(PROJECTS_KEY, pid)
+        pipe.sadd(pending_key(pid), _submission_key(payload))
+        pipe.scard(pending_key(pid))
+        pipe.sadd(projects_key(), pid)
         pending = int(pipe.execute()[1])
         threshold = max(1, int(settings.train_batch_size))
         result.update(pending=pending, threshold=threshold)

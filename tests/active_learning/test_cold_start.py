@@ -37,7 +37,7 @@ def _images(n: int, size: int = 48, seed: int = 3) -> list[np.ndarray]:
 
 def test_the_first_training_starts_from_the_pretrained_weights(tmp_path):
     from ml_backend.active_learning import LabelledTile
-    from ml_backend.jobs import train_version
+    from ml_backend.jobs.train import train_version
 
     settings = _settings(tmp_path)
     config = parse_label_config(XML)

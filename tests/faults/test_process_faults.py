@@ -32,8 +32,8 @@ from fault_helpers import DENSE, TRAIN_ENV, as_project, job_meta, wait_for
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from ml_backend import queue as q
 from ml_backend.labelstudio.client import as_dict
+from ml_backend.queue import keys
 from ml_backend.store.cache import ModelCache
 from ml_backend.store.registry import ModelRegistry
 
@@ -159,15 +159,15 @@ def test_redis_killed_between_webhooks_and_job_loses_nothing(
     first, last = project.task_ids[: BATCH - 1], project.task_ids[BATCH - 1]
 
     project.annotate(ls, first)  # Label Studio posts the webhooks: the batch is counted, no job yet
-    assert conn.scard(q.key(project.id, "pending")) == BATCH - 1
+    assert conn.scard(keys.pending_key(project.id)) == BATCH - 1
     time.sleep(1.5)  # appendfsync everysec: what was acknowledged a second ago is on disk
     own_redis.kill9()
     own_redis.start()
     conn = redis.Redis.from_url(own_redis.url)
-    assert conn.scard(q.key(project.id, "pending")) == BATCH - 1, "the pending batch was lost with Redis"
+    assert conn.scard(keys.pending_key(project.id)) == BATCH - 1, "the pending batch was lost with Redis"
 
     project.annotate(ls, [last])  # completes the batch: the training job is queued (no worker runs yet)
-    job_id = wait_for(lambda: conn.get(q.key(project.id, "queued")), 10, "the training job to be queued").decode()
+    job_id = wait_for(lambda: conn.get(keys.queued_key(project.id)), 10, "the training job to be queued").decode()
     time.sleep(1.5)
     own_redis.kill9()
     own_redis.start()
@@ -203,12 +203,12 @@ def test_label_studio_down_during_a_job(
     worker = start_worker(model_dir, redis_url, **env)
     batch = project.task_ids[:BATCH]
     project.annotate(ls, batch)
-    job_id = wait_for(lambda: conn.get(q.key(project.id, "lock")), 120, "the job to start", logs=worker.log).decode()
+    job_id = wait_for(lambda: conn.get(keys.lock_key(project.id)), 120, "the job to start", logs=worker.log).decode()
     wait_for(lambda: job_meta(conn, job_id).get("progress"), 300, "training steps", poll=0.2, logs=worker.log)
     try:
         label_studio.stop()  # Label Studio goes down mid-job (the annotations are in its database)
         failure = wait_for(
-            lambda: (last := conn.get(q.key(project.id, "last_job"))) and json.loads(last),
+            lambda: (last := conn.get(keys.last_job_key(project.id))) and json.loads(last),
             300, "the job to fail", logs=worker.log,
         )  # fmt: skip
     finally:
@@ -273,7 +273,7 @@ def test_rq_worker_killed_mid_training_and_mid_upload(
 
     # --- kill -9 mid-training of the second version: v1 stays current; a second worker redoes the job
     project.annotate(ls, project.task_ids[BATCH : 2 * BATCH])
-    job2 = wait_for(lambda: conn.get(q.key(project.id, "lock")), 120, "job 2 to start", logs=w1.log).decode()
+    job2 = wait_for(lambda: conn.get(keys.lock_key(project.id)), 120, "job 2 to start", logs=w1.log).decode()
     _wait_phase(conn, job2, "train", 300, w1.log)
     started = conn.hget(f"rq:job:{job2}", "started_at")
     w1.kill9()
@@ -304,7 +304,7 @@ def test_rq_worker_killed_mid_training_and_mid_upload(
     job = Job.fetch(job2, connection=conn, serializer=JSONSerializer)
     wait_for(lambda: job.get_status(refresh=True) == "finished", 120, "job 2 to finish", logs=logs3)
     outcome = job.return_value(refresh=True)
-    last = json.loads(conn.get(q.key(project.id, "last_job")))
+    last = json.loads(conn.get(keys.last_job_key(project.id)))
     # killed before the upload finished: the re-run delivered v2 without training again; else it had nothing to do
     assert outcome["status"] == ("up-to-date" if delivered_before_kill else "delivered"), (outcome, last)
     annotated = project.annotated(ls)

@@ -128,18 +128,18 @@ def test_a_waiting_training_skips_the_coverage_push(tmp_path, redis_url):
     import redis
 
     from ml_backend.jobs.pretrain import _pending_training
-    from ml_backend.queue.keys import key
+    from ml_backend.queue import keys
 
     conn = redis.Redis.from_url(redis_url)
     settings = _settings(tmp_path, redis_url=redis_url)
     pid = 91000 + int(uuid.uuid4().int % 1000)
     assert not _pending_training(pid, settings, conn)
-    conn.sadd(key(pid, "pending"), *[f"a{i}" for i in range(BATCH - 1)])
+    conn.sadd(keys.pending_key(pid), *[f"a{i}" for i in range(BATCH - 1)])
     assert not _pending_training(pid, settings, conn)  # one annotation short of a batch
-    conn.sadd(key(pid, "pending"), "a-last")
+    conn.sadd(keys.pending_key(pid), "a-last")
     assert _pending_training(pid, settings, conn)
-    conn.delete(key(pid, "pending"))
-    conn.set(key(pid, "queued"), "train-p-gone")  # a stale slot naming no waiting job does not count
+    conn.delete(keys.pending_key(pid))
+    conn.set(keys.queued_key(pid), "train-p-gone")  # a stale slot naming no waiting job does not count
     assert not _pending_training(pid, settings, conn)
 
 
@@ -197,7 +197,7 @@ def test_a_batch_labelled_during_pretraining_gets_the_first_version_sooner(label
     from ml_backend.jobs.pretrain import cold_start, publish_spread_queue
     from ml_backend.labelstudio.importing import import_tiles
     from ml_backend.labelstudio.setup import DEFAULT_LABEL_CONFIG, setup_project
-    from ml_backend.queue.keys import key
+    from ml_backend.queue import keys
     from ml_backend.queue.status import JobProgress
 
     vol = generate_volume((4, 64, 64), seed=3)
@@ -215,7 +215,7 @@ def test_a_batch_labelled_during_pretraining_gets_the_first_version_sooner(label
     )  # fmt: skip
     spread = publish_spread_queue(ls, pid, settings)
     conn = redis.Redis.from_url(redis_url)
-    conn.sadd(key(pid, "pending"), "annotation-1", "annotation-2")  # a batch of TRAIN_BATCH_SIZE waits
+    conn.sadd(keys.pending_key(pid), "annotation-1", "annotation-2")  # a batch of TRAIN_BATCH_SIZE waits
     job = Job.create("builtins.print", connection=conn, serializer=JSONSerializer, id=f"cold-{uuid.uuid4().hex[:6]}")
     job.save()
     summary = cold_start(pid, settings, JobProgress(job, pid), ls=ls, conn=conn)

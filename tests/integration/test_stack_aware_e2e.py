@@ -96,8 +96,8 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
     from ml_backend.active_learning.audit import audit_task_ids
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
-    from ml_backend.queue.keys import key
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.queue import keys
+    from ml_backend.store.registry import ModelRegistry
 
     stack, labels = volume
     dense = (REPO / "label_config" / "dense.xml").read_text()
@@ -200,7 +200,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
             ls.annotations.create(id=tid, result=mask_to_results(mask, config))
 
         def refused():
-            raw = conn.get(key(pid, "last_job"))
+            raw = conn.get(keys.last_job_key(pid))
             last = json.loads(raw) if raw else {}
             return last if last.get("version") not in (None, v1) else None
 

@@ -17,6 +17,7 @@ from PIL import Image
 from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from waiting import wait_until
 
 from ml_backend.active_learning import QueueOrder, RoundPlan, ScoredPool, run_round
 from ml_backend.active_learning.candidates import CandidateSampler, PredictionAgeLog, prediction_age
@@ -25,16 +26,16 @@ from ml_backend.active_learning.selection import Ranking
 from ml_backend.config import Settings
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.inference.scoring import PoolScores, ScoringConfig
-from ml_backend.jobs import train_version
+from ml_backend.jobs.train import train_version
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.loop import AnnotatedTasks
+from ml_backend.queue import keys
 from ml_backend.queue.connection import get_queue
 from ml_backend.queue.keys import chunk_id
 from ml_backend.queue.rescoring import RESCORE_FUNC, RedisPoolScorer, collect_rescore, start_rescore
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies import get_strategy
 from ml_backend.training.recipe import ModelState
-from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 XML = (REPO / "label_config" / "dense.xml").read_text()
@@ -156,7 +157,7 @@ def test_the_sample_is_scored_in_chunks_by_two_workers_exactly_once(tmp_path, re
     by_id = dict(zip(alone.ids, alone.scores.summary["value"], strict=True))
     shared = dict(zip(outcome.scored.ids, outcome.scored.scores.summary["value"], strict=True))
     assert sorted(shared) == sorted(by_id) and all(shared[t] == pytest.approx(by_id[t], rel=1e-4) for t in shared)
-    assert conn.keys(f"mlb:project:{PID}:rescore:*") == []
+    assert conn.keys(keys.rescore_pattern(PID)) == []
 
 
 # ------------------------------------------------------------------------------------------- real Label Studio

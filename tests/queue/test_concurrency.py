@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 
 from ml_backend import queue as q
 from ml_backend.config import Settings
+from ml_backend.queue import keys
 
 PROJECTS = (3, 4, 5)
 
@@ -40,7 +41,7 @@ def _assert_one_job_per_project(redis_url: str, settings: Settings, statuses: li
     for pid in PROJECTS:
         mine = [j for j in job_ids if j.startswith(f"train-p{pid}-")]
         assert len(mine) == 1, f"project {pid}: {len(mine)} training jobs queued: {mine}"
-        assert conn.get(q.key(pid, "queued")).decode() == mine[0]  # the slot names the job that exists
+        assert conn.get(keys.queued_key(pid)).decode() == mine[0]  # the slot names the job that exists
         job = Job.fetch(mine[0], connection=conn, serializer=JSONSerializer)
         assert job.get_status() == "queued" and job.kwargs["project_id"] == pid
     assert len(job_ids) == len(PROJECTS)

@@ -16,7 +16,7 @@ from ml_backend.data.context import model_offsets
 from ml_backend.labelstudio.importing import make_tiles
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.model import build_model
-from ml_backend.queue.keys import rescore_key
+from ml_backend.queue.keys import rescore_ctx_key
 from ml_backend.queue.rescoring import finish_rescore, rescore_pool, start_rescore
 from ml_backend.strategies import get_strategy
 
@@ -50,7 +50,7 @@ def test_rescore_reads_the_neighbouring_slices_of_the_models_offsets(tmp_path, r
     strategy = get_strategy("entropy")
     rnd = start_rescore(3, "v1", config, XML, strategy, tasks, ids, settings, conn, helpers=False,
                         offsets=model_offsets(model))  # fmt: skip
-    ctx = json.loads(conn.get(rescore_key(3, "v1", "ctx")))  # what a helper worker reads
+    ctx = json.loads(conn.get(rescore_ctx_key(3, "v1")))  # what a helper worker reads
     preds = finish_rescore(rnd, model, config, strategy, settings, conn)
     assert sorted(p["task"] for p in preds) == ids  # every task scored, the one with a gone neighbour included
     assert len(rescore_pool(3, "v2", model, config, XML, strategy, tasks, ids, settings, conn, helpers=False)) == len(

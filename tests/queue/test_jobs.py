@@ -21,26 +21,21 @@ from PIL import Image
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from ml_backend.active_learning import LabelledTile, TrainingError
 from ml_backend.config import Settings
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.imaging import load_image
-from ml_backend.jobs import (
-    LabelledTile,
-    TrainingError,
-    annotation_signature,
-    calibration_crops,
-    decode_annotations,
-    finish_rescore,
-    initial_model,
-    rescore_pool,
-    start_rescore,
-    train_version,
-)
+from ml_backend.jobs.train import train_version
+from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
+from ml_backend.labelstudio.tasks import calibration_crops
+from ml_backend.queue import keys
+from ml_backend.queue.rescoring import finish_rescore, rescore_pool, start_rescore
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies import get_strategy
 from ml_backend.training import IGNORE
+from ml_backend.training.recipe import initial_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -367,7 +362,7 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
     for pred in shared:
         mask = results_to_mask(pred["result"], config, 96, 96)
         assert mask.shape == (96, 96)
-    assert conn.keys("mlb:project:9:rescore:*") == []  # the round cleans up after itself
+    assert conn.keys(keys.rescore_pattern(9)) == []  # the round cleans up after itself
 
 
 MASK_TOLERANCE = 0.002  # fraction of pixels; one 96 x 96 tile's borderline pixels
@@ -382,7 +377,7 @@ def test_rescore_with_a_batch_strategy_ranks_the_whole_pool(tmp_path, data, redi
     out = train_version(registry, tiles, config, settings)
     conn = redis.Redis.from_url(redis_url)
     tasks, ids = _pool(image_server, config, n=10)
-    from ml_backend.jobs import embed_images
+    from ml_backend.inference.scoring import embed_images
 
     labelled = embed_images(out.model, [t.image for t in tiles], "cpu")
     preds = rescore_pool(
@@ -409,8 +404,9 @@ def test_rescore_skips_tasks_whose_image_is_gone(tmp_path, data, redis_url, imag
 
 def test_label_studio_unreachable_fails_clearly_and_frees_the_project(tmp_path, redis_url, redis_tools):
     from ml_backend import queue as q
-    from ml_backend.jobs import _train_and_rescore, run_exclusive
+    from ml_backend.jobs.train import _train_and_rescore
     from ml_backend.labelstudio.client import LabelStudioUnavailable
+    from ml_backend.queue.coordination import run_exclusive
 
     dead = f"http://127.0.0.1:{redis_tools.free_port()}"
     settings = small_settings(tmp_path, redis_url=redis_url, label_studio_url=dead, label_studio_api_key="x" * 40)
@@ -422,6 +418,6 @@ def test_label_studio_unreachable_fails_clearly_and_frees_the_project(tmp_path, 
     with pytest.raises(LabelStudioUnavailable, match=f"Label Studio at {dead}.* is unavailable"):
         run_exclusive(3, settings, None, body, force=True, reason="test", conn=conn)
     assert q.running_job(conn, 3) is None  # the next trigger (or RQ's retry) can run at once
-    last = json.loads(conn.get(q.key(3, "last_job")))
+    last = json.loads(conn.get(keys.last_job_key(3)))
     assert last["status"] == "failed" and "unavailable" in last["error"]
     assert ModelRegistry(settings.model_dir, 3).current_version() is None

@@ -26,6 +26,8 @@ from waiting import scaled, wait_until
 from ml_backend import queue as q
 from ml_backend.cli import worker_command
 from ml_backend.config import ConfigError, Settings
+from ml_backend.queue import keys
+from ml_backend.queue.connection import _CONNECTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 # Short intervals for the tests (production defaults: 10 / 30 / 15 s, see test_production_defaults_bound_recovery)
@@ -187,15 +189,15 @@ def test_pending_set_and_queued_job_survive_redis_kill_9(tmp_path, redis_tools):
         proc.wait(10)
     finally:
         redis_tools.stop_redis(proc)
-    q._CONNECTIONS.clear()  # the pooled client of the dead server
+    _CONNECTIONS.clear()  # the pooled client of the dead server
     proc = redis_tools.start_redis(port, workdir, persist=True)
     try:
         conn = redis.Redis(port=port)
-        assert conn.scard(q.key(7, "pending")) == 7
-        assert conn.sismember(q.PROJECTS_KEY, 7)
+        assert conn.scard(keys.pending_key(7)) == 7
+        assert conn.sismember(keys.projects_key(), 7)
         # the queued training job and its slot survive too: a worker started now runs it, no webhook is needed
         queue = Queue(settings.queue_name, connection=conn, serializer=JSONSerializer)
-        assert queue.get_job_ids() == [queued] and conn.get(q.key(8, "queued")).decode() == queued
+        assert queue.get_job_ids() == [queued] and conn.get(keys.queued_key(8)).decode() == queued
         assert Job.fetch(queued, connection=conn, serializer=JSONSerializer).kwargs["project_id"] == 8
     finally:
         redis_tools.stop_redis(proc)
@@ -248,6 +250,6 @@ def test_start_training_for_a_missing_project_fails_once_without_retry(redis_url
     assert queue.scheduled_job_registry.get_job_ids() == [] and queue.get_job_ids() == []  # no retry waiting
     assert job.retries_left == 0
     assert [h for h in _FakeLabelStudio.hits if h.startswith("/api/projects/")] == ["/api/projects/4242/"]
-    assert conn.get(q.key(4242, "queued")) is None  # no slot reserved for a retry
-    last = json.loads(conn.get(q.key(4242, "last_job")))
+    assert conn.get(keys.queued_key(4242)) is None  # no slot reserved for a retry
+    last = json.loads(conn.get(keys.last_job_key(4242)))
     assert last["status"] == "failed" and "does not exist" in last["error"]

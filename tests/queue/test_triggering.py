@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 
 from ml_backend import queue as q
 from ml_backend.config import Settings
-from ml_backend.jobs import run_exclusive
+from ml_backend.queue import keys, run_exclusive
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_events_during_running_training_schedule_exactly_one_follow_up(settings,
     waiting = train_jobs(conn, settings)
     assert len(waiting) == 1 and waiting[0] not in (first, follow_ups[0])
     assert q.running_job(conn, 7) is None
-    assert conn.get(q.key(7, "dirty")) is None
+    assert conn.get(keys.dirty_key(7)) is None
 
 
 def test_follow_up_flag_is_forced_by_a_deferred_start_training(settings, conn):
@@ -178,7 +178,7 @@ def test_failed_body_releases_lock_and_reraises(settings, conn):
     with pytest.raises(RuntimeError, match="unreachable"):
         run_exclusive(7, settings, None, body, force=True, reason="x")
     assert q.running_job(conn, 7) is None
-    last = json.loads(conn.get(q.key(7, "last_job")))
+    last = json.loads(conn.get(keys.last_job_key(7)))
     assert last["status"] == "failed" and "unreachable" in last["error"]
 
 
@@ -195,7 +195,7 @@ def test_failed_body_releases_lock_and_reraises(settings, conn):
 )
 def test_payloads_without_what_we_need_are_acknowledged_and_ignored(settings, conn, payload):
     assert q.handle_webhook(payload, settings)["status"] == "ignored"
-    assert conn.keys("mlb:*") == []
+    assert conn.keys(keys.all_pattern()) == []
 
 
 def test_non_object_payload_is_ignored(settings):
@@ -283,7 +283,7 @@ def test_a_killed_workers_lock_expires_and_the_job_can_be_rerun(settings, conn):
 
     assert run_exclusive(7, settings, None, body, force=True, reason="x", job_id="train-p7-new")["status"] == "deferred"
     time.sleep(1.5)
-    conn.delete(q.key(7, "dirty"))
+    conn.delete(keys.dirty_key(7))
     # RQ re-runs the same job id (retry or requeue of the abandoned job): it gets the lock now
     assert run_exclusive(7, settings, None, body, force=True, reason="x", job_id="train-p7-dead")["status"] == "trained"
     assert ran == ["train-p7-dead"] and q.running_job(conn, 7) is None

@@ -337,6 +337,8 @@ WEBHOOK_ROWS = [
 def test_bad_webhook_is_4xx_and_never_reaches_redis(make_client, redis_url, request_kwargs, status, reason):
     import redis
 
+    from ml_backend.queue import keys
+
     conn = redis.Redis.from_url(redis_url)
     client = make_client(redis_url=redis_url, max_request_bytes=MAX_BODY, train_batch_size=100)
     _assert_error(client.post("/webhook", **request_kwargs), status, reason)
@@ -344,7 +346,7 @@ def test_bad_webhook_is_4xx_and_never_reaches_redis(make_client, redis_url, requ
     assert [k for k in conn.keys("*") if not k.startswith(b"rq:scheduler")] == []
     ok = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 7}, "task": {"id": 3}})
     assert ok.status_code == 200 and ok.get_json()["status"] == "counted"
-    assert {k.decode() for k in conn.keys("mlb:project:*")} == {"mlb:project:7:pending"}
+    assert {k.decode() for k in conn.keys(keys.project_pattern())} == {keys.pending_key(7)}
 
 
 def test_webhook_accepts_label_studio_id_forms(make_client, redis_url):

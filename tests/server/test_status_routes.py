@@ -145,7 +145,7 @@ def test_a_silent_label_studio_does_not_hold_the_page(make_client, publish):
 
 def test_a_running_jobs_progress_comes_from_its_rq_meta(make_client, publish, redis_url):
     """A real Redis and a real RQ job holding the project's lock: the page shows its step, loss, IoU and ETA."""
-    from ml_backend.queue import get_connection, get_queue, key
+    from ml_backend.queue import get_connection, get_queue, keys
 
     client = make_client(redis_url=redis_url)
     _setup(client)
@@ -157,8 +157,8 @@ def test_a_running_jobs_progress_comes_from_its_rq_meta(make_client, publish, re
     job.meta.update(phase="train", progress={"step": 100, "steps": 400, "loss": 0.3125, "val_iou": 0.64,
                                              "seconds": 50.0})  # fmt: skip
     job.save_meta()
-    conn.set(key(7, "lock"), job.id)
-    conn.sadd(key(7, "pending"), 11, 12, 13)
+    conn.set(keys.lock_key(7), job.id)
+    conn.sadd(keys.pending_key(7), 11, 12, 13)
     try:
         page = client.get("/status/7").get_data(as_text=True)
         assert "100 / 400" in page and "0.3125" in page and "0.640" in page
@@ -167,5 +167,5 @@ def test_a_running_jobs_progress_comes_from_its_rq_meta(make_client, publish, re
             "3 / 20 (training starts at the threshold)" in page and 'training jobs queued</th><td class="num">1' in page
         )
     finally:
-        conn.delete(key(7, "lock"), key(7, "pending"))
+        conn.delete(keys.lock_key(7), keys.pending_key(7))
         job.delete()

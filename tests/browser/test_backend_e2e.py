@@ -29,7 +29,7 @@ def test_annotator_and_team_lead_views(label_studio, ls, start_backend, scripts,
                                        artifacts, redis_url, tmp_path):  # fmt: skip
     from ml_backend.data.synthetic import generate_em_like
     from ml_backend.labelstudio.client import as_dict, list_tasks
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
 
     t0 = time.monotonic()
     setup = scripts("setup_project")

@@ -49,7 +49,7 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
                                                  redis_url, tmp_path, start_rq_worker):  # fmt: skip
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
-    from ml_backend.registry import ModelRegistry
+    from ml_backend.store.registry import ModelRegistry
 
     stack, truth = multiclass_stack
     xml = (REPO / "label_config" / "multiclass.xml").read_text()

@@ -34,7 +34,6 @@ from waiting import wait_until
 from ml_backend.config import Settings
 from ml_backend.labelstudio.client import as_dict, list_tasks
 
-REPO = Path(__file__).resolve().parents[2]
 TILE = 32
 SLICES = 16
 BATCH = 10
@@ -296,7 +295,7 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url,
         **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.api_key,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
     }  # fmt: skip
     worker = start_rq_worker(worker_env, "first-hour")
     for name, value in env.items():

@@ -116,7 +116,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.api_key,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
     }  # fmt: skip
     worker = start_rq_worker(worker_env, "stack")  # the documented `python -m ml_backend.cli worker`
 

@@ -113,7 +113,7 @@ def test_the_sample_is_scored_in_chunks_by_two_workers_exactly_once(tmp_path, re
     env = {
         **os.environ, "REDIS_URL": redis_url, "MODEL_DIR": str(settings.model_dir), "DEVICE": "cpu",
         "INFERENCE_BATCH": "4", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": settings.local_files_root,
-        "LABEL_STUDIO_URL": settings.label_studio_url, "BATCH_DIVERSITY": "false", "PYTHONPATH": str(REPO),
+        "LABEL_STUDIO_URL": settings.label_studio_url, "BATCH_DIVERSITY": "false",
         "OMP_NUM_THREADS": "1",
     }  # fmt: skip
     for i in range(2):

@@ -330,7 +330,6 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
         "DEVICE": "cpu",
         "INFERENCE_BATCH": "4",
         "MC_PASSES": "2",
-        "PYTHONPATH": str(REPO),
         "MEDIA_ALLOWED_HOSTS": settings.media_allowed_hosts,
     }
     worker = subprocess.run(

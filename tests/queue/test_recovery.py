@@ -29,7 +29,7 @@ from ml_backend.config import ConfigError, Settings
 from ml_backend.queue import keys
 from ml_backend.queue.connection import _CONNECTIONS
 
-REPO = Path(__file__).resolve().parents[2]
+QUEUE_DIR = Path(__file__).resolve().parent  # workers run here: rq imports slow_jobs from its working directory
 # Short intervals for the tests (production defaults: 10 / 30 / 15 s, see test_production_defaults_bound_recovery)
 FAST = {"WORKER_HEARTBEAT_S": "1", "WORKER_ABANDONED_AFTER_S": "3", "WORKER_MAINTENANCE_S": "2"}
 FAST_BOUND_S = 3 + 2  # abandoned-after + maintenance: a dead worker's job is re-queued within this
@@ -41,7 +41,6 @@ def _env(redis_url: str, tmp_path: Path, **extra: str) -> dict:
         **FAST,
         "REDIS_URL": redis_url,
         "MODEL_DIR": str(tmp_path / "models"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)]),  # slow_jobs for the worker
         **extra,
     }
 
@@ -54,7 +53,7 @@ def _start_worker(env: dict, name: str, log: Path, *args: str) -> subprocess.Pop
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=QUEUE_DIR,
         )
 
 

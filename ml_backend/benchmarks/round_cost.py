@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,7 @@ def measure(n: int, processes: int, ctx: dict, settings: Any, conn: Any) -> dict
     from ml_backend.active_learning.round import LabelledSet
     from ml_backend.inference.scoring import ScoringConfig
     from ml_backend.labelstudio.loop import AnnotatedTasks
+    from ml_backend.labelstudio.project_data import ChunkInputs
     from ml_backend.queue.rescoring import RedisPoolScorer
     from ml_backend.training.recipe import ModelState
 
@@ -153,7 +155,8 @@ def measure(n: int, processes: int, ctx: dict, settings: Any, conn: Any) -> dict
     audit = audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed)
     select = product_selector(settings, config.num_classes, tasks, labelled_ids, audit)
     t_audit = time.perf_counter() - t0
-    scorer = RedisPoolScorer(ctx["pid"], config, xml, tasks, settings, conn, helpers=processes > 1)
+    scorer = RedisPoolScorer(ctx["pid"], xml, ChunkInputs(config, settings, tasks), settings, conn,
+                             helpers=processes > 1)  # fmt: skip
     score = TimedScorer(scorer)
     plan = RoundPlan(strategy, ModelState(out.model, out.version, "kept"), candidates=sampler,
                      scoring=ScoringConfig.from_settings(settings), select_seed=settings.seed)  # fmt: skip
@@ -203,12 +206,15 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from rq import Worker
 
+    from ml_backend.active_learning import LabelledSet, run_round
+    from ml_backend.active_learning.plan import product_plan
     from ml_backend.active_learning.round import LabelledTile
     from ml_backend.benchmarks.machine import describe
     from ml_backend.config import Settings
-    from ml_backend.jobs import train_version
     from ml_backend.labelstudio.labelconfig import parse_label_config
+    from ml_backend.labelstudio.loop import AnnotatedTasks
     from ml_backend.services import redis as redis_service
+    from ml_backend.store.publisher import RegistryPublisher
     from ml_backend.store.registry import ModelRegistry
     from ml_backend.strategies.resolve import resolve_strategy
 
@@ -232,7 +238,11 @@ def run(args: argparse.Namespace) -> dict:
         labelled = [LabelledTile(i + 1, None, raw[i].astype(np.float32) / 255, gt[i].astype(np.int64))
                     for i in range(LABELLED)]  # fmt: skip
         pid = 1
-        out = train_version(ModelRegistry(settings.model_dir, pid), labelled, config, settings)
+        registry = ModelRegistry(settings.model_dir, pid)  # the product's round without its scoring half
+        trained = run_round(product_plan(registry, config, settings, None, score=False),
+                            AnnotatedTasks(LabelledSet(labelled), []),
+                            publisher=RegistryPublisher(registry, config, settings, None))  # fmt: skip
+        out = SimpleNamespace(model=trained.trained.model, version=trained.version)
         ctx = {"trained": out, "config": config, "xml": xml, "names": names, "tile": args.tile, "pid": pid,
                "labelled": labelled, "strategy": resolve_strategy(settings.strategy, None)}  # fmt: skip
         conn = redis.Redis.from_url(settings.redis_url)

@@ -11,6 +11,6 @@ use is re-exported here; everything else is imported from its module.
 
 from .pretrain import pretrain_project
 from .rescore import rescore_chunk
-from .train import train_project, train_version
+from .train import train_project
 
-__all__ = ["pretrain_project", "rescore_chunk", "train_project", "train_version"]
+__all__ = ["pretrain_project", "rescore_chunk", "train_project"]

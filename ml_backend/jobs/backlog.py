@@ -65,6 +65,7 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
     from ml_backend.inference.scoring import PoolScores
     from ml_backend.labelstudio.client import connect, paged
     from ml_backend.labelstudio.loop import LabelStudioSink, _holds_prediction
+    from ml_backend.labelstudio.project_data import LabelStudioProject
     from ml_backend.server.predict import predict_tasks
     from ml_backend.store.projects import ProjectStore
 
@@ -98,7 +99,8 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
         [tid for tid, _ in done], PoolScores({}, np.zeros(len(done), dtype=np.int64)), [r["result"] for _, r in done]
     )
     ranking = Ranking(scored.ids, [], np.asarray([float(r["score"]) for _, r in done], dtype=np.float64))
-    delivered = LabelStudioSink(ls, pid, listed).put(version, scored, ranking) if done else 0
+    project = LabelStudioProject(pid, settings, ls, listed=listed, config=config)
+    delivered = LabelStudioSink(project).put(version, scored, ranking) if done else 0
     failed = [int(todo[i]["id"]) for i, r in enumerate(outcome.results) if not isinstance(r, dict)]
     for err in outcome.errors:
         log.warning("project %s: backlog task %s not predicted: %s", pid, err.get("task"), err.get("reason"))

@@ -163,10 +163,7 @@ def cold_start(
 
     from ml_backend.active_learning.audit import audit_task_ids
     from ml_backend.active_learning.plan import cold_start_order
-    from ml_backend.labelstudio.client import connect, list_tasks
-    from ml_backend.labelstudio.neighbours import NeighbourIndex, load_context_image
-    from ml_backend.labelstudio.project import project_label_config
-    from ml_backend.labelstudio.tasks import load_task_image
+    from ml_backend.labelstudio.project_data import LabelStudioProject
     from ml_backend.training.pretrain import pretrain
     from ml_backend.training.recipe import new_model
 
@@ -176,9 +173,10 @@ def cold_start(
         return {"status": "skipped", "reason": f"{registry.current_version()} serves already: nothing to pretrain"}
     t0 = time.monotonic()
     done: dict[str, float] = {}
-    ls = ls if ls is not None else connect(settings)
-    config, _ = project_label_config(ls, pid, settings)
-    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    project = LabelStudioProject(pid, settings, ls)  # ProjectData: tasks, label config, model inputs
+    ls = project.ls
+    config, _ = project.label_config()
+    tasks = project.tasks()
     if not tasks:
         return {"status": "no-tasks"}
     unlabelled = [t for t in sorted(tasks) if not _labelled(tasks[t])]
@@ -195,16 +193,11 @@ def cold_start(
     extra = [t for t in spread if t not in embedded] + [t for t in sorted(tasks) if t not in open_]
     read_ids = embed_ids + extra[: max(0, settings.pretrain_tiles - len(embed_ids))]
     offsets = settings.context_offset_list  # 2.5D context: the new model reads these slices as channels
-    index = NeighbourIndex.from_tasks(tasks, config.image_key) if offsets != (0,) else None
     images: dict[int, np.ndarray] = {}
     with _phase(progress, done, "read", len(read_ids), "tiles") as ph:
         for i, tid in enumerate(read_ids, 1):
             try:
-                images[tid] = (
-                    load_task_image(tasks[tid], config, settings)
-                    if index is None
-                    else load_context_image(tasks[tid], config, settings, offsets, index)
-                )
+                images[tid] = project.model_input(tasks[tid], offsets)
             except Exception as exc:  # an unreadable tile is left out of pretraining and of the coverage sample
                 log.warning("project %s: task %s not read for pretraining: %s", pid, tid, exc)
             if i % 16 == 0 or i == len(read_ids):

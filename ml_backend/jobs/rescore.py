@@ -24,6 +24,7 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
     from rq import get_current_job
 
     from ml_backend.labelstudio.labelconfig import parse_label_config
+    from ml_backend.labelstudio.project_data import ChunkInputs
 
     ensure_logging()
     settings = get_settings()
@@ -44,8 +45,8 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
         device = torch_device(settings.device)
         model, _meta = registry.load(version, map_location=device)
         ensemble = [registry.load_extra(version, name, map_location=device) for name in ctx.get("ensemble", [])]
-        config = parse_label_config(ctx["label_config"])
-        compute_chunk(pid, version, ids, ctx, model, ensemble, config, settings, conn, owner=owner)
+        inputs = ChunkInputs(parse_label_config(ctx["label_config"]), settings)  # the loaders queue/ is handed
+        compute_chunk(pid, version, ids, ctx, model, ensemble, inputs, settings, conn, owner=owner)
     except BaseException:
         conn.delete(rescore_claim_key(pid, version, chunk))  # let the coordinator redo it now
         raise

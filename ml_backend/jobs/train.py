@@ -15,9 +15,9 @@
 
 Steps 3-5 are ``ml_backend.active_learning.run_round`` (the benchmark runs the same round with a ground-truth
 oracle) with this module's plug-ins: ``AnnotatedTasks`` (labels), ``RegistryPublisher``, ``RedisPoolScorer``
-and ``LabelStudioSink``. The pure part (annotations -> masks -> fine_tune -> publish) is
-``decode_annotations`` + ``train_version``: they take
-plain data and a registry, so they are tested without Label Studio or Redis.
+and ``LabelStudioSink``. The project is read and written through ONE ``ProjectData``
+(``labelstudio.project_data.LabelStudioProject``): tasks, annotations, label config, every model input (labelled
+tiles, calibration and unlabelled crops, the re-scoring chunks' loaders handed to ``queue.rescoring``), delivery.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ml_backend.active_learning import LabelledSet, LabelledTile, RoundPlan, TrainingError, run_round
+from ml_backend.active_learning import LabelledSet, RoundPlan, TrainingError, run_round
 from ml_backend.active_learning.audit import AuditGate, audit_task_ids, split_audit
 from ml_backend.active_learning.candidates import CandidateSampler, PredictionAgeLog, previous_best
 from ml_backend.active_learning.plan import log_plan, product_plan, product_selector
@@ -39,9 +39,9 @@ from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import ScoringConfig
 from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
 from ml_backend.labelstudio.loop import AnnotatedTasks, LabelStudioSink
-from ml_backend.labelstudio.neighbours import NeighbourIndex, load_context_image
-from ml_backend.labelstudio.project import project_label_config
-from ml_backend.labelstudio.tasks import calibration_crops, load_task_image
+from ml_backend.labelstudio.neighbours import NeighbourIndex
+from ml_backend.labelstudio.project_data import LabelStudioProject
+from ml_backend.labelstudio.tasks import calibration_crops
 from ml_backend.queue.coordination import run_exclusive
 from ml_backend.queue.locks import take_pending
 from ml_backend.queue.rescoring import RedisPoolScorer
@@ -54,45 +54,6 @@ from ml_backend.training.recipe import ModelState
 from .logs import ensure_logging
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainOutcome:
-    version: str
-    meta: dict
-    model: Any
-    ensemble: list[Any] = field(default_factory=list)
-
-
-def train_version(
-    registry: ModelRegistry,
-    tiles: list[LabelledTile],
-    config: Any,
-    settings: Settings,
-    *,
-    strategy: Any = None,
-    progress: Callable[[dict], None] | None = None,
-    extra_meta: dict | None = None,
-    train_overrides: dict | None = None,
-    calibration: Callable[[], list[np.ndarray]] | None = None,
-) -> TrainOutcome:
-    """Fine-tune on ``tiles``, publish + promote the version with full metadata, prune old versions.
-
-    Pure with respect to Label Studio and Redis (the tested core of the training job): ``run_round`` without the
-    scoring half. When the strategy needs a bootstrap ensemble (suggestive annotation), ENSEMBLE_MEMBERS copies are
-    fine-tuned on resamples and stored with the version. ``calibration()`` returns unlabelled crops of the project
-    that re-estimate BatchNorm statistics; it is called only for a model that has BatchNorm layers.
-    """
-    if not tiles:
-        raise TrainingError("no usable annotated tile to train on")
-    plan = product_plan(
-        registry, config, settings, strategy, train_overrides=train_overrides, calibration=calibration,
-        progress=progress, score=False,
-    )  # fmt: skip
-    log_plan(registry, plan, len(tiles))
-    publisher = RegistryPublisher(registry, config, settings, strategy, extra_meta)
-    outcome = run_round(plan, AnnotatedTasks(LabelledSet(tiles), []), publisher=publisher)
-    return TrainOutcome(outcome.version, publisher.meta, outcome.trained.model, outcome.trained.ensemble)
 
 
 def train_project(project_id: int, force: bool = False, reason: str = "manual") -> dict:
@@ -118,14 +79,13 @@ def train_project(project_id: int, force: bool = False, reason: str = "manual") 
 class ProjectSnapshot:
     """What the job read from Label Studio and the registry, once, at its start (Label Studio is the truth)."""
 
-    ls: Any
+    project: LabelStudioProject
     config: Any
     label_xml: str
     tasks: dict[int, dict]
     annotations: dict[int, dict]
     current: dict | None
     signature: str
-    _neighbours: NeighbourIndex | None = field(default=None, repr=False)
 
     @property
     def unlabelled(self) -> list[int]:
@@ -133,23 +93,23 @@ class ProjectSnapshot:
 
     def neighbours(self) -> NeighbourIndex:
         """Every task's tile by stack, window and slice (2.5D context), built once per job."""
-        if self._neighbours is None:
-            self._neighbours = NeighbourIndex.from_tasks(self.tasks, self.config.image_key)
-        return self._neighbours
+        return self.project.neighbours()
+
+    def load(self, offsets: tuple[int, ...]) -> Callable[[dict], np.ndarray]:
+        """task -> model input with the slices ``offsets`` (``ProjectData.model_input``)."""
+        return lambda task: self.project.model_input(task, offsets)
 
 
 def _read_project(pid: int, settings: Settings, conn: Any, registry: ModelRegistry) -> ProjectSnapshot:
     """Reset the batch counter, then read the label config, every task and its latest annotation."""
-    from ml_backend.labelstudio.client import connect, latest_annotations, list_tasks
-
     pending = take_pending(conn, pid)
     t0 = time.monotonic()
-    ls = connect(settings)
-    config, label_xml = project_label_config(ls, pid, settings)
-    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    annotations = {int(k): v for k, v in latest_annotations(list(tasks.values())).items()}
+    project = LabelStudioProject(pid, settings)
+    config, label_xml = project.label_config()
+    tasks = project.tasks()
+    annotations = project.latest_annotations()
     current = registry.current_meta()
-    snap = ProjectSnapshot(ls, config, label_xml, tasks, annotations, current, annotation_signature(annotations))
+    snap = ProjectSnapshot(project, config, label_xml, tasks, annotations, current, annotation_signature(annotations))
     log.info(
         "project %s: Label Studio holds %d tasks, %d with a submitted annotation (listed in %.1f s); current version "
         "%s used %d; %d submissions counted by webhooks since the last job",
@@ -168,7 +128,7 @@ def _nothing_to_do(pid: int, snap: ProjectSnapshot, force: bool) -> tuple[dict |
     current = snap.current
     if force or current is None or current.get("annotation_signature") != snap.signature:
         return None, False
-    if _delivered(snap.ls, pid, current["version"], snap.tasks, snap.annotations):
+    if _delivered(snap.project, current["version"], snap.tasks, snap.annotations):
         log.info("project %s: annotations unchanged since %s: nothing to train", pid, current["version"])
         return {"status": "up-to-date", "version": current["version"]}, False
     log.warning(
@@ -183,13 +143,7 @@ def _decode(pid: int, snap: ProjectSnapshot, settings: Settings, offsets: tuple[
     """The usable labelled tiles (a bad annotation is skipped and listed, never fatal, unless none is usable);
     ``offsets`` other than (0,): (C, H, W) images with the neighbouring slices (2.5D context, CONTEXT_OFFSETS)."""
     t0 = time.monotonic()
-    config = snap.config
-    if offsets == (0,):
-        load = lambda t: load_task_image(t, config, settings)  # noqa: E731
-    else:
-        index = snap.neighbours()
-        load = lambda t: load_context_image(t, config, settings, offsets, index)  # noqa: E731
-    tiles, skipped = decode_annotations(snap.tasks, snap.annotations, config, load)
+    tiles, skipped = decode_annotations(snap.tasks, snap.annotations, snap.config, snap.load(offsets))
     log.info("project %s: %d annotated tiles decoded in %.1f s (%d skipped)", pid, len(tiles), time.monotonic() - t0,
              len(skipped))  # fmt: skip
     if not tiles:
@@ -239,13 +193,9 @@ def _train_and_rescore(
         if settings.audit_fraction > 0:  # AUDIT_FRACTION=0: no audit split, every version is promoted
             evaluate = AuditGate(audit_tiles, lambda: _live(registry), settings, settings.audit_min_tiles,
                                  settings.promotion_tolerance)  # fmt: skip
-        calibration = lambda: calibration_crops(  # noqa: E731
-            snap.tasks, snap.config, settings, offsets=offsets, index=snap.neighbours()
-        )
+        calibration = lambda: calibration_crops(snap.tasks, settings, snap.load(offsets))  # noqa: E731
         pool = [t for t in snap.unlabelled if t not in set(audit)]  # audit tiles stay unseen, even unlabelled
-        unlabelled = lambda: unlabelled_crops(  # noqa: E731
-            {t: snap.tasks[t] for t in pool}, snap.config, settings, offsets=offsets, index=snap.neighbours()
-        )
+        unlabelled = lambda: unlabelled_crops({t: snap.tasks[t] for t in pool}, settings, snap.load(offsets))  # noqa: E731
         # The live ranking's top still unlabelled: kept in this round's candidate sample (issue 20.2).
         best = previous_best(snap.tasks, snap.annotations, (snap.current or {}).get("version"), settings.candidate_keep)
         plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
@@ -259,7 +209,7 @@ def _train_and_rescore(
         plan,
         AnnotatedTasks(labelled, snap.unlabelled),
         publisher=publisher,
-        scorer=RedisPoolScorer(pid, snap.config, snap.label_xml, snap.tasks, settings, conn),
+        scorer=RedisPoolScorer(pid, snap.label_xml, snap.project.chunk_inputs(), settings, conn),
         select=product_selector(
             settings,
             snap.config.num_classes,
@@ -267,7 +217,7 @@ def _train_and_rescore(
             sorted(snap.annotations),
             [a for a in audit if a not in snap.annotations],
         ),
-        sink=LabelStudioSink(snap.ls, pid, snap.tasks, blank=frozenset(audit)),
+        sink=LabelStudioSink(snap.project, blank=frozenset(audit)),
         evaluate=evaluate,
         phase=progress.phase,
     )
@@ -310,12 +260,13 @@ def _train_and_rescore(
 
 
 def unlabelled_crops(
-    tasks: dict[int, dict], config: Any, settings: Settings, *, offsets: tuple[int, ...] = (0,), index: Any = None
+    tasks: dict[int, dict], settings: Settings, load: Callable[[dict], np.ndarray]
 ) -> list[np.ndarray]:
     """TRAIN_CROP crops of a seeded sample of SEMI_UNLABELLED_TILES of ``tasks`` (the unlabelled pool) for the
-    semi-supervised term; the same sampler as the BatchNorm calibration crops, another count."""
+    semi-supervised term; the same sampler as the BatchNorm calibration crops, another count. ``load``: the
+    project's model input (``ProjectData.model_input``)."""
     sample = settings.replace(bn_calibration_tiles=settings.semi_unlabelled_tiles)
-    return calibration_crops(tasks, config, sample, offsets=offsets, index=index)
+    return calibration_crops(tasks, sample, load)
 
 
 def _record_effort(
@@ -362,12 +313,9 @@ def _live(registry: ModelRegistry) -> tuple[Any, str] | None:
     return None if current is None else (current[0], current[1]["version"])
 
 
-def _delivered(ls: Any, pid: int, version: str, tasks: dict[int, dict], annotations: dict[int, dict]) -> bool:
+def _delivered(project: Any, version: str, tasks: dict[int, dict], annotations: dict[int, dict]) -> bool:
     """Whether the job that published ``version`` finished its upload: the project's ``model_version`` names it
     (set last, after every prediction), or there is no unlabelled task to predict."""
-    from ml_backend.labelstudio.client import as_dict, call
-
     if all(tid in annotations for tid in tasks):
         return True
-    project = as_dict(call(ls, ls.projects.get, id=int(pid), what=f"reading project {pid}"))
-    return project.get("model_version") == version
+    return project.model_version() == version

@@ -100,34 +100,29 @@ class WithEmbedding:
 @dataclass
 class LabelStudioSink:
     """The product's prediction sink: every scored task's mask and queue score in bulk (never twice for a version),
-    then the project's ``model_version`` so Label Studio orders its queue by the new scores."""
+    then the project's ``model_version`` so Label Studio orders its queue by the new scores. ``project``: a
+    ``ProjectData`` (``project_data.LabelStudioProject``; the unit tests' ``FakeProject``), its task list as read
+    before the delivery."""
 
-    ls: Any
-    pid: int
-    tasks: dict[int, dict]
+    project: Any
     keep_prediction_versions: int | None = None  # None: KEEP_PREDICTION_VERSIONS
     last_prune: Any = None
     blank: frozenset[int] = frozenset()  # audit tasks: a queue score, no pre-annotation (active_learning.audit)
 
     def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
-        from ml_backend.labelstudio.client import (
-            LabelStudioError,
-            LabelStudioUnavailable,
-            push_predictions,
-            set_project_model_version,
-        )
+        from ml_backend.labelstudio.client import LabelStudioError, LabelStudioUnavailable
 
-        pid = self.pid
+        pid = self.project.pid
         predictions = predictions_for(version, scored, ranking, blank=self.blank)
-        held = {tid for tid, task in self.tasks.items() if _holds_prediction(task, version)}
+        held = {tid for tid, task in self.project.tasks().items() if _holds_prediction(task, version)}
         fresh = [p for p in predictions if int(p["task"]) not in held]  # a re-run never duplicates a prediction
         if len(fresh) < len(predictions):
             log.info("project %s: %d tasks already hold a prediction of %s (uploaded by an earlier run of this job)",
                      pid, len(predictions) - len(fresh), version)  # fmt: skip
         if fresh:
-            push_predictions(self.ls, pid, fresh)
+            self.project.push_predictions(fresh)
         try:
-            set_project_model_version(self.ls, pid, version)
+            self.project.set_model_version(version)
         except LabelStudioError as exc:
             if isinstance(exc, LabelStudioUnavailable) or predictions:
                 raise
@@ -141,7 +136,6 @@ class LabelStudioSink:
         """Prediction hygiene, only once the new predictions are in and the project's model_version names them; a
         failure here is logged, never fails the delivery (the next round prunes again)."""
         from ml_backend.labelstudio.client import LabelStudioError
-        from ml_backend.labelstudio.hygiene import prune_predictions
 
         keep = self.keep_prediction_versions
         if keep is None:
@@ -149,10 +143,10 @@ class LabelStudioSink:
 
             keep = get_settings().keep_prediction_versions
         try:
-            self.last_prune = prune_predictions(self.ls, self.pid, version, self.tasks, covered, keep=keep)
+            self.last_prune = self.project.prune(version, covered, keep)
         except LabelStudioError as exc:
             log.warning("project %s: prediction hygiene failed (%s); older predictions stay until the next round",
-                        self.pid, exc)  # fmt: skip
+                        self.project.pid, exc)  # fmt: skip
 
 
 def predictions_for(

@@ -167,10 +167,14 @@ def load_context_image(
     index: NeighbourIndex | None = None,
     *,
     centre: np.ndarray | None = None,
+    urls: Mapping[int, str | None] | None = None,
 ) -> np.ndarray:
-    """The model input of a task: its normalised (H, W) image for offsets (0,), else (C, H, W) with the
-    neighbouring slices (``context_urls``), all fetched through ``labelstudio.media``. ``centre``: the task's image
-    when the caller already has it. Errors of the task's own image propagate (the task fails as without context)."""
+    """THE model input of a task (``labelstudio.project_data.LabelStudioProject.model_input`` and every loader of
+    the training job, the cold start, re-scoring chunks and ``/predict``): its normalised (H, W) image for offsets
+    (0,), else (C, H, W) with the neighbouring slices (``context_urls``, or ``urls`` when the caller already
+    resolved them, as a re-scoring chunk does), all fetched through ``labelstudio.media``. ``centre``: the task's
+    image when the caller already has it. Errors of the task's own image propagate (the task fails as without
+    context)."""
     from ml_backend.labelstudio.media import fetch_image
     from ml_backend.labelstudio.tasks import load_task_image
 
@@ -178,7 +182,8 @@ def load_context_image(
     image = load_task_image(task, config, settings) if centre is None else centre
     if offs == (0,):
         return image
-    urls = context_urls(task, offs, config.image_key, index)
+    if urls is None:
+        urls = context_urls(task, offs, config.image_key, index)
     return stack_context_images(
         image, urls, offs, lambda url: fetch_image(url, settings), label=f"task {task.get('id')}"
     )

@@ -6,15 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ml_backend.active_learning.project import ProjectNotFound
 from ml_backend.active_learning.round import TrainingError
 from ml_backend.config import Settings
 
 log = logging.getLogger(__name__)
 
-
-class ProjectNotFound(TrainingError):
-    """Label Studio answers 404 for the project (or the id is out of range): no retry can help, so the job fails at
-    once instead of being retried (``run_exclusive`` sets ``retries_left = 0``)."""
+__all__ = ["ProjectNotFound", "project_label_config"]
 
 
 def _http_status(exc: BaseException) -> int | None:

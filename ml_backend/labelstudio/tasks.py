@@ -4,7 +4,7 @@ sample of project crops that re-estimates BatchNorm statistics after a training.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,17 +25,15 @@ def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
 
 def calibration_crops(
     tasks: dict[int, dict],
-    config: Any,
     settings: Settings,
+    load: Callable[[dict], np.ndarray],
     *,
     workers: int = 8,
-    offsets: Sequence[int] = (0,),
-    index: Any = None,
 ) -> list[np.ndarray]:
     """Up to BN_CALIBRATION_TILES random TRAIN_CROP crops, one per task of a seeded sample of all the project's
     tasks: representative images for ``recalibrate_batchnorm``. A task whose image fails is skipped (logged).
-    ``offsets`` other than (0,): (C, crop, crop) crops with the neighbouring slices (``labelstudio.neighbours``,
-    ``index`` a ``NeighbourIndex`` of the project's tasks), as the model reads them."""
+    ``load(task)``: the project's model input (``ProjectData.model_input`` with the model's offsets: (C, crop,
+    crop) crops with the neighbouring slices for a 2.5D model), as the model reads them."""
     n = min(settings.bn_calibration_tiles, len(tasks))
     if n <= 0:
         return []
@@ -43,13 +41,7 @@ def calibration_crops(
     ids = sorted(tasks)
     chosen = [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
     corners = rng.random((n, 2))
-    offs = tuple(int(o) for o in offsets)
-    if offs == (0,):
-        load_input = lambda task: load_task_image(task, config, settings)  # noqa: E731
-    else:
-        from ml_backend.labelstudio.neighbours import load_context_image
-
-        load_input = lambda task: load_context_image(task, config, settings, offs, index)  # noqa: E731
+    load_input = load
 
     def one(k: int) -> np.ndarray | None:
         try:

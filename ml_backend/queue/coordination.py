@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from ml_backend.active_learning.project import ProjectNotFound
 from ml_backend.config import Settings
-from ml_backend.labelstudio.project import ProjectNotFound
 
 from .connection import get_connection
 from .keys import MAX_ID, queued_key, valid_id

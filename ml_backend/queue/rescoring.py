@@ -3,7 +3,9 @@
 The coordinating training job splits the unlabelled tasks into chunks, stores their context (strategy, image URLs,
 label config) under ``rescore:<version>:ctx`` and enqueues ``rescore_chunk`` helper jobs at the front of the queue.
 Each chunk is claimed (SET NX with a TTL, so a helper killed mid-chunk frees it) by a helper or by the coordinator
-itself, scored with ``labelstudio.loop.score_tiles`` and its summary + masks stored under ``result:<chunk>``. The
+itself, scored with the loaders ``jobs/`` passes in (``ChunkInputs``; for Label Studio the Label Studio package's
+``project_data.ChunkInputs``: the project's one model-input loader and ``loop.score_tiles``; this package never
+imports the Label Studio package), and its summary + masks stored under ``result:<chunk>``. The
 coordinator collects every chunk (redoing any whose helper died) and ``run_round`` selects over the whole pool.
 
 The same chunks carry the /predict backlog (issue 16): tasks a large "Retrieve predictions" did not get done by
@@ -22,18 +24,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from ml_backend.active_learning import QueueOrder, ScoredPool
+from ml_backend.active_learning import ScoredPool
 from ml_backend.config import Settings
 from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import PoolScores
-from ml_backend.labelstudio.annotations import task_image_url
-from ml_backend.labelstudio.loop import predictions_for, score_tiles
-from ml_backend.labelstudio.neighbours import NeighbourIndex, context_urls, stack_context_images
-from ml_backend.labelstudio.tasks import load_task_image
 from ml_backend.training.recipe import TrainedModel
 
 from .connection import get_connection, get_queue, redis_errors
@@ -68,13 +66,27 @@ def _unpack_summary(data: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return arrays, pixels
 
 
-def _url_loader(tid: int, config: Any, settings: Settings) -> Any:
-    """A neighbour's image by URL, through the same route as the task's own (``load_task_image``)."""
-    return lambda url: load_task_image({"id": tid, "data": {config.image_key: url}}, config, settings)
+class ChunkInputs(Protocol):
+    """What re-scoring needs from the labelling project, passed in by ``jobs/`` (the layer above)."""
+
+    def describe(self, task_ids: list[int], offsets: Sequence[int]) -> tuple[dict, list[int]]:
+        """(JSON entries of the chunk context from which ``load`` builds each task's model input, the ids that
+        have an input); the coordinator's only."""
+        ...
+
+    def load(self, tid: int, ctx: dict, offsets: Sequence[int]) -> np.ndarray:
+        """The model input of task ``tid`` (the project's one loader) from the chunk context."""
+        ...
+
+    def score(
+        self, model: Any, images: list[np.ndarray], strategy: Any, *, ensemble: list[Any], seed: int
+    ) -> tuple[dict[str, np.ndarray], list[list[dict]], np.ndarray]:
+        """(summary in input order, prediction results per task, pixels per task) of one chunk."""
+        ...
 
 
 def compute_chunk(
-    pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], config: Any,
+    pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], inputs: ChunkInputs,
     settings: Settings, conn: Any, owner: str = "",
 ) -> None:  # fmt: skip
     """Score one chunk and store its summary + masks in Redis for the coordinator (``owner``: who scored it, the
@@ -83,19 +95,10 @@ def compute_chunk(
 
     strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
     offsets = model_offsets(model)  # the version's input slices (2.5D context); (0,) = the tile alone
-    neighbours = ctx.get("neighbours") or {}
     images, ok_ids, failed = [], [], []
     for tid in task_ids:
-        url = ctx["urls"][str(tid)]
-        task = {"id": tid, "data": {config.image_key: url}}
         try:
-            image = load_task_image(task, config, settings)
-            if offsets != (0,):
-                stored = dict(zip(ctx.get("context_offsets") or [], neighbours.get(str(tid)) or [], strict=False))
-                urls = {o: (url if o == 0 else stored.get(o)) for o in offsets}  # absent: the tile itself
-                fetch = _url_loader(tid, config, settings)
-                image = stack_context_images(image, urls, offsets, fetch, label=f"task {tid}")
-            images.append(image)
+            images.append(inputs.load(tid, ctx, offsets))
             ok_ids.append(tid)
         except Exception as exc:  # an unreadable image drops that task from this round only
             log.warning("project %s: task %s not scored: %s: %s", pid, tid, type(exc).__name__, exc)
@@ -103,7 +106,7 @@ def compute_chunk(
     record: dict[str, Any] = {"task_ids": json.dumps(ok_ids), "failed": json.dumps(failed), "owner": owner}
     if images:
         seed = settings.seed + int(chunk_id(task_ids), 16) % 1000
-        summary, results, pixels = score_tiles(model, images, strategy, config, settings, ensemble=ensemble, seed=seed)
+        summary, results, pixels = inputs.score(model, images, strategy, ensemble=ensemble, seed=seed)
         record["summary"] = _pack_summary(summary, pixels)
         record["results"] = json.dumps(results)
     rkey = rescore_result_key(pid, version, chunk_id(task_ids))
@@ -135,11 +138,10 @@ class RescoreRound:
 def start_rescore(
     pid: int,
     version: str,
-    config: Any,
     label_xml: str,
     strategy: Any,
-    tasks: dict[int, dict],
     task_ids: list[int],
+    inputs: ChunkInputs,
     settings: Settings,
     conn: Any,
     *,
@@ -148,15 +150,9 @@ def start_rescore(
     offsets: Sequence[int] = (0,),
 ) -> RescoreRound | None:
     """Split the pool into chunks, store their context in Redis and enqueue ``rescore_chunk`` helpers (at the front
-    of the queue, for idle workers); None when no task has an image to score. ``offsets`` (the model's input
-    slices, 2.5D context) other than (0,): each task's neighbour URLs, found in ``tasks``, go into the context too."""
-    urls: dict[str, str] = {}
-    for tid in task_ids:
-        try:
-            urls[str(tid)] = task_image_url(tasks[tid], config)
-        except ValueError as exc:
-            log.warning("project %s: %s", pid, exc)
-    ids = [tid for tid in task_ids if str(tid) in urls]
+    of the queue, for idle workers); None when no task has an image to score. ``inputs.describe`` puts what each
+    task's model input is read from into the context (``offsets``: the model's input slices, 2.5D context)."""
+    described, ids = inputs.describe(list(task_ids), tuple(int(o) for o in offsets))
     if not ids:
         return None
     size = max(1, int(settings.rescore_chunk))
@@ -165,16 +161,10 @@ def start_rescore(
         "strategy": strategy.name,
         "strategy_params": strategy.params(),
         "label_config": label_xml,
-        "urls": urls,
+        "urls": described.pop("urls", {}),
         "ensemble": [f"ensemble_{i}" for i in range(n_ensemble)],
+        **described,
     }
-    offs = tuple(int(o) for o in offsets)
-    if offs != (0,):
-        index = NeighbourIndex.from_tasks(tasks, config.image_key)
-        ctx["context_offsets"] = list(offs)
-        ctx["neighbours"] = {
-            str(tid): [context_urls(tasks[tid], offs, config.image_key, index)[o] for o in offs] for tid in ids
-        }
     conn.set(rescore_ctx_key(pid, version), json.dumps(ctx), ex=RESCORE_TTL_S)
     rnd = RescoreRound(pid, version, chunks, ctx)
     if helpers and len(chunks) > 1:
@@ -198,7 +188,7 @@ def start_rescore(
 def collect_rescore(
     rnd: RescoreRound,
     model: Any,
-    config: Any,
+    inputs: ChunkInputs,
     settings: Settings,
     conn: Any,
     *,
@@ -222,7 +212,7 @@ def collect_rescore(
                 progressed = True
                 continue
             if claim_chunk(conn, pid, version, chunk, owner):
-                compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), config, settings, conn,
+                compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), inputs, settings, conn,
                               owner=owner)  # fmt: skip
                 done_local += 1
                 progressed = True
@@ -264,56 +254,6 @@ def collect_rescore(
     return ScoredPool(all_ids, PoolScores(summary, np.concatenate(pixels)), results)
 
 
-def finish_rescore(
-    rnd: RescoreRound,
-    model: Any,
-    config: Any,
-    strategy: Any,
-    settings: Settings,
-    conn: Any,
-    *,
-    ensemble: list[Any] | None = None,
-    labelled_embeddings: np.ndarray | None = None,
-) -> list[dict]:
-    """``collect_rescore``, then select over the whole pool and return ``[{task, result, score, model_version}]``."""
-    scored = collect_rescore(rnd, model, config, settings, conn, ensemble=ensemble)
-    if not scored.ids:
-        return []
-    ranking = QueueOrder(config.num_classes)(
-        strategy, scored.ids, scored.scores, labelled_embeddings=labelled_embeddings, seed=settings.seed
-    )
-    return predictions_for(rnd.version, scored, ranking)
-
-
-def rescore_pool(
-    pid: int,
-    version: str,
-    model: Any,
-    config: Any,
-    label_xml: str,
-    strategy: Any,
-    tasks: dict[int, dict],
-    task_ids: list[int],
-    settings: Settings,
-    conn: Any,
-    *,
-    ensemble: list[Any] | None = None,
-    labelled_embeddings: np.ndarray | None = None,
-    helpers: bool = True,
-) -> list[dict]:
-    """Score ``task_ids`` (chunks shared with idle workers), select over the whole pool, return the predictions."""
-    ensemble = list(ensemble or [])
-    rnd = start_rescore(
-        pid, version, config, label_xml, strategy, tasks, task_ids, settings, conn,
-        n_ensemble=len(ensemble), helpers=helpers, offsets=model_offsets(model),
-    )  # fmt: skip
-    if rnd is None:
-        return []
-    return finish_rescore(
-        rnd, model, config, strategy, settings, conn, ensemble=ensemble, labelled_embeddings=labelled_embeddings
-    )
-
-
 @dataclass
 class RedisPoolScorer:
     """The product's pool scorer: chunks of the pool shared with idle workers through Redis (``rescore_chunk``).
@@ -323,9 +263,8 @@ class RedisPoolScorer:
     """
 
     pid: int
-    config: Any
     label_xml: str
-    tasks: dict[int, dict]
+    inputs: ChunkInputs  # the project's loaders (``project_data.ChunkInputs``), passed in by jobs/
     settings: Settings
     conn: Any
     helpers: bool = True
@@ -333,13 +272,13 @@ class RedisPoolScorer:
 
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
         rnd = start_rescore(
-            self.pid, version, self.config, self.label_xml, strategy, self.tasks, ids, self.settings, self.conn,
+            self.pid, version, self.label_xml, strategy, ids, self.inputs, self.settings, self.conn,
             n_ensemble=len(trained.ensemble), helpers=self.helpers, offsets=model_offsets(trained.model),
         )  # fmt: skip
         self.last = rnd
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
-        return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)
+        return collect_rescore(rnd, trained.model, self.inputs, self.settings, self.conn, ensemble=trained.ensemble)
 
 
 @dataclass

@@ -132,24 +132,18 @@ def _load(
     task: dict, config: BrushConfig, settings: Any, offsets: tuple[int, ...] = (0,), index: Any = None
 ) -> np.ndarray:
     """The model input of a task: its image, plus the neighbouring slices as channels when the model reads 2.5D
-    context (``offsets`` other than (0,); ``labelstudio.neighbours``: a neighbour that cannot be had is the tile
-    itself, never a task error)."""
+    context (``offsets`` other than (0,); ``index``: the request's other tasks). The project's one loader,
+    ``labelstudio.neighbours.load_context_image`` (what ``ProjectData.model_input`` runs: a neighbour that cannot be
+    had is the tile itself, never a task error); a request's own checks first (``TaskError``)."""
     from ml_backend.imaging import ImageDecodeError
-    from ml_backend.labelstudio.media import MediaError, fetch_image
+    from ml_backend.labelstudio.media import MediaError
+    from ml_backend.labelstudio.neighbours import load_context_image
 
-    url = _image_url(task, config)
-    try:
-        image = fetch_image(url, settings)  # validated, bounded fetch; decodes (only images are cached)
+    _image_url(task, config)  # a clear TaskError for a missing or oversized image reference
+    try:  # validated, bounded fetch; decodes (only images are cached)
+        return load_context_image(task, config, settings, offsets, index)
     except (MediaError, ImageDecodeError) as exc:
         raise TaskError(str(exc)) from exc
-    if offsets == (0,):
-        return image
-    from ml_backend.labelstudio.neighbours import context_urls, stack_context_images
-
-    urls = context_urls(task, offsets, config.image_key, index)
-    return stack_context_images(
-        image, urls, offsets, lambda u: fetch_image(u, settings), label=f"task {task.get('id')}"
-    )
 
 
 def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: Any, device: Any, seed: int) -> list:

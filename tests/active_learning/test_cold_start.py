@@ -36,8 +36,9 @@ def _images(n: int, size: int = 48, seed: int = 3) -> list[np.ndarray]:
 
 
 def test_the_first_training_starts_from_the_pretrained_weights(tmp_path):
+    from fakes import train_round
+
     from ml_backend.active_learning import LabelledTile
-    from ml_backend.jobs.train import train_version
 
     settings = _settings(tmp_path)
     config = parse_label_config(XML)
@@ -59,7 +60,7 @@ def test_the_first_training_starts_from_the_pretrained_weights(tmp_path):
 
     _, gt = generate_em_like(6, size=48, seed=3)
     tiles = [LabelledTile(i, None, images[i], gt[i].astype(np.int64)) for i in range(3)]
-    out = train_version(registry, tiles, config, settings, train_overrides={"steps": 2})
+    out = train_round(registry, tiles, config, settings, train_overrides={"steps": 2})
     assert out.meta["initialised"] == "pretrained"
     # the second version fine-tunes the first, not the pretrained weights
     assert product_plan(registry, config, settings, None, score=False).model.how == "fine-tuned"

@@ -29,6 +29,7 @@ def test_bulk_predictions_hold_mask_uncertainty_and_suggestion(label_studio, ls,
     from ml_backend.labelstudio.client import as_dict, list_tasks
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.loop import LabelStudioSink, score_tiles
+    from ml_backend.labelstudio.project_data import LabelStudioProject
     from ml_backend.strategies import get_strategy
 
     xml = (REPO / "label_config" / "sparse_uncertainty.xml").read_text()
@@ -53,7 +54,8 @@ def test_bulk_predictions_hold_mask_uncertainty_and_suggestion(label_studio, ls,
     scored = ScoredPool(ids, PoolScores(summary, pixels), results)
     ranking = Ranking(ids=ids, picked=list(ids), scores=np.array([0.1, 0.2, 0.3]))
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    assert LabelStudioSink(ls, pid, tasks).put("v0001-job", scored, ranking) == 3
+    project_data = LabelStudioProject(pid, settings, ls, listed=tasks, config=config, label_xml=xml)
+    assert LabelStudioSink(project_data).put("v0001-job", scored, ranking) == 3
 
     interface = LabelInterface(as_dict(ls.projects.get(id=pid))["label_config"])
     for task in list_tasks(ls, pid):

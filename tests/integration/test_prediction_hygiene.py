@@ -12,11 +12,13 @@ import pytest
 
 from ml_backend.active_learning.round import ScoredPool
 from ml_backend.active_learning.selection import Ranking
+from ml_backend.config import Settings
 from ml_backend.inference.scoring import PoolScores
 from ml_backend.labelstudio.client import LabelStudioError, as_dict, list_tasks, push_predictions
 from ml_backend.labelstudio.hygiene import prune_predictions
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.loop import LabelStudioSink
+from ml_backend.labelstudio.project_data import LabelStudioProject
 from ml_backend.labelstudio.rle import mask_to_results
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -36,6 +38,12 @@ def _project(ls, n: int = N_TASKS) -> tuple[int, list[int]]:
     return pid, sorted(int(t) for t in out["task_ids"])
 
 
+def _project(ls, pid: int, listing: dict[int, dict]) -> LabelStudioProject:
+    """The project as the job reads it (``ProjectData``), with the listing the job holds."""
+    return LabelStudioProject(pid, Settings.from_env(), ls, listed=listing, config=parse_label_config(XML),
+                              label_xml=XML)  # fmt: skip
+
+
 def _deliver(ls, pid: int, version: str, ids: list[int], *, keep: int) -> LabelStudioSink:
     """One round's delivery through the product's sink: a small mask and a score per task of ``ids``."""
     config = parse_label_config(XML)
@@ -45,7 +53,7 @@ def _deliver(ls, pid: int, version: str, ids: list[int], *, keep: int) -> LabelS
     results = [mask_to_results(mask, config) for _ in ids]
     scored = ScoredPool(list(ids), PoolScores({}, np.full(len(ids), 256)), results)
     ranking = Ranking(list(ids), list(ids), np.linspace(0.1, 0.9, len(ids)))
-    sink = LabelStudioSink(ls, pid, tasks, keep_prediction_versions=keep)
+    sink = LabelStudioSink(_project(ls, pid, tasks), keep_prediction_versions=keep)
     assert sink.put(version, scored, ranking) == len(ids)
     return sink
 
@@ -124,7 +132,7 @@ def test_a_task_created_after_the_listing_keeps_its_only_prediction(ls):
                                 "model_version": "v1"}])  # fmt: skip
     results = [mask_to_results(mask, config) for _ in ids]
     scored = ScoredPool(ids, PoolScores({}, np.full(len(ids), 256)), results)
-    sink = LabelStudioSink(ls, pid, listing, keep_prediction_versions=1)  # the job's sink holds the old listing
+    sink = LabelStudioSink(_project(ls, pid, listing), keep_prediction_versions=1)  # the job holds the old listing
     assert sink.put("v2", scored, Ranking(ids, ids, np.linspace(0.1, 0.9, len(ids)))) == len(ids)
     after = _versions(ls, pid)
     assert after[int(late)] == ["v1"]  # its only prediction is kept

@@ -146,6 +146,7 @@ def test_load_context_image_reads_the_neighbours_through_the_media_layer(project
 
 def test_the_training_job_decodes_labelled_tiles_and_calibration_crops_with_context(project):
     from ml_backend.jobs.train import ProjectSnapshot, _decode
+    from ml_backend.labelstudio.project_data import LabelStudioProject
     from ml_backend.labelstudio.rle import mask_to_results
     from ml_backend.labelstudio.tasks import calibration_crops
 
@@ -156,7 +157,8 @@ def test_the_training_job_decodes_labelled_tiles_and_calibration_crops_with_cont
     mask = np.zeros((48, 48), np.int64)
     mask[10:20, 10:20] = 1
     annotations = {k: {"id": 100 + k, "result": mask_to_results(mask, config)} for k in labelled}
-    snap = ProjectSnapshot(None, config, XML, tasks, annotations, None, "sig")
+    project_data = LabelStudioProject(1, settings, ls=object(), listed=tasks, config=config, label_xml=XML)  # no HTTP
+    snap = ProjectSnapshot(project_data, config, XML, tasks, annotations, None, "sig")
     decoded = _decode(1, snap, settings, (-1, 0, 1))
     assert len(decoded.tiles) == 3
     for tile in decoded.tiles:
@@ -166,5 +168,5 @@ def test_the_training_job_decodes_labelled_tiles_and_calibration_crops_with_cont
         for c, k in enumerate((z - 1, z, min(z + 1, 3))):
             np.testing.assert_allclose(tile.image[c], normalize(stack[k, y : y + 48, x : x + 48]), atol=1e-6)
     assert _decode(1, snap, settings).tiles[0].image.shape == (48, 48)  # 2-D as before
-    crops = calibration_crops(tasks, config, settings, offsets=(-1, 0, 1), index=snap.neighbours())
+    crops = calibration_crops(tasks, settings, snap.load((-1, 0, 1)))
     assert len(crops) == 5 and all(c.shape == (3, 32, 32) for c in crops)

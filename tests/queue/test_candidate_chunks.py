@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+from fakes import train_round
 from PIL import Image
 from rq import Worker
 from rq.job import Job
@@ -26,9 +27,9 @@ from ml_backend.active_learning.selection import Ranking
 from ml_backend.config import Settings
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.inference.scoring import PoolScores, ScoringConfig
-from ml_backend.jobs.train import train_version
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.loop import AnnotatedTasks
+from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.queue import keys
 from ml_backend.queue.connection import get_queue
 from ml_backend.queue.keys import chunk_id
@@ -81,8 +82,8 @@ class _DuplicatingScorer(RedisPoolScorer):
     duplicates: list[str] = []
 
     def score(self, trained, version, strategy, ids, seed) -> ScoredPool:
-        rnd = start_rescore(self.pid, version, self.config, self.label_xml, strategy, self.tasks, ids, self.settings,
-                            self.conn, n_ensemble=len(trained.ensemble), helpers=True)  # fmt: skip
+        rnd = start_rescore(self.pid, version, self.label_xml, strategy, ids, self.inputs, self.settings, self.conn,
+                            n_ensemble=len(trained.ensemble), helpers=True)  # fmt: skip
         queue = get_queue(self.settings, self.conn)
         for chunk in rnd.chunks[1:]:
             job = queue.enqueue_call(RESCORE_FUNC, kwargs={"project_id": self.pid, "version": version,
@@ -92,7 +93,7 @@ class _DuplicatingScorer(RedisPoolScorer):
         done = lambda: sum(_job(self.conn, j).get_status() in ("finished", "failed") for j in jobs)  # noqa: E731
         wait_until(lambda: done() >= len(jobs) // 2, timeout=240, what="half of the helper jobs to run")
         self.last = rnd
-        return collect_rescore(rnd, trained.model, self.config, self.settings, self.conn, ensemble=trained.ensemble)
+        return collect_rescore(rnd, trained.model, self.inputs, self.settings, self.conn, ensemble=trained.ensemble)
 
 
 def _job(conn, job_id: str) -> Job:
@@ -109,7 +110,7 @@ def test_the_sample_is_scored_in_chunks_by_two_workers_exactly_once(tmp_path, re
     tiles = [LabelledTile(t, None, raw[t - 100].astype(np.float32) / 255, gt[t - 100].astype(np.int64))
              for t in labelled_ids]  # fmt: skip
     torch.manual_seed(0)
-    out = train_version(ModelRegistry(settings.model_dir, PID), tiles, config, settings)
+    out = train_round(ModelRegistry(settings.model_dir, PID), tiles, config, settings)
     env = {
         **os.environ, "REDIS_URL": redis_url, "MODEL_DIR": str(settings.model_dir), "DEVICE": "cpu",
         "INFERENCE_BATCH": "4", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": settings.local_files_root,
@@ -126,7 +127,7 @@ def test_the_sample_is_scored_in_chunks_by_two_workers_exactly_once(tmp_path, re
     sampler = CandidateSampler(24, 4, seed=7, previous_best=previous)
     plan = RoundPlan(get_strategy("entropy"), ModelState(out.model, out.version, "kept"), candidates=sampler,
                      scoring=ScoringConfig.from_settings(settings))  # fmt: skip
-    scorer = _DuplicatingScorer(PID, config, XML, tasks, settings, conn)
+    scorer = _DuplicatingScorer(PID, XML, ChunkInputs(config, settings, tasks), settings, conn)
     outcome = run_round(plan, AnnotatedTasks(LabelledSet(tiles), pool), publisher=_Registered(out.version),
                         scorer=scorer, select=QueueOrder(config.num_classes))  # fmt: skip
 
@@ -152,7 +153,7 @@ def test_the_sample_is_scored_in_chunks_by_two_workers_exactly_once(tmp_path, re
     }
     assert len({j.worker_name for j in scored_by_helpers}) == 2  # both workers scored chunks of the sample
     # The same numbers as scoring the sample in one process: results land on the right tasks.
-    local = RedisPoolScorer(PID, config, XML, tasks, settings, conn, helpers=False)
+    local = RedisPoolScorer(PID, XML, ChunkInputs(config, settings, tasks), settings, conn, helpers=False)
     alone = local.score(out, out.version + "-local", plan.strategy, sample, 0)
     by_id = dict(zip(alone.ids, alone.scores.summary["value"], strict=True))
     shared = dict(zip(outcome.scored.ids, outcome.scored.scores.summary["value"], strict=True))
@@ -168,6 +169,7 @@ def test_the_sample_is_scored_in_chunks_by_two_workers_exactly_once(tmp_path, re
 def test_tasks_outside_the_sample_keep_their_prediction_and_queue_after_it(ls, tmp_path):
     from ml_backend.labelstudio.client import _api, as_dict, ensure_view, list_tasks, paged
     from ml_backend.labelstudio.loop import LabelStudioSink
+    from ml_backend.labelstudio.project_data import LabelStudioProject
     from ml_backend.labelstudio.rle import mask_to_results
     from ml_backend.labelstudio.setup import QUEUE_ORDERING, SAMPLING
 
@@ -187,7 +189,8 @@ def test_tasks_outside_the_sample_keep_their_prediction_and_queue_after_it(ls, t
         scored = ScoredPool(scored_ids, PoolScores({}, np.full(len(scored_ids), 256)),
                             [mask_to_results(mask, config) for _ in scored_ids])  # fmt: skip
         ranking = Ranking(scored_ids, scored_ids[::-1], np.linspace(0.9, 0.1, len(scored_ids)))  # last id first
-        LabelStudioSink(ls, pid, listing, keep_prediction_versions=1).put(version, scored, ranking)
+        project = LabelStudioProject(pid, Settings.from_env(), ls, listed=listing, config=config, label_xml=XML)
+        LabelStudioSink(project, keep_prediction_versions=1).put(version, scored, ranking)
         log.record(listing, [], version, scored_ids, pool=len(ids), candidate_pool=4)  # as the training job does
         return listing
 

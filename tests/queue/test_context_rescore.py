@@ -15,10 +15,12 @@ from ml_backend.config import Settings
 from ml_backend.data.context import model_offsets
 from ml_backend.labelstudio.importing import make_tiles
 from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.model import build_model
 from ml_backend.queue.keys import rescore_ctx_key
-from ml_backend.queue.rescoring import finish_rescore, rescore_pool, start_rescore
+from ml_backend.queue.rescoring import RedisPoolScorer, collect_rescore, start_rescore
 from ml_backend.strategies import get_strategy
+from ml_backend.training.recipe import ModelState, TrainedModel
 
 XML = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">
 <Label value="Mitochondria"/></BrushLabels></View>"""
@@ -48,14 +50,15 @@ def test_rescore_reads_the_neighbouring_slices_of_the_models_offsets(tmp_path, r
     gone.unlink()
     conn = redis.Redis.from_url(redis_url)
     strategy = get_strategy("entropy")
-    rnd = start_rescore(3, "v1", config, XML, strategy, tasks, ids, settings, conn, helpers=False,
+    inputs = ChunkInputs(config, settings, tasks)  # the loaders the training job hands queue/
+    rnd = start_rescore(3, "v1", XML, strategy, ids, inputs, settings, conn, helpers=False,
                         offsets=model_offsets(model))  # fmt: skip
     ctx = json.loads(conn.get(rescore_ctx_key(3, "v1")))  # what a helper worker reads
-    preds = finish_rescore(rnd, model, config, strategy, settings, conn)
-    assert sorted(p["task"] for p in preds) == ids  # every task scored, the one with a gone neighbour included
-    assert len(rescore_pool(3, "v2", model, config, XML, strategy, tasks, ids, settings, conn, helpers=False)) == len(
-        ids
-    )
+    scored = collect_rescore(rnd, model, inputs, settings, conn)
+    assert sorted(scored.ids) == ids  # every task scored, the one with a gone neighbour included
+    scorer = RedisPoolScorer(3, XML, inputs, settings, conn, helpers=False)  # the product's scorer, same answer
+    trained = TrainedModel(ModelState(model, "v2", "kept"))
+    assert sorted(scorer.score(trained, "v2", strategy, ids, 0).ids) == ids
     if offsets == (0,):
         assert "neighbours" not in ctx  # 2-D: the chunk context as before
         return

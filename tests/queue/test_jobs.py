@@ -17,21 +17,23 @@ import numpy as np
 import pytest
 import redis
 import torch
+from fakes import train_round
 from PIL import Image
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from ml_backend.active_learning import LabelledTile, TrainingError
+from ml_backend.active_learning import LabelledTile, QueueOrder, TrainingError
 from ml_backend.config import Settings
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.imaging import load_image
-from ml_backend.jobs.train import train_version
 from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
 from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.loop import predictions_for
+from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
 from ml_backend.labelstudio.tasks import calibration_crops
 from ml_backend.queue import keys
-from ml_backend.queue.rescoring import finish_rescore, rescore_pool, start_rescore
+from ml_backend.queue.rescoring import RedisPoolScorer, collect_rescore, start_rescore
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies import get_strategy
 from ml_backend.training import IGNORE
@@ -186,7 +188,7 @@ def _tiles(raw, gt, config, idx):
 
 
 @pytest.mark.slow
-def test_train_version_improves_validation_iou_and_publishes(tmp_path, data):
+def test_the_round_improves_validation_iou_and_publishes(tmp_path, data):
     import torch
 
     torch.set_num_threads(1)
@@ -195,7 +197,7 @@ def test_train_version_improves_validation_iou_and_publishes(tmp_path, data):
     settings = small_settings(tmp_path)
     registry = ModelRegistry(settings.model_dir, 5)
     steps = []
-    out = train_version(
+    out = train_round(
         registry,
         _tiles(raw, gt, config, list(range(12))),
         config,
@@ -220,17 +222,17 @@ def test_train_version_improves_validation_iou_and_publishes(tmp_path, data):
     assert metrics["val_iou"] > metrics["initial_val_iou"] + 0.15, metrics
     assert steps and steps[-1]["step"] == meta["steps"] and "val_iou" in steps[-1]
 
-    second = train_version(registry, _tiles(raw, gt, config, list(range(20))), config, settings)
+    second = train_round(registry, _tiles(raw, gt, config, list(range(20))), config, settings)
     assert second.meta["parent"] == out.version and second.meta["initialised"] == "fine-tuned"
     assert second.meta["hyper_parameters"]["train"]["lr"] == settings.learning_rate
     assert second.meta["n_annotations"] == 20
     assert [m["version"] for m in registry.versions()] == [out.version, second.version]
 
 
-def test_train_version_needs_tiles(tmp_path):
+def test_the_round_needs_tiles(tmp_path):
     config = parse_label_config(DENSE_XML)
     with pytest.raises(TrainingError, match="no usable annotated tile"):
-        train_version(ModelRegistry(tmp_path, 1), [], config, small_settings(tmp_path))
+        train_round(ModelRegistry(tmp_path, 1), [], config, small_settings(tmp_path))
 
 
 def test_label_config_change_trains_from_scratch(tmp_path, data):
@@ -238,11 +240,11 @@ def test_label_config_change_trains_from_scratch(tmp_path, data):
     settings = small_settings(tmp_path, train_steps=2)
     registry = ModelRegistry(settings.model_dir, 1)
     dense = parse_label_config(DENSE_XML)
-    first = train_version(registry, _tiles(raw, gt, dense, [0, 1, 2]), dense, settings)
+    first = train_round(registry, _tiles(raw, gt, dense, [0, 1, 2]), dense, settings)
     two_labels = parse_label_config(DENSE_XML.replace("</BrushLabels>", '<Label value="Vesicle"/></BrushLabels>'))
     assert two_labels.num_classes == 3
     tiles = [LabelledTile(t.task_id, t.annotation_id, t.image, t.mask) for t in _tiles(raw, gt, dense, [0, 1, 2])]
-    second = train_version(registry, tiles, two_labels, settings)
+    second = train_round(registry, tiles, two_labels, settings)
     assert second.meta["initialised"] == "from scratch" and second.meta["parent"] is None
     assert second.meta["hyper_parameters"]["model"]["num_classes"] == 3
     assert first.version != second.version
@@ -258,25 +260,22 @@ def test_model_norm_setting_builds_the_first_version(tmp_path, monkeypatch, norm
 
 
 def test_calibration_crops_sample_the_project_and_skip_missing_images(tmp_path, monkeypatch):
-    import ml_backend.labelstudio.tasks as tasks_module
-
     images = {i: np.full((200, 150), i, np.float32) for i in range(30)}
 
-    def fake_load(task, config, settings):
+    def fake_load(task):
         if task["id"] == 7:
             raise OSError("gone")
         return images[task["id"]]
 
-    monkeypatch.setattr(tasks_module, "load_task_image", fake_load)
     tasks = {i: {"id": i, "data": {}} for i in range(30)}
     settings = small_settings(tmp_path, bn_calibration_tiles=30)  # every task: exactly one (task 7) fails
-    crops = calibration_crops(tasks, None, settings)
+    crops = calibration_crops(tasks, settings, fake_load)
     assert len(crops) == 29 and all(c.shape == (64, 64) for c in crops)
     assert sorted(int(c[0, 0]) for c in crops) == [i for i in range(30) if i != 7]
     few = small_settings(tmp_path, bn_calibration_tiles=5)
-    a, b = calibration_crops(tasks, None, few), calibration_crops(tasks, None, few)
+    a, b = calibration_crops(tasks, few, fake_load), calibration_crops(tasks, few, fake_load)
     assert len(a) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # seeded
-    assert calibration_crops(tasks, None, small_settings(tmp_path, bn_calibration_tiles=0)) == []
+    assert calibration_crops(tasks, small_settings(tmp_path, bn_calibration_tiles=0), fake_load) == []
 
 
 # ---------------------------------------------------------------------- re-scoring
@@ -302,6 +301,22 @@ def image_server(tmp_path, data):
     server.server_close()
 
 
+def _predictions(scored, version, config, strategy, settings, labelled_embeddings=None):
+    """The job's selection over the whole pool (``QueueOrder``) and the predictions its sink would push."""
+    if not scored.ids:
+        return []
+    ranking = QueueOrder(config.num_classes)(strategy, scored.ids, scored.scores,
+                                             labelled_embeddings=labelled_embeddings, seed=settings.seed)  # fmt: skip
+    return predictions_for(version, scored, ranking)
+
+
+def _rescore(out, config, strategy, tasks, ids, settings, conn, labelled_embeddings=None):
+    """The product's pool scorer on one process (``RedisPoolScorer``, chunks through Redis), then the selection."""
+    scorer = RedisPoolScorer(9, DENSE_XML, ChunkInputs(config, settings, tasks), settings, conn, helpers=False)
+    scored = scorer.score(out, out.version, strategy, ids, 0)
+    return _predictions(scored, out.version, config, strategy, settings, labelled_embeddings)
+
+
 def _pool(base_url, config, n=14, offset=10):
     tasks = {
         1000 + i: {"id": 1000 + i, "data": {config.image_key: f"{base_url}/tile_{offset + i:03d}.png"}}
@@ -316,12 +331,13 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
     config = parse_label_config(DENSE_XML)
     settings = small_settings(tmp_path, redis_url=redis_url, train_steps=30)
     registry = ModelRegistry(settings.model_dir, 9)
-    out = train_version(registry, _tiles(raw, gt, config, list(range(8))), config, settings)
+    out = train_round(registry, _tiles(raw, gt, config, list(range(8))), config, settings)
     conn = redis.Redis.from_url(redis_url)
     tasks, ids = _pool(image_server, config)
     strategy = get_strategy("entropy")
 
-    rnd = start_rescore(9, out.version, config, DENSE_XML, strategy, tasks, ids, settings, conn)
+    inputs = ChunkInputs(config, settings, tasks)  # what the training job hands queue/ (the coordinator's)
+    rnd = start_rescore(9, out.version, DENSE_XML, strategy, ids, inputs, settings, conn)
     assert [len(c) for c in rnd.chunks] == [4, 4, 4, 2] and len(rnd.helper_jobs) == 3
     env = {
         **os.environ,
@@ -344,11 +360,10 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
         job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
         assert job.get_status() == "finished", job.exc_info
         assert job.return_value()["status"] == "scored"
-    shared = finish_rescore(rnd, out.model, config, strategy, settings, conn)
+    shared = _predictions(collect_rescore(rnd, out.model, inputs, settings, conn), out.version, config, strategy,
+                          settings)  # fmt: skip
 
-    local = rescore_pool(
-        9, out.version, out.model, config, DENSE_XML, strategy, tasks, ids, settings, conn, helpers=False
-    )
+    local = _rescore(out, config, strategy, tasks, ids, settings, conn)
     assert [p["task"] for p in shared] == ids == [p["task"] for p in local]
     for a, b in zip(shared, local, strict=True):
         assert a["model_version"] == b["model_version"] == out.version
@@ -373,16 +388,13 @@ def test_rescore_with_a_batch_strategy_ranks_the_whole_pool(tmp_path, data, redi
     settings = small_settings(tmp_path, redis_url=redis_url, train_steps=5)
     registry = ModelRegistry(settings.model_dir, 9)
     tiles = _tiles(raw, gt, config, [0, 1, 2, 3])
-    out = train_version(registry, tiles, config, settings)
+    out = train_round(registry, tiles, config, settings)
     conn = redis.Redis.from_url(redis_url)
     tasks, ids = _pool(image_server, config, n=10)
     from ml_backend.inference.scoring import embed_images
 
     labelled = embed_images(out.model, [t.image for t in tiles], "cpu")
-    preds = rescore_pool(
-        9, out.version, out.model, config, DENSE_XML, get_strategy("coreset"), tasks, ids, settings, conn,
-        helpers=False, labelled_embeddings=labelled,
-    )  # fmt: skip
+    preds = _rescore(out, config, get_strategy("coreset"), tasks, ids, settings, conn, labelled_embeddings=labelled)
     scores = sorted(p["score"] for p in preds)
     assert scores == pytest.approx([r / 10 for r in range(10)])  # rank mapping over the whole pool
 
@@ -391,13 +403,12 @@ def test_rescore_skips_tasks_whose_image_is_gone(tmp_path, data, redis_url, imag
     raw, gt = data
     config = parse_label_config(DENSE_XML)
     settings = small_settings(tmp_path, redis_url=redis_url, train_steps=2)
-    out = train_version(ModelRegistry(settings.model_dir, 9), _tiles(raw, gt, config, [0, 1]), config, settings)
+    out = train_round(ModelRegistry(settings.model_dir, 9), _tiles(raw, gt, config, [0, 1]), config, settings)
     conn = redis.Redis.from_url(redis_url)
     tasks, ids = _pool(image_server, config, n=5)
     tasks[ids[1]]["data"]["image"] = f"{image_server}/missing.png"
     del tasks[ids[2]]["data"]["image"]
-    preds = rescore_pool(9, out.version, out.model, config, DENSE_XML, get_strategy("entropy"), tasks, ids, settings,
-                         conn, helpers=False)  # fmt: skip
+    preds = _rescore(out, config, get_strategy("entropy"), tasks, ids, settings, conn)
     assert [p["task"] for p in preds] == [ids[0], ids[3], ids[4]]
 
 

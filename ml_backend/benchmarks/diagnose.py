@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,30 +69,40 @@ def _evaluate(model, ds, p, pi_train: float, pi_ref: float) -> dict[str, float]:
 
 def diagnose(out: Path, arm: str, seed: int, rnd: int) -> dict:
     """Round ``rnd`` of a saved (arm, seed) run, re-trained and dissected (see the module docstring)."""
+    from ml_backend.active_learning import RoundPlan
+    from ml_backend.active_learning.loop import ActiveLoop, NextBatch, SeedSchedule
     from ml_backend.benchmarks.data import dataset_for
     from ml_backend.benchmarks.protocol import Protocol, train_config
-    from ml_backend.benchmarks.run import calibration, ensure_initial
+    from ml_backend.benchmarks.run import OracleLabels, calibration, ensure_initial
     from ml_backend.model import load_checkpoint
-    from ml_backend.training.recipe import ModelState, train_model
+    from ml_backend.training.recipe import ModelState
 
     p = Protocol(**json.loads((out / "protocol.json").read_text()))
     run = json.loads((out / "runs" / f"{arm}__seed{seed}.json").read_text())
     ds = dataset_for(p, seed)
     model, extra = load_checkpoint(ensure_initial(out, p, seed))
     order = list(run["labelled_order"])
-    state = ModelState(model, how="kept")
-    for r in range(1, rnd + 1):  # the same fine-tuning chain as run_strategy (round r starts from round r - 1)
-        lab = order[: p.m + r * p.k]
-        tcfg = train_config(p, steps=p.steps, lr=p.lr, seed=seed * 1000 + r, split_seed=seed)
-        trained = train_model(
-            state, list(ds.pool_images[lab]), list(ds.pool_masks[lab]), tcfg, calibration=lambda: calibration(ds, p)
-        )
-        state = ModelState(trained.model, how="kept")
+
+    class Replay(NextBatch):  # the tiles the saved run picked (nothing is scored here)
+        def put(self, version: str, scored: Any, ranking: Any) -> int:
+            return len(self.picked)
+
+    def replay(r: int) -> NextBatch:  # after round r
+        return Replay(order[p.m + r * p.k : p.m + (r + 1) * p.k])
+
+    # The same chain as run_strategy (round r fine-tunes round r - 1 with the same seeds), the picks replayed.
+    loop = ActiveLoop(
+        OracleLabels(ds, order[: p.m]),
+        train=lambda train_seed: train_config(p, steps=p.steps, lr=p.lr, seed=train_seed, split_seed=seed),
+        sink=replay,
+    )
+    start = RoundPlan(None, ModelState(model, how="kept"), calibration=lambda: calibration(ds, p))
+    model = loop.run(start, rnd, SeedSchedule(seed))[-1].trained.model
     lab = order[: p.m + rnd * p.k]
     pi_train = float(np.count_nonzero(ds.pool_masks[lab]) / ds.pool_masks[lab].size)
     first = order[: p.m]
     pi_ref = float(np.count_nonzero(ds.pool_masks[first]) / ds.pool_masks[first].size)
-    res = _evaluate(state.model, ds, p, pi_train, pi_ref)
+    res = _evaluate(model, ds, p, pi_train, pi_ref)
     saved = run["rounds"][rnd]["iou"] if rnd < len(run["rounds"]) else None
     return {"arm": arm, "seed": seed, "round": rnd, "saved_iou": saved, "labelled_fg": pi_train, "initial_fg": pi_ref,
             **res}  # fmt: skip

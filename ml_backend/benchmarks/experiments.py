@@ -122,6 +122,7 @@ def run_one(args: tuple[str, int, str, str, int, int, float, str, str]) -> dict[
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
+    from ml_backend.active_learning.loop import SeedSchedule
     from ml_backend.strategies.batch import BatchConfig, Neighbourhood, StackPositions, coverage_order
     from ml_backend.training import TrainConfig, fine_tune
     from ml_backend.training.pretrain import PretrainConfig, make_batch, pretrain, reconstruction_loss
@@ -185,7 +186,8 @@ def run_one(args: tuple[str, int, str, str, int, int, float, str, str]) -> dict[
         cfg = TrainConfig(
             steps=init_steps, lr=ft_lr if ft_lr > 0 and cond.endswith("+ssl") else INIT_LR, batch_size=8,
             crop=TILE, val_fraction=0.2,
-            eval_every=max(10, init_steps // 5), time_budget_s=1e9, seed=seed * 1000, split_seed=seed, device="cpu",
+            eval_every=max(10, init_steps // 5), time_budget_s=1e9, seed=SeedSchedule(seed).train(0), split_seed=seed,
+            device="cpu",
         )  # fmt: skip
         t2 = time.monotonic()
         res = fine_tune(model, list(tiles[lab]), list(tmasks[lab]), cfg, calibration_images=list(tiles))

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from ml_backend.active_learning.loop import SeedSchedule
     from ml_backend.benchmarks import data, protocol, run
     from ml_backend.model import build_model
     from ml_backend.training import TrainConfig, evaluate, fine_tune
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         crop=p.tile,
         eval_every=every,
         time_budget_s=1e9,
-        seed=a.seed * 1000,
+        seed=SeedSchedule(a.seed).train(0),
         select="last",
         augment=augment,
     )

@@ -80,16 +80,11 @@ def regions_for(model: Any, ds: Dataset, ids: list[int], p: Protocol, window: in
 
 
 def run_arm(out: Path, p: Protocol, arm: str, seed: int) -> dict:
-    """One learning curve of an arm: round 0 = the cached initial model (whole tiles), then ``p.rounds`` rounds."""
-    from ml_backend.active_learning import Evaluation, LabelledSet, LabelledTile, RoundPlan, TopK, run_round
-    from ml_backend.benchmarks.run import (
-        KeepInMemory,
-        LocalScorer,
-        NextBatch,
-        ensure_initial,
-        evaluate_test,
-        scoring_config,
-    )
+    """One learning curve of an arm: round 0 = the cached initial model (whole tiles), then ``p.rounds`` rounds
+    (``active_learning.loop.ActiveLoop``, the benchmark's loop and seeds)."""
+    from ml_backend.active_learning import Evaluation, RoundPlan, TopK
+    from ml_backend.active_learning.loop import ActiveLoop, RoundHooks, SeedSchedule
+    from ml_backend.benchmarks.run import LocalScorer, OracleLabels, ensure_initial, evaluate_test, scoring_config
     from ml_backend.model import load_checkpoint
     from ml_backend.strategies import get_strategy
     from ml_backend.strategies.region import region_training_mask
@@ -109,55 +104,45 @@ def run_arm(out: Path, p: Protocol, arm: str, seed: int) -> dict:
         "boundary": sum(boundary_length(m) for m in labels.values()),
     }
 
-    class Oracle:
-        def labelled(self) -> LabelledSet:
-            return LabelledSet([LabelledTile(i, None, ds.pool_images[i], m) for i, m in labels.items()])
+    class Oracle(OracleLabels):
+        """Whole tiles: their ground truth; regions: the ground truth inside the suggested rectangle, IGNORE out."""
 
-        def unlabelled(self) -> list[int]:
-            return sorted(set(range(len(ds.pool_images))) - set(labels))
+        def annotate(self, ids: list[int], outcome: Any = None) -> None:
+            if arm == "whole":
+                for i in ids:
+                    self.masks[i] = ds.pool_masks[i].astype(np.int64)
+                    effort["pixels"] += self.masks[i].size
+                    effort["boundary"] += boundary_length(self.masks[i])
+            else:
+                for i, (x0, y0, x1, y1) in zip(ids, regions_for(outcome.trained.model, ds, ids, p, window),
+                                               strict=True):  # fmt: skip
+                    self.masks[i] = region_training_mask(ds.pool_masks[i].astype(np.int64), (x0, y0, x1, y1))
+                    effort["pixels"] += (x1 - x0) * (y1 - y0)
+                    effort["boundary"] += boundary_length(ds.pool_masks[i][y0:y1, x0:x1])
+            super().annotate(ids, outcome)
 
+    oracle = Oracle(ds, list(labels), labels)
     rounds = [{"round": 0, "tiles": len(labels), **effort, "iou": extra["test"]["iou"], "dice": extra["test"]["dice"]}]
-    state = ModelState(model, how="kept")
+
+    class Record(RoundHooks):
+        def evaluate(self, rnd: int, trained: Any) -> Evaluation:
+            return Evaluation(evaluate_test(trained.model, ds, p))
+
+        def after(self, rnd: int, outcome: Any, picked: list[int]) -> None:
+            if rnd > 0:
+                test = outcome.evaluation.metrics
+                rounds.append({"round": rnd, "tiles": len(labels), **effort, "iou": test["iou"], "dice": test["dice"]})
+                log.info("%s seed %d round %d: %d tiles, %d px, boundary %.0f, test IoU %.3f",
+                         arm, seed, rnd, len(labels), effort["pixels"], effort["boundary"], test["iou"])  # fmt: skip
+
     k = p.k if arm == "whole" else 4 * p.k
-    strategy = get_strategy(STRATEGY)
-    for rnd in range(p.rounds + 1):
-        last = rnd == p.rounds
-        tests: dict[str, Any] = {}
-
-        def evaluate(trained: Any, tests: dict[str, Any] = tests) -> Evaluation:
-            tests.update(evaluate_test(trained.model, ds, p))
-            return Evaluation(dict(tests))
-
-        plan = RoundPlan(
-            strategy, state, train=None if rnd == 0 else train_config(p, steps=p.steps, lr=p.lr, seed=seed * 1000 + rnd,
-                                                                      split_seed=seed),  # fmt: skip
-            scoring=scoring_config(p), score_seed=seed * 1000 + rnd + 1, select_seed=seed * 1000 + rnd + 1,
-            score=not last,
-        )  # fmt: skip
-        sink = NextBatch()
-        outcome = run_round(
-            plan, Oracle(), publisher=KeepInMemory(f"round-{rnd}"), scorer=LocalScorer(ds.pool_images, plan.scoring),
-            select=TopK(k), sink=sink, evaluate=None if rnd == 0 else evaluate,
-        )  # fmt: skip
-        state = ModelState(outcome.trained.model, how="kept")
-        if rnd > 0:
-            rounds.append({"round": rnd, "tiles": len(labels), **effort, "iou": tests["iou"], "dice": tests["dice"]})
-            log.info("%s seed %d round %d: %d tiles, %d px, boundary %.0f, test IoU %.3f",
-                     arm, seed, rnd, len(labels), effort["pixels"], effort["boundary"], tests["iou"])  # fmt: skip
-        if last or not sink.picked:
-            break
-        picked = [int(i) for i in sink.picked]
-        if arm == "whole":
-            for i in picked:
-                labels[i] = ds.pool_masks[i].astype(np.int64)
-                effort["pixels"] += labels[i].size
-                effort["boundary"] += boundary_length(labels[i])
-        else:
-            for i, (x0, y0, x1, y1) in zip(picked, regions_for(outcome.trained.model, ds, picked, p, window),
-                                           strict=True):  # fmt: skip
-                labels[i] = region_training_mask(ds.pool_masks[i].astype(np.int64), (x0, y0, x1, y1))
-                effort["pixels"] += (x1 - x0) * (y1 - y0)
-                effort["boundary"] += boundary_length(ds.pool_masks[i][y0:y1, x0:x1])
+    scoring = scoring_config(p)
+    loop = ActiveLoop(
+        oracle, train=lambda train_seed: train_config(p, steps=p.steps, lr=p.lr, seed=train_seed, split_seed=seed),
+        scorer=LocalScorer(ds.pool_images, scoring), select=TopK(k), hooks=Record(),
+    )  # fmt: skip
+    loop.run(RoundPlan(get_strategy(STRATEGY), ModelState(model, how="kept"), scoring=scoring), p.rounds,
+             SeedSchedule(seed))  # fmt: skip
     record = {"arm": arm, "seed": seed, "strategy": STRATEGY, "k": k, "window": window, "rounds": rounds,
               "seconds": time.monotonic() - t_run}  # fmt: skip
     write_json(path, record)

@@ -7,8 +7,9 @@ labelled) is the upper reference.
 
 Where the product plugs in Label Studio, the benchmark plugs in ``OracleLabels`` (labels), ``KeepInMemory``
 (versions), ``LocalScorer`` (the pool, scored in process by ``inference.scoring``) and ``NextBatch`` (the picked
-tiles). One call of ``run_round`` trains round r, measures it on the test region (the evaluator) and picks the tiles
-of round r + 1, so the order of operations on the model is the same as in the product.
+tiles). The rounds are ``active_learning.loop.ActiveLoop`` (with the seeds of ``SeedSchedule``): one call of
+``run_round`` trains round r, measures it on the test region (the evaluator) and picks the tiles of round r + 1, so
+the order of operations on the model is the same as in the product.
 
 Arms: a strategy name, optionally with a selector suffix (issue 11): ``entropy`` is the strategy's plain top-k
 (``TopK``), ``entropy+stack`` wraps it in ``selection.StackAware`` with the score ranking kept and the stack/feature
@@ -48,13 +49,13 @@ from ml_backend.active_learning import (
     Evaluation,
     LabelledSet,
     LabelledTile,
-    Ranking,
+    RoundOutcome,
     RoundPlan,
     ScoredPool,
     TopK,
-    run_round,
 )
 from ml_backend.active_learning.candidates import CandidateSampler, best_candidates
+from ml_backend.active_learning.loop import ActiveLoop, RoundHooks, SeedSchedule
 from ml_backend.benchmarks.data import Dataset, dataset_for
 from ml_backend.benchmarks.protocol import SCORING_ONLY_FIELDS, Protocol, train_config
 from ml_backend.benchmarks.report import write_json
@@ -72,27 +73,26 @@ EMBED_BATCH = 32
 
 @dataclass
 class OracleLabels:
-    """The label source of the benchmark: ground truth for the tiles selected so far, in selection order."""
+    """The label source of the benchmark: ground truth for the tiles selected so far, in selection order (``masks``:
+    the annotations of tiles labelled otherwise, e.g. only inside a suggested region; the rest: the ground truth)."""
 
     ds: Dataset
     labelled_ids: list[int]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
 
     def labelled(self) -> LabelledSet:
-        tiles = [LabelledTile(i, None, self.ds.pool_images[i], self.ds.pool_masks[i]) for i in self.labelled_ids]
+        tiles = [
+            LabelledTile(i, None, self.ds.pool_images[i], self.masks[i] if i in self.masks else self.ds.pool_masks[i])
+            for i in self.labelled_ids
+        ]
         return LabelledSet(tiles)
 
     def unlabelled(self) -> list[int]:
         return sorted(set(range(len(self.ds.pool_images))) - set(self.labelled_ids))
 
-
-@dataclass
-class KeepInMemory:
-    """The benchmark's publisher: the model stays in memory for the next round; the version is the round's name."""
-
-    name: str
-
-    def publish(self, trained: TrainedModel, labelled: LabelledSet, evaluation: Evaluation) -> str:
-        return self.name
+    def annotate(self, ids: list[int], outcome: RoundOutcome | None = None) -> None:
+        """The oracle labels the picked tiles (their whole ground truth)."""
+        self.labelled_ids = self.labelled_ids + list(ids)
 
 
 @dataclass
@@ -118,17 +118,6 @@ class LocalScorer:
 
             scores.summary["thumbnail"] = np.stack([thumbnail(im) for im in imgs])
         return ScoredPool(list(ids), scores)
-
-
-@dataclass
-class NextBatch:
-    """The benchmark's prediction sink: remembers the tiles the oracle annotates next."""
-
-    picked: list[int] = field(default_factory=list)
-
-    def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
-        self.picked = [] if ranking is None else list(ranking.picked)
-        return len(self.picked)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -463,11 +452,11 @@ def scoring_config(p: Protocol) -> ScoringConfig:
 
 def ensemble_spec(p: Protocol, seed: int, rnd: int) -> EnsembleSpec:
     """The bootstrap members that score the pool for round ``rnd``'s pick (bounded by ``ensemble_steps`` each)."""
+    seeds = SeedSchedule(seed)
     base = train_config(
-        p, steps=p.ensemble_steps, lr=p.lr, seed=seed * 1000 + rnd, split_seed=seed, select="last", val=0.0
+        p, steps=p.ensemble_steps, lr=p.lr, seed=seeds.pick(rnd), split_seed=seeds.split, select="last", val=0.0
     )
-    seeds = tuple(seed * 1000 + rnd * 10 + e for e in range(p.ensemble))
-    return EnsembleSpec(p.ensemble, p.ensemble_steps, seed * 1000 + rnd, seeds, base=base)
+    return EnsembleSpec(p.ensemble, p.ensemble_steps, seeds.pick(rnd), seeds.members(rnd, p.ensemble), base=base)
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -522,7 +511,7 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
         ModelState(model),
         list(ds.pool_images[lab]),
         list(ds.pool_masks[lab]),
-        train_config(p, steps=p.init_steps, lr=p.init_lr, seed=seed * 1000, split_seed=seed),
+        train_config(p, steps=p.init_steps, lr=p.init_lr, seed=SeedSchedule(seed).train(0), split_seed=seed),
         progress=_log_progress(f"initial seed {seed}"),
         calibration=lambda: calibration(ds, p),
         unlabelled=lambda: unlabelled_pool(ds, lab),
@@ -642,9 +631,75 @@ def emulated_gate(previous: Any, new: Any, ds: Dataset, p: Protocol, audit: list
     }
 
 
+@dataclass
+class _BenchmarkRounds(RoundHooks):
+    """What the benchmark does around each round of ``run_strategy``: the round's record (test IoU, timings), the
+    emulated gate, the candidate sample carried over and the effort of the tiles it picked."""
+
+    ds: Dataset
+    p: Protocol
+    oracle: OracleLabels
+    strategy: Any
+    tag: str  # "<arm> seed <seed>" in the log
+    seed: int
+    rounds: list[dict]  # the records, round 0's first
+    # The state carried between rounds: the gate's audit tiles (in the order they are served), the live version the
+    # gate compares with (a copy of the model the round starts from), the round's test time, the times of the
+    # scoring that picked its tiles, and the previous round's best candidates (candidate_pool > 0).
+    audit: list[int] = field(init=False)
+    previous: Any = field(init=False, default=None)
+    test_seconds: float = field(init=False, default=0.0)
+    picking: dict[str, float] = field(init=False, default_factory=dict)
+    best: list[int] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.audit = audit_order(self.ds, self.seed)
+
+    def before(self, rnd: int, plan: RoundPlan) -> RoundPlan:
+        p = self.p
+        self.previous = copy.deepcopy(plan.model.model) if rnd > 0 else None
+        return replace(
+            plan,
+            progress=_log_progress(f"{self.tag} round {rnd}"),
+            candidates=CandidateSampler(p.candidate_pool, p.candidate_keep, self.seed, tuple(self.best))
+            if p.candidate_pool > 0
+            else None,  # issue 20.2: a bounded candidate sample per round (0: the whole pool)
+        )
+
+    def evaluate(self, rnd: int, trained: TrainedModel) -> Evaluation:
+        from ml_backend.config import torch_device
+
+        t0 = time.monotonic()
+        metrics = evaluate_test(trained.model.to(torch_device(self.p.device)), self.ds, self.p)
+        self.test_seconds = time.monotonic() - t0
+        return Evaluation(metrics)
+
+    def after(self, rnd: int, outcome: RoundOutcome, picked: list[int]) -> None:
+        ds, p, lab, trained = self.ds, self.p, self.oracle.labelled_ids, outcome.trained
+        if rnd > 0:
+            t_train = outcome.timings["train"] - self.test_seconds - trained.ensemble_seconds
+            times = {**self.picking, "train": t_train, "test": self.test_seconds}
+            test = outcome.evaluation.metrics
+            self.rounds.append(_record(ds, lab, rnd, test, trained.result.metrics, times))
+            self.rounds[-1].update(emulated_gate(self.previous, trained.model, ds, p, self.audit, lab))
+            val = trained.result.metrics["val_iou"]
+            log.info(
+                "%s round %d/%d: %d tiles, test IoU %.3f (val %s) [ens %.0fs score %.0fs train %.0fs test %.0fs]",
+                self.tag, rnd, p.rounds, len(lab), test["iou"], "-" if val is None else f"{val:.3f}",
+                times["ensemble"], times["score"], t_train, times["test"],
+            )  # fmt: skip
+        self.picking = {"ensemble": trained.ensemble_seconds, "score": outcome.timings.get("score", 0.0)}
+        if not picked:
+            return
+        if p.candidate_pool > 0:  # what this round scored (its sample) and the best it carries to the next one
+            self.rounds[-1].update(pool=outcome.pool_size, candidates=len(outcome.scored.ids))
+            self.best = best_candidates(outcome, self.strategy, p.candidate_keep + p.k)
+        self.rounds[-1].update(served_effort(trained.model, ds, picked, p))  # this round's model pre-annotates them
+
+
 def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm | dict | None = None) -> dict:
-    """One (arm, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round. ``arm``:
-    the resolved arm (None: ``resolve_arm`` with this process's Settings)."""
+    """One (arm, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round
+    (``ActiveLoop``). ``arm``: the resolved arm (None: ``resolve_arm`` with this process's Settings)."""
     from ml_backend.config import torch_device
     from ml_backend.model import load_checkpoint
 
@@ -656,15 +711,12 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
     base_p, p = p, arm_protocol(p, arm)  # from here on: the arm's protocol
     ds = dataset_for(p, seed)
     model, extra = load_checkpoint(ensure_initial(out, p, seed, initial_tag(base_p, p)))
-    dev = torch_device(p.device)
-    model.to(dev)
+    model.to(torch_device(p.device))
     batch_method = arm.selector
     strategy = arm_strategy(arm)
-    lab = list(extra["labelled"])
-    rounds = [_record(ds, lab, 0, extra["test"], extra["train"], {"train": extra["seconds"]})]
-    state = ModelState(model, how="kept")
+    oracle = OracleLabels(ds, list(extra["labelled"]))
+    rounds = [_record(ds, oracle.labelled_ids, 0, extra["test"], extra["train"], {"train": extra["seconds"]})]
     scoring = scoring_config(p)
-    scorer = LocalScorer(ds.pool_images, scoring, embed=batch_method is not None)
     select: Any = TopK(p.k)
     if batch_method is not None:
         from ml_backend.active_learning.selection import StackAware
@@ -674,79 +726,33 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
             lambda ids: stack_positions(ds, p, ids),
             k=p.k,
             config=arm_batch_config(p, arm),
-            labelled_positions=lambda: stack_positions(ds, p, lab),  # the current labelled set (late binding)
+            labelled_positions=lambda: stack_positions(ds, p, oracle.labelled_ids),  # the current labelled set
             wants_labelled_embeddings=arm.labelled_embeddings,
         )
-    audit = audit_order(ds, seed)
-    picking: dict[str, float] = {}  # the times of the scoring that picked this round's tiles (previous call)
-    best: list[int] = []  # the previous round's best candidates (candidate_pool > 0)
-    for rnd in range(p.rounds + 1):
-        tests: dict[str, float] = {}
-
-        def evaluate(trained: TrainedModel, tests: dict[str, float] = tests) -> Evaluation:
-            t0 = time.monotonic()
-            metrics = evaluate_test(trained.model.to(dev), ds, p)
-            tests["test"] = time.monotonic() - t0
-            return Evaluation(metrics)
-
-        last = rnd == p.rounds
-        tcfg = train_config(p, steps=p.steps, lr=p.lr, seed=seed * 1000 + rnd, split_seed=seed)
-        plan = RoundPlan(
-            strategy,
-            state,
-            train=None if rnd == 0 else tcfg,
-            ensemble=None if last else ensemble_spec(p, seed, rnd + 1),
-            calibration=lambda: calibration(ds, p),
-            unlabelled=lambda lab=lab: unlabelled_pool(ds, lab),  # this round's labelled set
-            progress=_log_progress(f"{strategy_name} seed {seed} round {rnd}"),
-            scoring=scoring,
-            score_seed=seed * 1000 + rnd + 1,
-            select_seed=seed * 1000 + rnd + 1,
-            score=not last,
-            candidates=CandidateSampler(p.candidate_pool, p.candidate_keep, seed, tuple(best))
-            if p.candidate_pool > 0
-            else None,  # issue 20.2: a bounded candidate sample per round (0: the whole pool)
-        )
-        sink = NextBatch()
-        previous = copy.deepcopy(state.model) if rnd > 0 else None  # the live version the gate compares with
-        outcome = run_round(
-            plan,
-            OracleLabels(ds, lab),
-            publisher=KeepInMemory(f"round-{rnd}"),
-            scorer=scorer,
-            select=select,
-            sink=sink,
-            evaluate=None if rnd == 0 else evaluate,
-        )
-        trained = outcome.trained
-        if rnd > 0:
-            t_train = outcome.timings["train"] - tests["test"] - trained.ensemble_seconds
-            times = {**picking, "train": t_train, "test": tests["test"]}
-            test = outcome.evaluation.metrics
-            rounds.append(_record(ds, lab, rnd, test, trained.result.metrics, times))
-            rounds[-1].update(emulated_gate(previous, trained.model, ds, p, audit, lab))
-            val = trained.result.metrics["val_iou"]
-            log.info(
-                "%s seed %d round %d/%d: %d tiles, test IoU %.3f (val %s) [ens %.0fs score %.0fs train %.0fs "
-                "test %.0fs]",
-                strategy_name, seed, rnd, p.rounds, len(lab), test["iou"], "-" if val is None else f"{val:.3f}",
-                times["ensemble"], times["score"], t_train, times["test"],
-            )  # fmt: skip
-        picking = {"ensemble": trained.ensemble_seconds, "score": outcome.timings.get("score", 0.0)}
-        if not sink.picked:
-            break
-        if p.candidate_pool > 0:  # what this round scored (its sample) and the best it carries to the next one
-            rounds[-1].update(pool=outcome.pool_size, candidates=len(outcome.scored.ids))
-            best = best_candidates(outcome, strategy, p.candidate_keep + p.k)
-        rounds[-1].update(served_effort(trained.model, ds, sink.picked, p))  # this round's model pre-annotates them
-        lab = lab + sink.picked
+    hooks = _BenchmarkRounds(ds, p, oracle, strategy, tag=f"{strategy_name} seed {seed}", seed=seed, rounds=rounds)
+    loop = ActiveLoop(
+        oracle,
+        train=lambda train_seed: train_config(p, steps=p.steps, lr=p.lr, seed=train_seed, split_seed=seed),
+        scorer=LocalScorer(ds.pool_images, scoring, embed=batch_method is not None),
+        select=select,
+        ensemble=lambda rnd: ensemble_spec(p, seed, rnd),
+        hooks=hooks,
+    )
+    start = RoundPlan(
+        strategy,
+        ModelState(model, how="kept"),
+        calibration=lambda: calibration(ds, p),
+        unlabelled=lambda: unlabelled_pool(ds, oracle.labelled_ids),  # this round's labelled set
+        scoring=scoring,
+    )
+    loop.run(start, p.rounds, SeedSchedule(seed))
     record = {
         "strategy": strategy_name,
         "seed": seed,
         "params": {**strategy.params(), "selector": batch_method or "topk"},
         "arm": asdict(arm),
         "rounds": rounds,
-        "labelled_order": lab,
+        "labelled_order": oracle.labelled_ids,
         "seconds": time.monotonic() - t_run,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -762,8 +768,9 @@ def run_full(out: Path, p: Protocol, seed: int) -> dict:
     t0 = time.monotonic()
     ds = dataset_for(p, seed)
     tcfg = train_config(
-        p, steps=p.full_steps, lr=p.init_lr, seed=seed * 1000, split_seed=seed, batch_size=p.full_batch_size
-    )
+        p, steps=p.full_steps, lr=p.init_lr, seed=SeedSchedule(seed).train(0), split_seed=seed,
+        batch_size=p.full_batch_size,
+    )  # fmt: skip
     trained = train_model(
         ModelState(_fresh_model(p, seed)),
         list(ds.pool_images),

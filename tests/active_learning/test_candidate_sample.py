@@ -24,7 +24,8 @@ from ml_backend.active_learning.candidates import (
     round_key,
     sample_candidates,
 )
-from ml_backend.benchmarks.run import KeepInMemory, LocalScorer, NextBatch, OracleLabels
+from ml_backend.active_learning.loop import KeepInMemory, NextBatch
+from ml_backend.benchmarks.run import LocalScorer, OracleLabels
 from ml_backend.inference.scoring import ScoringConfig
 from ml_backend.model import build_model
 from ml_backend.strategies import get_strategy

@@ -3,17 +3,20 @@
 Ids are Label Studio's database keys: integers in 1..2**31-1. Anything else cannot name a project or a task, and an
 id names folders (``MODEL_DIR/projects/<id>``) and Redis keys, so it is refused before it reaches either.
 
-* ``parse_id(value, what)``: an int, an integer-valued float or a string of digits, in 1..MAX_ID; ``ValueError``
+* ``parse_id(value, what)``: an int, an integer-valued float or a string of ASCII digits, in 1..MAX_ID; ``ValueError``
   saying why not. Booleans, None, ``BigIntLiteral`` (a JSON integer too long to convert), other types, signs other
   than a leading ``-``, and strings longer than ``MAX_INT_DIGITS`` are refused without converting them.
 * ``parse_project_ref(value)``: the project of Label Studio's ``"<id>.<timestamp>"`` (``/setup`` and ``/predict``
   send it) or a bare id, at most ``MAX_PROJECT_REF_CHARS`` characters, then ``parse_id``.
+* ``is_id(value)``: whether a value already is an id (an ``int``, not a ``bool``, in 1..MAX_ID): no conversion.
+* ``project_arg(text)``: ``parse_id`` as an argparse ``type=`` for ``--project`` (a usage error saying why not).
 
 Messages name the value (shortened) or its JSON kind, never more than 40 characters of it.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 __all__ = [
@@ -21,9 +24,11 @@ __all__ = [
     "MAX_INT_DIGITS",
     "MAX_PROJECT_REF_CHARS",
     "BigIntLiteral",
+    "is_id",
     "json_kind",
     "parse_id",
     "parse_project_ref",
+    "project_arg",
     "shown",
 ]
 
@@ -51,6 +56,11 @@ def shown(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:37]}..."
 
 
+def _ascii_digits(text: str) -> bool:
+    """Only 0-9: ``str.isdigit`` (and ``int``) also take other scripts' digits ("١٢" is 12), which no id is."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_id(value: Any, what: str = "id") -> int:
     """``value`` as an id in 1..MAX_ID (int, integer-valued float or digit string); ValueError saying why not."""
     if isinstance(value, bool) or value is None:
@@ -59,7 +69,7 @@ def parse_id(value: Any, what: str = "id") -> int:
         value = int(value)
     if isinstance(value, str) and not isinstance(value, BigIntLiteral):
         text = value.strip()
-        if len(text) > MAX_INT_DIGITS or not text.lstrip("-").isdigit():
+        if len(text) > MAX_INT_DIGITS or not _ascii_digits(text.lstrip("-")):
             raise ValueError(f"{what} must be an integer in 1..{MAX_ID}, got {shown(value)}")
         value = int(text)
     if isinstance(value, BigIntLiteral):
@@ -79,7 +89,7 @@ def parse_project_ref(value: Any) -> int:
         if len(value) > MAX_PROJECT_REF_CHARS:
             raise ValueError(f"'project' is {len(value):,} characters long (at most {MAX_PROJECT_REF_CHARS})")
         head = value.split(".", 1)[0].strip()
-        if not head.lstrip("-").isdigit():
+        if not _ascii_digits(head.lstrip("-")):
             raise ValueError(
                 f"'project' {shown(value)} does not start with a project id (expected '<project id>.<timestamp>')"
             )
@@ -87,3 +97,16 @@ def parse_project_ref(value: Any) -> int:
     elif isinstance(value, bool) or not isinstance(value, (int, float, BigIntLiteral)):
         raise ValueError(f"'project' must be a string like '3.1700000000', got {json_kind(value)}")
     return parse_id(value, "'project' id")
+
+
+def is_id(value: Any) -> bool:
+    """Whether ``value`` already is an id: an ``int`` (not a ``bool``) in 1..MAX_ID. Nothing is converted."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
+def project_arg(text: str) -> int:
+    """argparse ``type=`` of ``--project``: ``parse_id``; anything else is a usage error saying why."""
+    try:
+        return parse_id(text, "--project")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ml_backend import ids
 from ml_backend.config import get_settings
-from ml_backend.ids import parse_id
 
 from .status import cmd_status, cmd_train, learning_curve, plot_learning_curve
 from .versions import cmd_prune, cmd_rollback, cmd_versions
@@ -46,10 +46,7 @@ DELEGATED = {
 def project_arg(text: str) -> str:
     """``--project``: a Label Studio project id in 1..MAX_ID (``ml_backend.ids``, the one id parser), as the text that
     names its folder under MODEL_DIR/projects; anything else is a usage error before any file or key is touched."""
-    try:
-        return str(parse_id(text, "--project"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return str(ids.project_arg(text))
 
 
 def build_parser() -> argparse.ArgumentParser:

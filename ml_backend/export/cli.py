@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.config import Settings
+from ml_backend.ids import project_arg
 
 from .run import ExportError, export_stack
 from .source import ExportInputError, open_stack
@@ -77,7 +78,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     p.add_argument("stacks", nargs="*", help="multi-page TIFF files, images or folders of slices (the importer's "
                    "inputs); none: the stacks recorded in the project's tasks (needs --from-label-studio)")  # fmt: skip
-    p.add_argument("--project", required=True, help="project id (its versions live under MODEL_DIR/projects/<id>)")
+    p.add_argument("--project", required=True, type=project_arg,
+                   help="project id in 1..2**31-1 (its versions live under MODEL_DIR/projects/<id>)")
     p.add_argument("--version", default=None, help="model version (default: the project's live version)")
     p.add_argument("-o", "--output", required=True, help="output directory (one sub-directory per stack when "
                    "several stacks are exported); must not exist")  # fmt: skip
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace, settings: Settings) -> list[tuple[Path, dict]]
                      len(skipped))  # fmt: skip
         manifest = export_stack(
             src.key, target, executor=args.executor, progress=not args.quiet, settings=settings,
-            model_dir=settings.model_dir, project=args.project, version=args.version,
+            model_dir=settings.model_dir, project=str(args.project), version=args.version,
             expected_offsets=parse_offsets(args.context_offsets) if args.context_offsets else None,
             class_names=names, overrides=overrides, annotations_digest=_digest(overrides), fmt=args.format,
             tiff_max_bytes=settings.export_tiff_max_bytes, restart=args.restart, chunk_slices=args.chunk_slices,

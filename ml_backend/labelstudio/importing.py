@@ -35,6 +35,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ml_backend.config import Settings
+from ml_backend.ids import project_arg
 from ml_backend.labelstudio.client import (
     LabelStudioError,
     call,
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stacks", nargs="+", help="multi-page TIFF files, images, or folders of PNG/TIFF slices")
-    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    parser.add_argument("--project", type=project_arg, required=True, help="Label Studio project id (1..2**31-1)")
     parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
     parser.add_argument("--out-dir", default=None, help="tile folder inside the document root "
                         "(default <root>/tiles/project-<id>)")  # fmt: skip

@@ -14,9 +14,10 @@ Why the webhook path looks like it does (a few Redis round trips, Label Studio a
 This package re-exports only the public API other packages use; everything else is imported from its module.
 """
 
+from ml_backend.ids import MAX_ID
+
 from .connection import QueueUnavailable, get_connection, get_queue, redact
 from .coordination import run_exclusive
-from .keys import MAX_ID
 from .locks import (
     LOCK_TTL_S,
     LockHeartbeat,

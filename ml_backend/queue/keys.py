@@ -20,9 +20,12 @@ Global: ``mlb:projects`` (set of project ids seen by the webhook). RQ's own keys
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
-MAX_ID = 2**31 - 1  # Label Studio's ids are positive 32-bit integers: anything else cannot name a project or task
+# Ids are ml_backend.ids' (one MAX_ID, one parser). queue/coordination.py still imports these two names from here
+# (it is being rewritten for issue 19 item 1); import them from ml_backend.ids instead, then delete these lines.
+from ml_backend.ids import MAX_ID  # noqa: F401
+from ml_backend.ids import is_id as valid_id  # noqa: F401
+
 PREFIX = "mlb:"  # every key of the backend starts with this
 
 
@@ -113,7 +116,3 @@ def decode(value: bytes | str | None) -> str | None:
     """A Redis reply as text (None stays None)."""
     return value.decode() if isinstance(value, bytes) else value
 
-
-def valid_id(value: Any) -> bool:
-    """A Label Studio id: an int (not bool) in 1..MAX_ID."""
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID

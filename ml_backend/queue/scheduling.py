@@ -15,8 +15,10 @@ from typing import Any
 import redis
 from rq import Retry
 
+from ml_backend.ids import MAX_ID, is_id
+
 from .connection import QueueUnavailable, get_connection, get_queue, redis_errors
-from .keys import MAX_ID, decode, force_key, queued_key, valid_id
+from .keys import decode, force_key, queued_key
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def schedule_training(
     ``force`` (START_TRAINING) trains even when Label Studio holds nothing new. A waiting job that is not forced is
     upgraded to forced, so a click on "Start training" is never swallowed by a coalesced annotation trigger.
     """
-    if not valid_id(project_id):
+    if not is_id(project_id):
         raise ValueError(f"project id must be an integer in 1..{MAX_ID}, got {project_id!r}")
     conn = connection if connection is not None else get_connection(settings.redis_url)
     qkey = queued_key(project_id)
@@ -109,7 +111,7 @@ def schedule_pretraining(project_id: int, settings: Any, *, connection: redis.Re
     """Enqueue the project's cold start (``ml_backend.jobs.pretrain_project``: self-supervised pretraining, then the
     coverage-ordered first queue) after an import; one job id per project, so repeated imports while it waits do not
     queue it twice. Returns {"status": "queued" | "already-queued" | "disabled", "job_id"}."""
-    if not valid_id(project_id):
+    if not is_id(project_id):
         raise ValueError(f"project id must be an integer in 1..{MAX_ID}, got {project_id!r}")
     if not getattr(settings, "pretrain", False):
         return {"status": "disabled"}

@@ -22,8 +22,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from ml_backend.ids import MAX_ID, parse_project_ref
+
 from .connection import get_connection, redis_errors
-from .keys import MAX_ID, pending_key, projects_key, valid_id
+from .keys import pending_key, projects_key
 from .scheduling import schedule_training
 
 ANNOTATION_CREATED = "ANNOTATION_CREATED"
@@ -35,18 +37,12 @@ HANDLED_EVENTS = (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATION_DELETED, AN
 
 
 def _as_int(value: Any) -> int | None:
-    """Project/task ids arrive as ints, strings or '<id>.<timestamp>' (the /setup form); None unless 1..MAX_ID."""
-    if isinstance(value, bool) or value is None:
+    """Project/task ids arrive as ints, strings or '<id>.<timestamp>' (the /setup form): ``ml_backend.ids``'
+    ``parse_project_ref`` (bounded before any conversion), None instead of its ValueError."""
+    try:
+        return parse_project_ref(value)
+    except ValueError:
         return None
-    number: int | None = None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str):
-        head = value.strip()[:32].split(".", 1)[0]  # bounded before int(): a 5,000-digit string is not an id
-        number = int(head) if head.isascii() and head.isdigit() and len(head) <= 10 else None
-    return number if number is not None and valid_id(number) else None
 
 
 def _raw_project_given(payload: dict) -> bool:

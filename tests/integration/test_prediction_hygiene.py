@@ -38,7 +38,7 @@ def _project(ls, n: int = N_TASKS) -> tuple[int, list[int]]:
     return pid, sorted(int(t) for t in out["task_ids"])
 
 
-def _project(ls, pid: int, listing: dict[int, dict]) -> LabelStudioProject:
+def _project_data(ls, pid: int, listing: dict[int, dict]) -> LabelStudioProject:
     """The project as the job reads it (``ProjectData``), with the listing the job holds."""
     return LabelStudioProject(pid, Settings.from_env(), ls, listed=listing, config=parse_label_config(XML),
                               label_xml=XML)  # fmt: skip
@@ -53,7 +53,7 @@ def _deliver(ls, pid: int, version: str, ids: list[int], *, keep: int) -> LabelS
     results = [mask_to_results(mask, config) for _ in ids]
     scored = ScoredPool(list(ids), PoolScores({}, np.full(len(ids), 256)), results)
     ranking = Ranking(list(ids), list(ids), np.linspace(0.1, 0.9, len(ids)))
-    sink = LabelStudioSink(_project(ls, pid, tasks), keep_prediction_versions=keep)
+    sink = LabelStudioSink(_project_data(ls, pid, tasks), keep_prediction_versions=keep)
     assert sink.put(version, scored, ranking) == len(ids)
     return sink
 
@@ -132,7 +132,7 @@ def test_a_task_created_after_the_listing_keeps_its_only_prediction(ls):
                                 "model_version": "v1"}])  # fmt: skip
     results = [mask_to_results(mask, config) for _ in ids]
     scored = ScoredPool(ids, PoolScores({}, np.full(len(ids), 256)), results)
-    sink = LabelStudioSink(_project(ls, pid, listing), keep_prediction_versions=1)  # the job holds the old listing
+    sink = LabelStudioSink(_project_data(ls, pid, listing), keep_prediction_versions=1)  # the job holds the old listing
     assert sink.put("v2", scored, Ranking(ids, ids, np.linspace(0.1, 0.9, len(ids)))) == len(ids)
     after = _versions(ls, pid)
     assert after[int(late)] == ["v1"]  # its only prediction is kept

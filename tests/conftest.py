@@ -11,6 +11,9 @@ tests/integration and tests/faults (moved here unchanged so both share ONE Label
   production (separate process, real HTTP); stopped at the end of the session.
 * ``load_script(name)``: the module behind a script of ``scripts/`` (the logic lives in the package; the scripts not
   moved yet are loaded by path).
+* ``start_rq_worker(env, prefix)`` and ``worker_env(model_dir, **env)``: a real ``ml-backend worker`` process and the
+  environment that points it at the session's Label Studio.
+* ``tmpfs(size)``: a small real tmpfs (full disk, read-only remount) for the fault tests; skipped where not permitted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -240,6 +244,68 @@ def start_rq_worker(tmp_path):
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def worker_env(label_studio) -> Callable[..., dict[str, str]]:
+    """worker_env(model_dir, **env) -> the environment of an `rq worker` (``start_rq_worker``) that works for the
+    session's Label Studio: this process's environment, MODEL_DIR, Label Studio's URL, API key and document root, one
+    OMP thread, DEVICE=auto; ``env`` (REDIS_URL, the training settings, another DEVICE) last, so it wins."""
+
+    def build(model_dir: Path | str, **env: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "MODEL_DIR": str(model_dir),
+            "LABEL_STUDIO_URL": label_studio.url,
+            "LABEL_STUDIO_API_KEY": label_studio.api_key,
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
+            "OMP_NUM_THREADS": "1",
+            "DEVICE": "auto",
+            **env,
+        }
+
+    return build
+
+
+class Tmpfs:
+    """``tmpfs(size, nr_inodes=None)`` -> a freshly mounted tmpfs under tmp_path (a real ENOSPC / EROFS, which root
+    cannot bypass with permission bits); ``tmpfs.remount(target, opts)`` (e.g. ``"ro"``, ``"nr_inodes=9"``). The test
+    is skipped with the reason where mounting is not permitted (no CAP_SYS_ADMIN, e.g. an unprivileged container)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mounted: list[Path] = []
+
+    @staticmethod
+    def _mount(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+
+    def __call__(self, size: str, nr_inodes: int | None = None) -> Path:
+        target = self.root / f"mnt-{len(self.mounted)}"
+        target.mkdir()
+        opts = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
+        done = self._mount("-t", "tmpfs", "-o", opts, "tmpfs", str(target))
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+        self.mounted.append(target)
+        return target
+
+    def remount(self, target: Path, opts: str) -> None:
+        done = self._mount("-o", f"remount,{opts}", str(target))
+        assert done.returncode == 0, f"remount {opts} failed: {done.stderr}"
+
+    def unmount_all(self) -> None:
+        for target in self.mounted:  # lazily: a file still open in it does not keep the mount
+            with contextlib.suppress(Exception):
+                subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[Tmpfs]:
+    """A ``Tmpfs``: small real file systems to fill up or make read-only; all unmounted at the end of the test."""
+    mounts = Tmpfs(tmp_path)
+    yield mounts
+    mounts.unmount_all()
 
 
 @dataclass

@@ -3,10 +3,6 @@ and pixels), an unknown version, a version trained on other input channels, a fu
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import uuid
-
 import numpy as np
 import pytest
 from export_helpers import publish_model
@@ -90,26 +86,6 @@ def test_version_trained_on_other_input_channels(tmp_path, volume, stack_file):
 
     with pytest.raises(ExportError, match="weights read 1 input channel"):
         check_channels(loaded, model)
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    mounted = []
-
-    def mount(size: str):
-        target = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
-        target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
 
 
 def test_full_disk_removes_the_partial_export(tmp_path, volume, model_dir, tmpfs):

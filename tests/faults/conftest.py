@@ -6,7 +6,6 @@ The session's Label Studio, gunicorn backend and Redis come from tests/conftest.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,24 +22,12 @@ from ml_backend.labelstudio.client import latest_annotations, list_tasks
 
 
 @pytest.fixture
-def start_worker(label_studio, start_rq_worker) -> Callable[..., Any]:
+def start_worker(start_rq_worker, worker_env) -> Callable[..., Any]:
     """start_worker(model_dir, redis_url, **env) -> RqWorker (tests/conftest.py) with the fault tests' training
     settings; every worker is stopped at the end of the test."""
 
     def start(model_dir: Path, redis_url: str, **env_overrides: str) -> Any:
-        env = {
-            **os.environ,
-            **TRAIN_ENV,
-            "REDIS_URL": redis_url,
-            "MODEL_DIR": str(model_dir),
-            "LABEL_STUDIO_URL": label_studio.url,
-            "LABEL_STUDIO_API_KEY": label_studio.api_key,
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-            "OMP_NUM_THREADS": "1",
-            "DEVICE": "auto",
-            **env_overrides,
-        }
-        return start_rq_worker(env, "fault")
+        return start_rq_worker(worker_env(model_dir, **{**TRAIN_ENV, "REDIS_URL": redis_url, **env_overrides}), "fault")
 
     return start
 

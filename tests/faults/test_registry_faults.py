@@ -1,8 +1,8 @@
 """Registry faults on real file systems: a full disk and a read-only MODEL_DIR while a version is published.
 
 Tests run as root, and root ignores permission bits, so ``chmod`` cannot make a directory read-only here: each test
-mounts a small tmpfs (``mount -t tmpfs -o size=...``), then remounts it read-only or fills it. Skipped with the
-reason when mounting is not permitted (no CAP_SYS_ADMIN, e.g. an unprivileged container).
+mounts a small tmpfs (the ``tmpfs`` fixture of tests/conftest.py), then remounts it read-only or fills it. Skipped
+with the reason when mounting is not permitted (no CAP_SYS_ADMIN, e.g. an unprivileged container).
 
 What each shows: the error names the cause (read-only / no space), the previous version stays current and loadable
 (also by a fresh ModelCache, as a serving worker would), no half-written or unpromoted version is left in
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,36 +23,6 @@ from ml_backend.store.cache import ModelCache
 from ml_backend.store.registry import ModelRegistry, RegistryWriteError
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _mount(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
-
-
-@pytest.fixture
-def tmpfs(tmp_path) -> Iterator[callable]:
-    """tmpfs(size, nr_inodes=None) -> mounted directory; unmounted at the end (lazily if still busy)."""
-    mounted: list[Path] = []
-
-    def mount(size: str, nr_inodes: int | None = None) -> Path:
-        target = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
-        target.mkdir()
-        opts = f"size={size}" + (f",nr_inodes={nr_inodes}" if nr_inodes else "")
-        done = _mount("-t", "tmpfs", "-o", opts, "tmpfs", str(target))
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {done.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        with contextlib.suppress(Exception):
-            subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
-
-
-def remount(target: Path, opts: str) -> None:
-    done = _mount("-o", f"remount,{opts}", str(target))
-    assert done.returncode == 0, f"remount {opts} failed: {done.stderr}"
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -87,11 +54,11 @@ def test_read_only_model_dir_keeps_the_previous_version(tmpfs):
     reg = ModelRegistry(model_dir, 1)
     first = _model(1)
     v1 = reg.publish(first, {"n": 1})
-    remount(model_dir, "ro")
+    tmpfs.remount(model_dir, "ro")
     with pytest.raises(RegistryWriteError, match="read-only file system.*the current version \\(v0001-.*\\) stays"):
         reg.publish(_model(2), {"n": 2})
     _assert_previous_intact(model_dir, v1, _weights(first))
-    remount(model_dir, "rw")  # the operator fixes the mount: the next job publishes normally
+    tmpfs.remount(model_dir, "rw")  # the operator fixes the mount: the next job publishes normally
     v2 = reg.publish(_model(2), {"n": 2})
     assert reg.current_version() == v2 and reg.meta(v2)["parent"] == v1
 
@@ -127,13 +94,13 @@ def test_no_inode_left_for_the_pointer_removes_the_unpromoted_version(tmpfs, cap
     st = os.statvfs(model_dir)
     used = st.f_files - st.f_ffree
     # a publish needs 3 new inodes for the version (temporary directory, model.pt, meta.json), then 1 for CURRENT
-    remount(model_dir, f"nr_inodes={used + 3}")
+    tmpfs.remount(model_dir, f"nr_inodes={used + 3}")
     with (
         caplog.at_level("INFO", logger="ml_backend.store.registry"),
         pytest.raises(RegistryWriteError, match="no space"),
     ):
         reg.publish(_model(2), {"n": 2})
     assert "which could not be promoted" in caplog.text  # the failure hit the pointer, after the version was written
-    remount(model_dir, "nr_inodes=64")
+    tmpfs.remount(model_dir, "nr_inodes=64")
     _assert_previous_intact(model_dir, v1, _weights(first))
     assert reg.publish(_model(2), {"n": 2}).startswith("v0002-")

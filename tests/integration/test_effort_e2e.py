@@ -10,7 +10,6 @@ shows the effort per tile for the serving version, and a second training ("Start
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def em_stack(tmp_path_factory):
 
 
 def test_effort_per_tile_of_the_serving_version_on_the_status_page(
-    label_studio, ls, start_backend, scripts, em_stack, redis_url, tmp_path, start_rq_worker
+    label_studio, ls, start_backend, scripts, em_stack, redis_url, tmp_path, start_rq_worker, worker_env
 ):
     from ml_backend.active_learning.effort import edit_effort
     from ml_backend.labelstudio.labelconfig import parse_label_config
@@ -69,17 +68,7 @@ def test_effort_per_tile_of_the_serving_version_on_the_status_page(
         "KEEP_PREDICTION_VERSIONS": "1",  # hygiene on: the measure must come before old predictions are pruned
     }
     backend = start_backend(model_dir, **train_env)
-    worker_env = {
-        **os.environ,
-        **train_env,
-        "MODEL_DIR": str(model_dir),
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-        "DEVICE": "auto",
-    }
-    worker = start_rq_worker(worker_env, "effort")
+    worker = start_rq_worker(worker_env(model_dir, **train_env), "effort")
 
     def logs() -> str:
         return (

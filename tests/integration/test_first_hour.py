@@ -21,7 +21,6 @@ yields to a waiting training) come first.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 import requests
 import tifffile
+from serving_order import serving_order
 from waiting import wait_until
 
 from ml_backend.config import Settings
@@ -225,7 +225,7 @@ def test_a_batch_labelled_during_pretraining_gets_the_first_version_sooner(label
     assert states == {"spread": "done", "read": "done", "pretrain": "done", "embed": "skipped",
                       "order": "skipped", "publish": "skipped"}, states  # fmt: skip
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    assert _queue(tasks, "cold-start")[:2] == spread["first"][:2]  # the spread queue still serves
+    assert serving_order(tasks, "cold-start")[:2] == spread["first"][:2]  # the spread queue still serves
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -250,22 +250,10 @@ def _next(session: requests.Session, url: str, pid: int) -> dict:
     return resp.json()
 
 
-def _queue(tasks: dict[int, dict], version: str) -> list[int]:
-    """Unlabelled tasks by ascending score of ``version`` (Label Studio's serving order)."""
-    scored = []
-    for tid, t in tasks.items():
-        if any(not a.get("was_cancelled") for a in t.get("annotations") or []):
-            continue
-        preds = [p for p in t.get("predictions") or [] if p.get("model_version") == version]
-        assert len(preds) == 1, f"task {tid}: {len(preds)} predictions of {version}"
-        scored.append((preds[0]["score"], tid))
-    return [tid for _, tid in sorted(scored)]
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url, tmp_path, monkeypatch):
+def test_first_hour(label_studio, ls, start_backend, start_rq_worker, worker_env, redis_url, tmp_path, monkeypatch):
     import redis
     from rq.job import Job
     from rq.serializers import JSONSerializer
@@ -291,13 +279,7 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url,
         "SUGGEST_MIN_TILE": "16", "SUGGEST_WINDOW": "16",
     }  # fmt: skip
     backend = start_backend(model_dir, **env, BASIC_AUTH_USER=login[0], BASIC_AUTH_PASS=login[1])
-    worker_env = {
-        **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-    }  # fmt: skip
-    worker = start_rq_worker(worker_env, "first-hour")
+    worker = start_rq_worker(worker_env(model_dir, **env), "first-hour")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = Settings.from_env(label_studio_url=label_studio.url, label_studio_api_key=label_studio.api_key,
@@ -325,7 +307,7 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url,
     assert spread["queued"] == imported["created"]
     assert as_dict(ls.projects.get(id=pid))["model_version"] == COLD_START_VERSION
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    spread_queue = _queue(tasks, COLD_START_VERSION)
+    spread_queue = serving_order(tasks, COLD_START_VERSION)
     assert spread_queue[:BATCH] == spread["first"]
     head_slices = [tasks[t]["data"]["slice"] for t in spread_queue[: BATCH - 1]]
     assert len(set(head_slices)) >= BATCH - 3 and max(head_slices) - min(head_slices) >= SLICES // 2, head_slices
@@ -356,7 +338,7 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url,
     assert job.meta["phase"] == "publish" and job.meta["progress"]["unit"] == "tasks"
     assert job.meta["progress"]["step"] == job.meta["progress"]["steps"] == imported["created"] - 1
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    coverage = _queue(tasks, COLD_START_VERSION)
+    coverage = serving_order(tasks, COLD_START_VERSION)
     assert coverage[:BATCH] == summary["first"] and first["id"] not in coverage
     assert all(p["result"] == [] for t in coverage for p in tasks[t]["predictions"])  # no masks before labels
 
@@ -379,7 +361,7 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, redis_url,
     wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == version, 600,
                "the first version's queue", logs=logs)  # fmt: skip
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    requeued = _queue(tasks, version)
+    requeued = serving_order(tasks, version)
     assert len(requeued) == imported["created"] - BATCH
     assert requeued[:BATCH] != [t for t in coverage if t in set(requeued)][:BATCH]  # re-ordered by the model
     assert int(_next(admin, label_studio.url, pid)["id"]) == requeued[0]

@@ -10,7 +10,6 @@ annotated tiles decode back to their 3-class ground truth.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -46,7 +45,7 @@ def multiclass_stack(tmp_path_factory):
 
 
 def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend, scripts, multiclass_stack,
-                                                 redis_url, tmp_path, start_rq_worker):  # fmt: skip
+                                                 redis_url, tmp_path, start_rq_worker, worker_env):  # fmt: skip
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
     from ml_backend.store.registry import ModelRegistry
@@ -60,14 +59,7 @@ def test_two_classes_train_and_predict_per_class(label_studio, ls, start_backend
            "MODEL_WIDTH": "8", "MODEL_DEPTH": "3", "RESCORE_CHUNK": "4", "STRATEGY": "entropy", "AUDIT_FRACTION": "0",
            "UNCERTAINTY_MIN_PIXELS": "1", "UNCERTAINTY_THRESHOLDS": "0.05"}  # fmt: skip
     backend = start_backend(model_dir, **env)
-    worker_env = {
-        **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-        "DEVICE": "auto",
-    }  # fmt: skip
-    worker = start_rq_worker(worker_env, "mc")  # the documented `python -m ml_backend.cli worker`
+    worker = start_rq_worker(worker_env(model_dir, **env), "mc")  # the documented `python -m ml_backend.cli worker`
 
     def logs() -> str:
         return (

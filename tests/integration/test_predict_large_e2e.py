@@ -14,7 +14,6 @@ got a prediction). Now, with gunicorn, a real Redis and a real ``rq worker``:
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 import uuid
 
@@ -46,7 +45,7 @@ def _holding(ls, pid: int, version: str) -> dict[int, int]:
 
 
 def test_retrieve_predictions_on_2000_tasks_ends_with_every_task_predicted(
-    label_studio, ls, start_backend, scripts, redis_url, start_rq_worker, tmp_path
+    label_studio, ls, start_backend, scripts, redis_url, start_rq_worker, worker_env, tmp_path
 ):
     from ml_backend.data.synthetic import generate_em_like
     from ml_backend.model import build_model
@@ -71,16 +70,7 @@ def test_retrieve_predictions_on_2000_tasks_ends_with_every_task_predicted(
     model = build_model("unet", width=4, depth=2, num_classes=2).eval()
     version = ModelRegistry(model_dir, pid).publish(model, {"trigger": "integration test: large /predict"})
 
-    worker_env = {
-        **os.environ,
-        **env,
-        "MODEL_DIR": str(model_dir),
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-        "DEVICE": "cpu",
-    }
+    env_of_worker = worker_env(model_dir, **env, DEVICE="cpu")
     worker = None
 
     def logs() -> str:
@@ -104,7 +94,7 @@ def test_retrieve_predictions_on_2000_tasks_ends_with_every_task_predicted(
     assert second["queued_tasks"] == first["queued_tasks"], (second, logs())
 
     # 3. The worker finishes the backlog: every task ends with exactly one prediction of the live version.
-    worker = start_rq_worker(worker_env, "backlog")
+    worker = start_rq_worker(env_of_worker, "backlog")
 
     def all_predicted() -> dict[int, int] | None:
         counts = _holding(ls, pid, version)

@@ -9,7 +9,6 @@ the unlabelled tasks and pushes predictions. Then "Start training" (START_TRAINI
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -59,7 +58,7 @@ def _predictions(task: dict, version: str) -> list[dict]:
 
 
 def test_webhook_batch_trains_publishes_and_reorders_the_queue(
-    label_studio, ls, start_backend, scripts, em_stack, redis_url, tmp_path, start_rq_worker
+    label_studio, ls, start_backend, scripts, em_stack, redis_url, tmp_path, start_rq_worker, worker_env
 ):
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
@@ -79,17 +78,8 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         "AUDIT_FRACTION": "0",  # every annotation is a training tile here (audit split: test_stack_aware_e2e)
     }
     backend = start_backend(model_dir, **train_env)
-    worker_env = {
-        **os.environ,
-        **train_env,
-        "MODEL_DIR": str(model_dir),
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-        "DEVICE": "auto",
-    }
-    worker = start_rq_worker(worker_env, "e2e")  # the documented `python -m ml_backend.cli worker`
+    env = worker_env(model_dir, **train_env)
+    worker = start_rq_worker(env, "e2e")  # the documented `python -m ml_backend.cli worker`
 
     def logs() -> str:
         return (
@@ -201,7 +191,6 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         # nothing is left queued or locked, and the operator CLI sees both versions
         queue = Queue("ml-backend", connection=conn, serializer=JSONSerializer)
         assert [j for j in queue.get_job_ids() if j.startswith(f"train-p{pid}-")] == []
-        env = {**worker_env}
         status = subprocess.run(
             [sys.executable, "-m", "ml_backend.cli", "status", "--project", str(pid), "--plot",
              str(tmp_path / "curve.png")],

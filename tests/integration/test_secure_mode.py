@@ -88,7 +88,7 @@ def _webhooks(ls, pid: int, url: str) -> list[dict]:
 
 
 def test_annotations_train_a_backend_behind_basic_auth(
-    label_studio, ls, secure_backend, scripts, dense_xml, redis_url, tmp_path, start_rq_worker
+    label_studio, ls, secure_backend, scripts, dense_xml, redis_url, tmp_path, start_rq_worker, worker_env
 ):
     from ml_backend.data.synthetic import generate_em_like
     from ml_backend.labelstudio.labelconfig import parse_label_config
@@ -99,13 +99,7 @@ def test_annotations_train_a_backend_behind_basic_auth(
     auth = (USER, PASSWORD)
     stack, masks = generate_em_like(2, 128, seed=5)  # 2 slices x 4 tiles of 64 x 64
     tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
-    worker_env = {
-        **os.environ, **TRAIN_ENV, "REDIS_URL": redis_url, "MODEL_DIR": str(secure_backend.model_dir),
-        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-    }  # fmt: skip
-    worker = start_rq_worker(worker_env, "secure")
+    worker = start_rq_worker(worker_env(secure_backend.model_dir, **TRAIN_ENV, REDIS_URL=redis_url), "secure")
 
     def logs() -> str:
         return f"--- worker log\n{worker.log(6000)}\n--- backend log\n{secure_backend.log_tail(3000)}"

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from serving_order import serving_order
 from waiting import wait_until
 
 from ml_backend.labelstudio.client import as_dict, list_tasks
@@ -45,18 +45,6 @@ def volume(tmp_path_factory):
     vol = generate_volume((10, 256, 256), setting="isotropic", seed=11, foreground=0.1)
     tifffile.imwrite(base / "volume.tif", vol.image, photometric="minisblack")
     return base / "volume.tif", vol.labels
-
-
-def _queue(tasks: dict[int, dict], version: str) -> list[int]:
-    """Unlabelled tasks in the order Label Studio serves them (lowest score of ``version`` first)."""
-    scored = []
-    for tid, t in tasks.items():
-        if any(not a.get("was_cancelled") for a in t.get("annotations") or []):
-            continue
-        preds = [p for p in t.get("predictions") or [] if p.get("model_version") == version]
-        assert len(preds) == 1, f"task {tid}: {len(preds)} predictions of {version}"
-        scored.append((preds[0]["score"], tid))
-    return [tid for _, tid in sorted(scored)]
 
 
 def _near(a: dict, b: dict) -> bool:
@@ -88,7 +76,7 @@ def _truth(labels: np.ndarray, task: dict) -> np.ndarray:
 
 
 def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_backend, scripts, volume, redis_url,
-                                                      tmp_path, start_rq_worker, monkeypatch):  # fmt: skip
+                                                      tmp_path, start_rq_worker, worker_env, monkeypatch):  # fmt: skip
     import redis
     from rq.job import Job
     from rq.serializers import JSONSerializer
@@ -112,13 +100,8 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         "PRETRAIN": "true", "PRETRAIN_STEPS": "30", "PRETRAIN_CROP": "64", "PRETRAIN_TIME_BUDGET_S": "120",
     }  # fmt: skip
     backend = start_backend(model_dir, **env)
-    worker_env = {
-        **os.environ, **env, "MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.api_key,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(label_studio.document_root),
-        "OMP_NUM_THREADS": "1",
-    }  # fmt: skip
-    worker = start_rq_worker(worker_env, "stack")  # the documented `python -m ml_backend.cli worker`
+    env_of_worker = worker_env(model_dir, **env)
+    worker = start_rq_worker(env_of_worker, "stack")  # the documented `python -m ml_backend.cli worker`
 
     def logs() -> str:
         return (
@@ -161,7 +144,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         assert as_dict(ls.projects.get(id=pid))["model_version"] == "cold-start"
 
         tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-        first_queue = _queue(tasks, "cold-start")
+        first_queue = serving_order(tasks, "cold-start")
         assert sorted(first_queue) == sorted(tasks)
         for tid in first_queue:  # no masks before a model was trained on labels
             assert all(p["result"] == [] for p in tasks[tid]["predictions"])
@@ -184,7 +167,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         assert meta1["audit"]["tiles"] == 2
 
         tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-        second_queue = _queue(tasks, v1)
+        second_queue = serving_order(tasks, v1)
         second = second_queue[:BATCH]
         assert [t in audit for t in second] == [(i + 1) % 4 == 0 for i in range(BATCH)]
         _check_batch(second, tasks, audit, first)
@@ -215,7 +198,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         assert meta2["promotion"] == {"promoted": False, "reason": why}
         assert meta2["audit"]["tiles"] == 4 and meta2["audit"]["iou"] < meta2["audit"]["live_iou"] - 0.02
         status = subprocess.run([sys.executable, "-m", "ml_backend.cli", "status", "--project", str(pid)],
-                                env=worker_env, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+                                env=env_of_worker, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert status.returncode == 0, status.stderr[-2000:]
         assert f"promotion       : {why}" in status.stdout  # what the team lead reads
     finally:

@@ -11,7 +11,6 @@ import io
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 import tracemalloc
@@ -692,32 +691,11 @@ def test_unwritable_cache_falls_back_to_a_private_temp_dir_and_says_so(tmp_path,
     assert len(ls.seen) == 3 and len(_cache_files(s)) == 1
 
 
-@pytest.fixture
-def tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
-    """tmpfs(size) -> a freshly mounted tmpfs (real ENOSPC / EROFS, which root cannot bypass); skipped where mounting
-    is not permitted (no CAP_SYS_ADMIN)."""
-    mounted: list[Path] = []
-
-    def mount(size: str) -> Path:
-        target = tmp_path / f"mnt-{len(mounted)}"
-        target.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(target)
-        return target
-
-    yield mount
-    for target in mounted:
-        subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=30)
-
-
 def test_read_only_model_dir_still_serves_images(tmp_path, ls, tmpfs):
     ls.routes[f"{UP}/a.png"] = _body(PNG)
     model_dir = tmpfs("1m")
     s = _settings(tmp_path, ls, model_dir=model_dir)
-    assert subprocess.run(["mount", "-o", "remount,ro", str(model_dir)], capture_output=True).returncode == 0
+    tmpfs.remount(model_dir, "ro")
     assert "Read-only file system" in (media.cache_problem(s) or "")
     assert fetch_image(f"{UP}/a.png", s).shape == (32, 32)
     assert list(media_cache.fallback_dir().iterdir()) == []

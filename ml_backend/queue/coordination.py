@@ -14,9 +14,10 @@ from typing import Any
 
 from ml_backend.active_learning.project import ProjectNotFound
 from ml_backend.config import Settings
+from ml_backend.ids import MAX_ID, is_id
 
 from .connection import get_connection
-from .keys import MAX_ID, queued_key, valid_id
+from .keys import queued_key
 from .locks import (
     LockHeartbeat,
     acquire_training_lock,
@@ -57,7 +58,7 @@ def run_exclusive(
     from the training itself so the protocol is tested with a real Redis and no Label Studio.
     """
     job_id = job_id or (job.id if job is not None else f"local-{uuid.uuid4().hex[:12]}")
-    if not valid_id(pid):
+    if not is_id(pid):
         if job is not None:
             job.retries_left = 0
         raise ProjectNotFound(f"project id must be an integer in 1..{MAX_ID}, got {pid!r}")

@@ -21,11 +21,6 @@ from __future__ import annotations
 
 import hashlib
 
-# Ids are ml_backend.ids' (one MAX_ID, one parser). queue/coordination.py still imports these two names from here
-# (it is being rewritten for issue 19 item 1); import them from ml_backend.ids instead, then delete these lines.
-from ml_backend.ids import MAX_ID  # noqa: F401
-from ml_backend.ids import is_id as valid_id  # noqa: F401
-
 PREFIX = "mlb:"  # every key of the backend starts with this
 
 

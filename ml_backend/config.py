@@ -7,12 +7,38 @@ without a password) stops the process at start-up with a message naming the vari
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# CONTEXT_OFFSETS: the slice offsets of a 2.5D model input; ml_backend.data.context re-exports these (they sit here,
+# the bottom layer, because the setting's validator needs them: issue 19, no config -> data import).
+DEFAULT_OFFSETS = (-1, 0, 1)
+# DIVERSITY_METHOD: the batch selection methods of ml_backend.strategies.batch (its METHODS).
+DIVERSITY_METHODS = ("auto", "typiclust", "weighted_kmeans", "top", "stochastic")
+
+
+def resolve_offsets(offsets: Sequence[int] = DEFAULT_OFFSETS) -> tuple[int, ...]:
+    """Validated slice offsets: integers, no duplicates, containing 0 (the tile's own slice)."""
+    out = tuple(int(o) for o in offsets)
+    if not out or 0 not in out or len(set(out)) != len(out):
+        raise ValueError(f"offsets must be distinct integers including 0, got {offsets}")
+    return out
+
+
+def parse_offsets(text: str | Sequence[int]) -> tuple[int, ...]:
+    """Offsets from a comma-separated string (``"-1,0,1"``, the CONTEXT_OFFSETS setting) or a sequence, validated."""
+    if isinstance(text, str):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        return resolve_offsets(values)
+    return resolve_offsets(text)
 
 
 def _env(name: str, *aliases: str) -> Any:
@@ -266,10 +292,8 @@ class Settings(BaseSettings):
     @field_validator("diversity_method")
     @classmethod
     def _diversity_method(cls, value: str) -> str:
-        from ml_backend.strategies.batch import METHODS
-
-        if value not in METHODS:
-            raise ValueError(f"expected one of {', '.join(METHODS)}, got {value!r}")
+        if value not in DIVERSITY_METHODS:
+            raise ValueError(f"expected one of {', '.join(DIVERSITY_METHODS)}, got {value!r}")
         return value
 
     @field_validator("diversity_z_radius")
@@ -282,15 +306,11 @@ class Settings(BaseSettings):
     @field_validator("context_offsets")
     @classmethod
     def _context_offsets(cls, value: str) -> str:
-        from ml_backend.data.context import parse_offsets
-
         return ",".join(str(o) for o in parse_offsets(str(value)))
 
     @property
     def context_offset_list(self) -> tuple[int, ...]:
         """CONTEXT_OFFSETS as integers (validated: distinct, holding 0)."""
-        from ml_backend.data.context import parse_offsets
-
         return parse_offsets(self.context_offsets)
 
     @field_validator("uncertainty_thresholds")

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# the offsets parser lives in config (the CONTEXT_OFFSETS validator needs it; config is the bottom layer)
+from ml_backend.config import DEFAULT_OFFSETS, parse_offsets, resolve_offsets
+
 __all__ = [
     "ContextTile",
     "SliceReader",
@@ -36,8 +39,6 @@ __all__ = [
     "slice_reader",
     "spatial_shape",
 ]
-
-DEFAULT_OFFSETS = (-1, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,6 @@ def slice_reader(
         return SliceReader(n, lambda k: stack.get(k))
     items = list(stack)
     return SliceReader(len(items) if n_slices is None else n_slices, lambda k: items[k] if k < len(items) else None)
-
-
-def resolve_offsets(offsets: Sequence[int] = DEFAULT_OFFSETS) -> tuple[int, ...]:
-    """Validated slice offsets: integers, no duplicates, containing 0 (the tile's own slice)."""
-    out = tuple(int(o) for o in offsets)
-    if not out or 0 not in out or len(set(out)) != len(out):
-        raise ValueError(f"offsets must be distinct integers including 0, got {offsets}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -148,17 +141,6 @@ def context_batch(
     if len(pos) == 0:
         return np.zeros((0, len(offs), size, size), dtype=np.float32)
     return np.stack([read_context(reader, int(z), int(y), int(x), size, offs).image for z, y, x in pos])
-
-
-def parse_offsets(text: str | Sequence[int]) -> tuple[int, ...]:
-    """Offsets from a comma-separated string (``"-1,0,1"``, the CONTEXT_OFFSETS setting) or a sequence, validated."""
-    if isinstance(text, str):
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-        return resolve_offsets(values)
-    return resolve_offsets(text)
 
 
 def model_offsets(model: object) -> tuple[int, ...]:

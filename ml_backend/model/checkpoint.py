@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ml_backend.data.atomic import open_atomic
 from ml_backend.model.unet import UNet
-from ml_backend.store.atomic import open_atomic
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet}
 

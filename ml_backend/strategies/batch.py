@@ -61,6 +61,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
+from ml_backend.config import DIVERSITY_METHODS
+
 from .diversity import min_sq_dists
 
 __all__ = [
@@ -254,7 +256,7 @@ def stack_conflicts(pos: StackPositions, i: int, others: StackPositions, nb: Nei
     )
 
 
-METHODS = ("auto", "typiclust", "weighted_kmeans", "top", "stochastic")
+METHODS = DIVERSITY_METHODS  # defined in config (the DIVERSITY_METHOD validator needs them)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 
-from ml_backend.training.metrics import IGNORE
+from ml_backend.data.masks import IGNORE
 
 __all__ = [
     "DEFAULT_REGION_COST",

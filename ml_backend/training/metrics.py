@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = -1  # mask value for unknown pixels (sparse label config: unpainted)
+from ml_backend.data.masks import IGNORE  # mask value for unknown pixels (sparse label config: unpainted)
 
 
 def _binary_pair(pred: np.ndarray, target: np.ndarray, ignore: int | None) -> tuple[np.ndarray, np.ndarray]:

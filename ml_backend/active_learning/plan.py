@@ -24,7 +24,7 @@ from ml_backend.active_learning.round import RoundPlan
 from ml_backend.active_learning.selection import QueueOrder, Ranking, StackAware
 from ml_backend.config import Settings, torch_device
 from ml_backend.inference.scoring import PoolScores, ScoringConfig
-from ml_backend.strategies.batch import BatchConfig, Neighbourhood
+from ml_backend.strategies.batch import BatchConfig, LabelledTiles, Neighbourhood
 from ml_backend.training.recipe import EnsembleSpec, ModelState, initial_model, product_train_config
 
 log = logging.getLogger(__name__)
@@ -166,28 +166,38 @@ def audit_slots(k: int, n_audit: int, every: int) -> int:
     return 0 if every <= 0 else min(n_audit, k // every)
 
 
+@dataclass(frozen=True)
+class FixedPool:
+    """A pool with fixed queue scores (``stack_aware_order``): task ``ids``, their ``scores`` (lower = more
+    informative), ``embeddings`` (rows for ``ids``, or None) and ``positions`` (rows for ``ids``)."""
+
+    ids: Sequence[int]
+    scores: np.ndarray
+    embeddings: np.ndarray | None
+    positions: np.ndarray
+
+
 def stack_aware_order(
-    ids: Sequence[int],
-    base_scores: np.ndarray,
-    embeddings: np.ndarray | None,
-    positions: np.ndarray,
+    pool: FixedPool,
     *,
     k: int,
     config: BatchConfig,
-    labelled_positions: np.ndarray | None = None,
-    labelled_embeddings: np.ndarray | None = None,
+    labelled: LabelledTiles | None = None,
     audit: Sequence[int] = (),
     audit_every: int = 0,
     seed: int = 0,
 ) -> list[int]:
-    """The served order ``StackAwareQueue`` gives for fixed queue scores ``base_scores`` (lower = more informative)
-    and ``positions`` (rows for ``ids``): the next batch of ``k`` places without near-duplicates, then the rest."""
-    ids = [int(i) for i in ids]
+    """The served order ``StackAwareQueue`` gives for the fixed queue scores of ``pool``: the next batch of ``k``
+    places without near-duplicates (of each other and of the ``labelled`` tiles' positions and embeddings; their
+    ``count`` is not used), then the rest."""
+    labelled_positions = None if labelled is None else labelled.positions
+    labelled_embeddings = None if labelled is None else labelled.embeddings
+    ids = [int(i) for i in pool.ids]
     row = {t: i for i, t in enumerate(ids)}
-    pos = np.asarray(positions)
-    summary = {} if embeddings is None else {"embedding": np.asarray(embeddings)}
+    pos = np.asarray(pool.positions)
+    summary = {} if pool.embeddings is None else {"embedding": np.asarray(pool.embeddings)}
     stack = StackAware(
-        _FixedQueue(np.asarray(base_scores, dtype=np.float64)), lambda xs: pos[[row[int(t)] for t in xs]], k=k,
+        _FixedQueue(np.asarray(pool.scores, dtype=np.float64)), lambda xs: pos[[row[int(t)] for t in xs]], k=k,
         config=config, labelled_positions=None if labelled_positions is None else lambda: labelled_positions,
     )  # fmt: skip
     queue = StackAwareQueue(stack, list(audit), audit_every)

@@ -141,7 +141,7 @@ class StackAware:
     def __call__(
         self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
     ) -> Ranking:
-        from ml_backend.strategies.batch import BatchConfig, select_batch
+        from ml_backend.strategies.batch import BatchConfig, LabelledTiles, select_batch
 
         cfg = self.config or BatchConfig(method="top")
         ranking, info = _informativeness(
@@ -187,9 +187,7 @@ class StackAware:
             emb,
             positions,
             k,
-            labelled_embeddings=labelled_embeddings,
-            labelled_positions=lpos,
-            n_labelled=n_labelled,
+            labelled=LabelledTiles(labelled_embeddings, lpos, n_labelled),
             config=cfg,
             seed=seed,
             z_features=thumbs,

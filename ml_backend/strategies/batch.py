@@ -68,6 +68,7 @@ from .diversity import min_sq_dists
 __all__ = [
     "BatchConfig",
     "BatchSelection",
+    "LabelledTiles",
     "Neighbourhood",
     "StackPositions",
     "coverage_order",
@@ -504,15 +505,24 @@ def _weighted_kmeans(picker: _Picker, x: np.ndarray, scores: np.ndarray, k: int,
     picker.fill_by(scores, k)
 
 
+@dataclass(frozen=True)
+class LabelledTiles:
+    """The already labelled tiles ``select_batch`` works around: their ``embeddings`` (m, D) (TypiClust counts them
+    as covering their clusters), their ``positions`` (``StackPositions`` / (m, 5|6) array: their neighbours are
+    skipped) and how many there are, ``count`` (None: the rows given)."""
+
+    embeddings: np.ndarray | None = None
+    positions: StackPositions | np.ndarray | None = None
+    count: int | None = None
+
+
 def select_batch(
     scores: np.ndarray,
     embeddings: np.ndarray,
     positions: StackPositions | np.ndarray | None,
     k: int,
     *,
-    labelled_embeddings: np.ndarray | None = None,
-    labelled_positions: StackPositions | np.ndarray | None = None,
-    n_labelled: int | None = None,
+    labelled: LabelledTiles | None = None,
     config: BatchConfig | None = None,
     seed: int = 0,
     z_features: np.ndarray | None = None,
@@ -521,11 +531,13 @@ def select_batch(
 
     scores: (n,) informativeness, higher = more informative (any scale; e.g. a Strategy's ``Selection.values``).
     embeddings: (n, D) bottleneck features (``model.embed``). positions: ``StackPositions`` / (n, 5|6) array, or
-    None when tiles have no stack position. ``labelled_*``: the already labelled tiles (their neighbours are
-    skipped; TypiClust counts them as covering their clusters). ``n_labelled`` defaults to the labelled rows given.
+    None when tiles have no stack position. ``labelled``: the already labelled tiles (``LabelledTiles``; their
+    neighbours are skipped, TypiClust counts them as covering their clusters; their count defaults to the rows given).
     ``z_features``: (n, D) ``thumbnail``s the "auto" z radius is measured on (None: the fallback radius).
     """
     cfg = config or BatchConfig()
+    labelled = labelled or LabelledTiles()
+    labelled_embeddings, labelled_positions, n_labelled = labelled.embeddings, labelled.positions, labelled.count
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1:
         raise ValueError(f"scores must be 1-D, got {s.shape}")

@@ -10,6 +10,7 @@ import torch
 from ml_backend.active_learning import LabelledSet, LabelledTile, QueueOrder, run_round
 from ml_backend.active_learning.audit import AuditGate, audit_every, audit_task_ids, split_audit
 from ml_backend.active_learning.plan import (
+    FixedPool,
     StackAwareQueue,
     batch_config,
     interleave_audit,
@@ -23,7 +24,7 @@ from ml_backend.config import Settings
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.inference.scoring import PoolScores
 from ml_backend.strategies import get_strategy
-from ml_backend.strategies.batch import BatchConfig, Neighbourhood
+from ml_backend.strategies.batch import BatchConfig, LabelledTiles, Neighbourhood
 
 
 def _task(tid: int, z: int, y: int, x: int, size: int = 64, source: str = "/data/stack.tif") -> dict:
@@ -72,14 +73,14 @@ def test_next_batch_holds_at_most_one_tile_per_near_duplicate_column():
     emb = rng.normal(size=(len(ids), 8))
     for method in ("weighted_kmeans", "typiclust", "top"):
         cfg = BatchConfig(neighbourhood=Neighbourhood(z_radius=3), method=method)
-        order = stack_aware_order(ids, base, emb, positions_of(ids, tasks), k=6, config=cfg)
+        order = stack_aware_order(FixedPool(ids, base, emb, positions_of(ids, tasks)), k=6, config=cfg)
         assert sorted(order) == ids  # every task once
         first = order[:6]
         columns = [task_position(tasks[t])[3] for t in first]
         assert len(set(columns)) == 6, (method, first, columns)
     # without the rule (z radius -1, "top"): the base order, near-duplicates first
     off = BatchConfig(neighbourhood=Neighbourhood(z_radius=-1), method="top", feature_radius=0.0)
-    order = stack_aware_order(ids, base, emb, positions_of(ids, tasks), k=6, config=off)
+    order = stack_aware_order(FixedPool(ids, base, emb, positions_of(ids, tasks)), k=6, config=off)
     assert order == ids
 
 
@@ -90,8 +91,9 @@ def test_labelled_neighbours_and_audit_places_are_excluded_from_the_batch():
     base = np.linspace(0.0, 1.0, len(ids))
     audit = [ids[-1]]  # group 9's last slice is an audit task, served at place 3 (every 4)
     cfg = BatchConfig(neighbourhood=Neighbourhood(z_radius=3), method="top", feature_radius=0.0)
-    order = stack_aware_order(ids, base, None, positions_of(ids, tasks), k=8, config=cfg, audit=audit,
-                              audit_every=4, labelled_positions=positions_of(labelled, tasks))  # fmt: skip
+    pool = FixedPool(ids, base, None, positions_of(ids, tasks))
+    order = stack_aware_order(pool, k=8, config=cfg, audit=audit, audit_every=4,
+                              labelled=LabelledTiles(positions=positions_of(labelled, tasks)))  # fmt: skip
     assert order[3] == audit[0] and order.count(audit[0]) == 1
     first = [tasks[t] for t in order[:8]]
     for i, a in enumerate(first):

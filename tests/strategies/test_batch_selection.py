@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ml_backend.strategies.batch import (
     BatchConfig,
+    LabelledTiles,
     Neighbourhood,
     StackPositions,
     coverage_order,
@@ -98,15 +99,15 @@ def test_labelled_tiles_block_their_neighbours():
     labelled = np.flatnonzero(group == 0)
     rest = np.flatnonzero(group != 0)
     sel = select_batch(
-        np.ones(len(rest)), emb[rest], pos[rest], 3, labelled_embeddings=emb[labelled],
-        labelled_positions=pos[labelled], config=BatchConfig(method="weighted_kmeans"),
+        np.ones(len(rest)), emb[rest], pos[rest], 3, labelled=LabelledTiles(emb[labelled], pos[labelled]),
+        config=BatchConfig(method="weighted_kmeans"),
     )  # fmt: skip
     assert sorted(group[rest][sel.order].tolist()) == [1, 2, 3]
     # A pool tile on the labelled tile's xy, 2 slices away, is skipped while others remain.
     extra_pos = np.array([[0, 5, 0, 0, 64], [0, 5, 64, 64, 64]])
     sel = select_batch(
         np.array([10.0, 1.0]), np.eye(2) * 100, extra_pos, 1,
-        labelled_embeddings=np.zeros((1, 2)), labelled_positions=np.array([[0, 3, 0, 0, 64]]),
+        labelled=LabelledTiles(np.zeros((1, 2)), np.array([[0, 3, 0, 0, 64]])),
         config=BatchConfig(method="top"),
     )  # fmt: skip
     assert sel.order.tolist() == [1]
@@ -152,8 +153,8 @@ def test_budget_switch():
     assert is_low_budget(100, 4000, 20, cfg)  # 5% of a large pool
     assert not is_low_budget(5, 100, 20, BatchConfig(low_budget_labels=5))
     pos, emb, _ = _groups(6, 2)
-    low = select_batch(np.ones(12), emb, pos, 3, n_labelled=0)
-    high = select_batch(np.ones(12), emb, pos, 3, n_labelled=1000)
+    low = select_batch(np.ones(12), emb, pos, 3, labelled=LabelledTiles(count=0))
+    high = select_batch(np.ones(12), emb, pos, 3, labelled=LabelledTiles(count=1000))
     assert (low.regime, high.regime) == ("low_budget", "high_budget")
 
 
@@ -169,7 +170,7 @@ def test_typiclust_prefers_dense_regions_and_uncovered_clusters():
     t = typicality(dense)
     assert sel.order[0] == int(np.argmax(t))
     # With the dense mode already labelled, the next pick covers another cluster.
-    sel = select_batch(rng.random(n), emb, None, 1, labelled_embeddings=dense[:3], config=cfg)
+    sel = select_batch(rng.random(n), emb, None, 1, labelled=LabelledTiles(dense[:3]), config=cfg)
     assert sel.order[0] >= 30
 
 

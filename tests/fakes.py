@@ -39,6 +39,7 @@ class FakeProject:
     annotations: dict[int, dict] = field(default_factory=dict)
     settings: Any = None
     version: str | None = None
+    title: str = "fake project"
     pushed: list[dict] = field(default_factory=list)
     _tasks: dict[int, dict] = field(default_factory=dict)
     _next_prediction: int = 1
@@ -51,6 +52,15 @@ class FakeProject:
 
     def tasks(self) -> dict[int, dict]:
         return self._tasks
+
+    def read_tasks(self, ids: Sequence[int] | None = None, *, what: str = "reading tasks") -> dict[int, dict]:
+        wanted = sorted(self._tasks) if ids is None else [int(t) for t in ids]
+        return {t: self._tasks[t] for t in wanted if t in self._tasks}
+
+    def record(self, *, retry: bool = True) -> dict:
+        labelled = sum(1 for t in self._tasks.values() if t.get("annotations"))
+        return {"id": self.pid, "title": self.title, "task_number": len(self._tasks),
+                "num_tasks_with_annotations": labelled, "model_version": self.version}  # fmt: skip
 
     def latest_annotations(self) -> dict[int, dict]:
         return dict(self.annotations)
@@ -84,7 +94,15 @@ class FakeProject:
     def model_version(self) -> str | None:
         return self.version
 
-    def counts(self) -> dict[str, int]:
+    def delete_version(self, version: str) -> int:
+        deleted = 0
+        for task in self._tasks.values():
+            kept = [p for p in task["predictions"] if p["model_version"] != version]
+            deleted += len(task["predictions"]) - len(kept)
+            task["predictions"] = kept
+        return deleted
+
+    def counts(self, *, attempts: int | None = None, timeout: float | None = None) -> dict[str, int]:
         out: dict[str, int] = {}
         for task in self._tasks.values():
             for p in task["predictions"]:

@@ -32,6 +32,16 @@ class ProjectData(Protocol):
         """Every task of the project by id (``{"id", "data", "predictions", "annotations"}``), read once."""
         ...
 
+    def read_tasks(self, ids: Sequence[int] | None = None, *, what: str = "reading tasks") -> dict[int, dict]:
+        """A fresh read (nothing cached) of the tasks ``ids`` (None: every task) by id; ids that are gone are
+        absent. ``what`` names the read in errors (e.g. "reading backlog tasks")."""
+        ...
+
+    def record(self, *, retry: bool = True) -> dict:
+        """The project's own record (``title``, ``task_number``, ``num_tasks_with_annotations``, ``model_version``,
+        ...). ``retry=False``: one request, errors as they come (a caller that bounds its own time)."""
+        ...
+
     def latest_annotations(self) -> dict[int, dict]:
         """The latest submitted annotation per annotated task id."""
         ...
@@ -61,6 +71,11 @@ class ProjectData(Protocol):
         """Delete older versions' predictions on tasks that hold one of ``live`` (the ``keep`` latest kept)."""
         ...
 
-    def counts(self) -> dict[str, int]:
-        """``{model_version: number of predictions}``."""
+    def delete_version(self, version: str) -> int:
+        """Delete every prediction of ``version`` in the project; returns how many were deleted."""
+        ...
+
+    def counts(self, *, attempts: int | None = None, timeout: float | None = None) -> dict[str, int]:
+        """``{model_version: number of predictions}``. ``attempts`` / ``timeout``: bounds for a caller that bounds
+        its own time (the status page: one attempt, 5 s); None: the implementation's defaults."""
         ...

@@ -19,7 +19,6 @@ again; RQ retries a failed job (10, 30, 60 s).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -36,7 +35,6 @@ from .logs import ensure_logging
 log = logging.getLogger(__name__)
 
 DEADLINE_MARGIN_S = 120  # the chunk's own deadline ends this long before RQ's job timeout
-LIST_IDS = 100  # task ids per Label Studio listing call (they go into the query string)
 
 
 def predict_backlog(project_id: int, version: str, task_ids: list[int]) -> dict:
@@ -63,7 +61,6 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
     from ml_backend.active_learning import ScoredPool
     from ml_backend.active_learning.selection import Ranking
     from ml_backend.inference.scoring import PoolScores
-    from ml_backend.labelstudio.client import connect, paged
     from ml_backend.labelstudio.loop import LabelStudioSink, _holds_prediction
     from ml_backend.labelstudio.project_data import LabelStudioProject
     from ml_backend.server.predict import predict_tasks
@@ -75,14 +72,8 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
     if live != version:
         log.info("project %s: %d backlog task(s) of %s dropped: %s is live now", pid, len(ids), version, live)
         return {"status": "superseded", "project": pid, "version": version, "live": live, "tasks": len(ids)}
-    ls = ls if ls is not None else connect(settings)
-    listed: dict[int, dict] = {}
-    for start in range(0, len(ids), LIST_IDS):  # the ids travel in the URL: a bounded number per call
-        part = ids[start : start + LIST_IDS]
-        query = json.dumps({"selectedItems": {"all": False, "included": part}})
-        what = f"reading backlog tasks {start}..{start + len(part) - 1} of project {pid}"
-        listed.update((int(t["id"]), t) for t in paged(ls, ls.tasks.list, project=pid, fields="all", query=query,
-                                                        what=what))  # fmt: skip
+    project = LabelStudioProject(pid, settings, ls)  # ProjectData (connects when ``ls`` is None)
+    listed = project.read_tasks(ids, what="reading backlog tasks")  # by id, a bounded number per call
     todo = [listed[t] for t in ids if t in listed and not _holds_prediction(listed[t], version)]
     summary: dict[str, Any] = {"status": "done", "project": pid, "version": version, "tasks": len(ids),
                                "gone": sum(t not in listed for t in ids), "held": len(ids) - len(todo)}  # fmt: skip
@@ -99,7 +90,7 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
         [tid for tid, _ in done], PoolScores({}, np.zeros(len(done), dtype=np.int64)), [r["result"] for _, r in done]
     )
     ranking = Ranking(scored.ids, [], np.asarray([float(r["score"]) for _, r in done], dtype=np.float64))
-    project = LabelStudioProject(pid, settings, ls, listed=listed, config=config)
+    project.listed, project.config = listed, config  # the sink reads these tasks and the stored label config
     delivered = LabelStudioSink(project).put(version, scored, ranking) if done else 0
     failed = [int(todo[i]["id"]) for i, r in enumerate(outcome.results) if not isinstance(r, dict)]
     for err in outcome.errors:

@@ -40,7 +40,9 @@ from typing import Any
 import numpy as np
 
 from ml_backend.active_learning.plan import pretrained_path
+from ml_backend.active_learning.project import ProjectData
 from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.labelstudio.errors import LabelStudioError
 from ml_backend.queue.coordination import run_exclusive
 from ml_backend.queue.status import JobProgress
 from ml_backend.store.atomic import write_atomic
@@ -173,8 +175,7 @@ def cold_start(
         return {"status": "skipped", "reason": f"{registry.current_version()} serves already: nothing to pretrain"}
     t0 = time.monotonic()
     done: dict[str, float] = {}
-    project = LabelStudioProject(pid, settings, ls)  # ProjectData: tasks, label config, model inputs
-    ls = project.ls
+    project = LabelStudioProject(pid, settings, ls)  # ProjectData: tasks, label config, model inputs, delivery
     config, _ = project.label_config()
     tasks = project.tasks()
     if not tasks:
@@ -183,10 +184,10 @@ def cold_start(
     spread = cold_start_order(unlabelled, tasks, settings)
     summary: dict[str, Any] = {}
     with _phase(progress, done, "spread", len(spread), "tasks") as ph:
-        if _spread_in_place(ls, pid, tasks, unlabelled):
+        if _spread_in_place(project, tasks, unlabelled):
             summary["spread"] = "in place"
         else:
-            summary["spread"] = publish_order(ls, pid, spread, report=ph.report)
+            summary["spread"] = publish_order(project, spread, report=ph.report)
     audit = set(audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed))
     embed_ids = [t for t in spread if t not in audit][: settings.coldstart_embed_tiles]
     embedded, open_ = set(embed_ids), set(unlabelled)
@@ -243,7 +244,7 @@ def cold_start(
         _skip_rest(progress, done)
         return {**summary, "queue": "kept (a trained version serves)", "phases": done}
     with _phase(progress, done, "publish", len(order), "tasks") as ph:
-        summary.update(publish_order(ls, pid, order, report=ph.report))
+        summary.update(publish_order(project, order, report=ph.report))
     summary.update(queue="coverage", embedded=len(embed_images_), first=order[: settings.train_batch_size])
     log.info("project %s: first queue ordered for coverage (%d tasks, %d embedded)", pid, len(order),
              len(embed_images_))  # fmt: skip
@@ -305,32 +306,26 @@ def coverage_queue(
     return cold_start_order(unlabelled, tasks, settings, head=head)
 
 
-def publish_order(ls: Any, pid: int, order: list[int], *, report: Any = None) -> dict:
+def publish_order(project: ProjectData, order: list[int], *, report: Any = None) -> dict:
     """Replace the project's cold-start predictions by ``order`` as queue scores (rank / n, lower = served first,
     EMPTY results) and set its ``model_version`` to the cold-start version. Uploaded in served order, so while it
     runs the tasks already pushed are the first ones of the queue."""
     from ml_backend.active_learning.plan import rank_scores
-    from ml_backend.labelstudio.client import (
-        LabelStudioError,
-        delete_version_predictions,
-        push_predictions,
-        set_project_model_version,
-    )
 
     if not order:
         return {"queue": "empty"}
     scores = rank_scores(order, order)
     try:
-        deleted = delete_version_predictions(ls, pid, COLD_START_VERSION)
+        deleted = project.delete_version(COLD_START_VERSION)
     except LabelStudioError as exc:  # older predictions stay; the new ones still order the queue (pushed last)
-        log.warning("project %s: cold-start predictions not deleted (%s)", pid, exc)
+        log.warning("project %s: cold-start predictions not deleted (%s)", project.pid, exc)
         deleted = 0
     preds = [{"task": int(t), "result": [], "score": float(s), "model_version": COLD_START_VERSION}
              for t, s in zip(order, scores, strict=True)]  # fmt: skip
     for start in range(0, len(preds), PUBLISH_CHUNK):
-        push_predictions(ls, pid, preds[start : start + PUBLISH_CHUNK])
+        project.push_predictions(preds[start : start + PUBLISH_CHUNK])
         if start == 0:  # the head of the queue is in: make Label Studio order by it now
-            set_project_model_version(ls, pid, COLD_START_VERSION)
+            project.set_model_version(COLD_START_VERSION)
         if report is not None:
             report(min(len(preds), start + PUBLISH_CHUNK))
     return {"queued": len(order), "replaced": deleted}
@@ -339,24 +334,23 @@ def publish_order(ls: Any, pid: int, order: list[int], *, report: Any = None) ->
 def publish_spread_queue(ls: Any, pid: int, settings: Settings) -> dict:
     """Publish the position-spread order of the project's unlabelled tasks at once (seconds, no image read, no
     model): what the quick start calls right after importing, so that the first batch is worth labelling before
-    the cold start's worker even starts. The cold start's first phase skips it when it is in place."""
+    the cold start's worker even starts. The cold start's first phase skips it when it is in place. ``ls``: an SDK
+    client (None: connect with ``settings``); the project is read and written through its ``ProjectData``."""
     from ml_backend.active_learning.plan import cold_start_order
-    from ml_backend.labelstudio.client import list_tasks
+    from ml_backend.labelstudio.project_data import LabelStudioProject
 
     registry = ModelRegistry(settings.model_dir, pid)
     if registry.current_version() is not None:
         return {"queue": "kept (a trained version serves)"}
-    tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+    project = LabelStudioProject(pid, settings, ls)
+    tasks = project.tasks()
     order = cold_start_order([t for t in sorted(tasks) if not _labelled(tasks[t])], tasks, settings)
-    return {**publish_order(ls, pid, order), "first": order[: settings.train_batch_size]}
+    return {**publish_order(project, order), "first": order[: settings.train_batch_size]}
 
 
-def _spread_in_place(ls: Any, pid: int, tasks: dict[int, dict], unlabelled: list[int]) -> bool:
+def _spread_in_place(project: ProjectData, tasks: dict[int, dict], unlabelled: list[int]) -> bool:
     """Whether every unlabelled task holds exactly one cold-start prediction and the project orders by it."""
-    from ml_backend.labelstudio.client import as_dict, call
-
-    project = as_dict(call(ls, ls.projects.get, id=int(pid), what=f"reading project {pid}"))
-    if project.get("model_version") != COLD_START_VERSION:
+    if project.model_version() != COLD_START_VERSION:
         return False
     for t in unlabelled:
         preds = [p for p in tasks[t].get("predictions") or [] if isinstance(p, dict)]

@@ -23,6 +23,8 @@ from tenacity import (
     wait_exponential,
 )
 
+from ml_backend.labelstudio.errors import LabelStudioAuthError, LabelStudioError, LabelStudioUnavailable
+
 __all__ = [
     "LabelStudioAuthError",
     "LabelStudioError",
@@ -60,18 +62,6 @@ RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 REQUEST_TIMEOUT_S = 60.0
 PREDICTION_CHUNK = 200
 BULK_DELETE_TIMEOUT_S = 900.0  # SQLite deletes ~120 predictions/s: a version of 2,000 tasks took 17 s
-
-
-class LabelStudioError(RuntimeError):
-    """A Label Studio call failed for a reason retrying does not fix (bad request, missing project, ...)."""
-
-
-class LabelStudioUnavailable(LabelStudioError):
-    """Label Studio cannot be reached (or keeps failing) after retries with backoff."""
-
-
-class LabelStudioAuthError(LabelStudioUnavailable):
-    """Label Studio rejected the API token (401/403)."""
 
 
 def _base_url(ls: Any) -> str:

@@ -10,7 +10,9 @@ built from it, and the chunk's scoring (``loop.score_tiles``: summaries + brush 
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +21,26 @@ import numpy as np
 
 from ml_backend.config import Settings
 from ml_backend.labelstudio.annotations import task_image_url
+from ml_backend.labelstudio.client import (
+    as_dict,
+    call,
+    connect,
+    delete_version_predictions,
+    latest_annotations,
+    list_tasks,
+    model_version_counts,
+    paged,
+    push_predictions,
+    sdk_client,
+    set_project_model_version,
+)
 from ml_backend.labelstudio.neighbours import NeighbourIndex, context_urls, load_context_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChunkInputs", "LabelStudioProject"]
+__all__ = ["LIST_IDS", "ChunkInputs", "LabelStudioProject", "ProjectOpener"]
+
+LIST_IDS = 100  # task ids per Label Studio listing call in ``read_tasks(ids)`` (they go into the query string)
 
 
 @dataclass
@@ -42,21 +59,33 @@ class LabelStudioProject:
     def __post_init__(self) -> None:
         self.pid = int(self.pid)
         if self.ls is None:
-            from ml_backend.labelstudio.client import connect
-
             self.ls = connect(self.settings)
 
     # ----------------------------------------------------------------------------------------------- reading
     def tasks(self) -> dict[int, dict]:
         if self.listed is None:
-            from ml_backend.labelstudio.client import list_tasks
-
-            self.listed = {int(t["id"]): t for t in list_tasks(self.ls, self.pid)}
+            self.listed = self.read_tasks()
         return self.listed
 
-    def latest_annotations(self) -> dict[int, dict]:
-        from ml_backend.labelstudio.client import latest_annotations
+    def read_tasks(self, ids: Sequence[int] | None = None, *, what: str = "reading tasks") -> dict[int, dict]:
+        if ids is None:
+            return {int(t["id"]): t for t in list_tasks(self.ls, self.pid)}
+        wanted = [int(t) for t in ids]
+        out: dict[int, dict] = {}
+        for start in range(0, len(wanted), LIST_IDS):  # the ids travel in the URL: a bounded number per call
+            part = wanted[start : start + LIST_IDS]
+            query = json.dumps({"selectedItems": {"all": False, "included": part}})
+            label = f"{what} {start}..{start + len(part) - 1} of project {self.pid}"
+            out.update((int(t["id"]), t) for t in paged(self.ls, self.ls.tasks.list, project=self.pid, fields="all",
+                                                        query=query, what=label))  # fmt: skip
+        return out
 
+    def record(self, *, retry: bool = True) -> dict:
+        if not retry:
+            return as_dict(self.ls.projects.get(id=self.pid))
+        return as_dict(call(self.ls, self.ls.projects.get, id=self.pid, what=f"reading project {self.pid}"))
+
+    def latest_annotations(self) -> dict[int, dict]:
         return {int(k): v for k, v in latest_annotations(list(self.tasks().values())).items()}
 
     def label_config(self) -> tuple[Any, str]:
@@ -79,34 +108,50 @@ class LabelStudioProject:
 
     # ---------------------------------------------------------------------------------------------- delivery
     def push_predictions(self, predictions: list[dict]) -> int:
-        from ml_backend.labelstudio.client import push_predictions
-
         return push_predictions(self.ls, self.pid, predictions)
 
     def set_model_version(self, version: str) -> None:
-        from ml_backend.labelstudio.client import set_project_model_version
-
         set_project_model_version(self.ls, self.pid, version)
 
     def model_version(self) -> str | None:
-        from ml_backend.labelstudio.client import as_dict, call
-
-        project = as_dict(call(self.ls, self.ls.projects.get, id=self.pid, what=f"reading project {self.pid}"))
-        return project.get("model_version")
+        return self.record().get("model_version")
 
     def prune(self, live: str, covered: Iterable[int], keep: int) -> Any:
         from ml_backend.labelstudio.hygiene import prune_predictions
 
         return prune_predictions(self.ls, self.pid, live, self.tasks(), covered, keep=keep)
 
-    def counts(self) -> dict[str, int]:
-        from ml_backend.labelstudio.client import model_version_counts
+    def delete_version(self, version: str) -> int:
+        return delete_version_predictions(self.ls, self.pid, version)
 
-        return model_version_counts(self.ls, self.pid)
+    def counts(self, *, attempts: int | None = None, timeout: float | None = None) -> dict[str, int]:
+        bounds: dict[str, Any] = {}
+        if attempts is not None:
+            bounds["attempts"] = int(attempts)
+        if timeout is not None:
+            bounds["timeout"] = float(timeout)
+        return model_version_counts(self.ls, self.pid, **bounds)
 
     def chunk_inputs(self) -> ChunkInputs:
         """The re-scoring chunks' loaders for this project (the coordinator's: it also describes the tasks)."""
         return ChunkInputs(self.label_config()[0], self.settings, self.tasks())
+
+
+class ProjectOpener:
+    """``LabelStudioProject``s of any project over ONE shared SDK client, made on first use by the backend's one
+    client factory with ``timeout`` and no check or retry of its own (the status page's: a slow or absent Label
+    Studio never holds it)."""
+
+    def __init__(self, settings: Settings, *, timeout: float) -> None:
+        self.settings, self.timeout = settings, float(timeout)
+        self._ls: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, pid: int) -> LabelStudioProject:
+        with self._lock:
+            if self._ls is None:
+                self._ls = sdk_client(self.settings, timeout=self.timeout)
+        return LabelStudioProject(int(pid), self.settings, self._ls)
 
 
 @dataclass

@@ -41,7 +41,10 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the page renders without numpy; the counts' caller hands a ProjectData
+    from ml_backend.active_learning.project import ProjectData
 
 __all__ = [
     "ROLLBACK_CLI",
@@ -666,22 +669,20 @@ def collect_project_status(
     }
 
 
-def label_studio_counts(ls: Any, project_id: int, live_version: str | None) -> dict:
-    """{"title", "labelled", "unlabelled", "total", "with_live_prediction"} from Label Studio: two requests, no retry
-    (the caller bounds the time; a slow or absent Label Studio must never hold the page)."""
-    from ml_backend.labelstudio.client import as_dict, model_version_counts
-
-    project = as_dict(ls.projects.get(id=int(project_id)))
-    total = int(project.get("task_number") or 0)
-    labelled = int(project.get("num_tasks_with_annotations") or 0)
+def label_studio_counts(project: ProjectData, live_version: str | None) -> dict:
+    """{"title", "labelled", "unlabelled", "total", "with_live_prediction"} from the project's ``ProjectData``: two
+    requests, no retry (the caller bounds the time; a slow or absent Label Studio must never hold the page)."""
+    record = project.record(retry=False)
+    total = int(record.get("task_number") or 0)
+    labelled = int(record.get("num_tasks_with_annotations") or 0)
     out: dict[str, Any] = {
-        "title": project.get("title"),
+        "title": record.get("title"),
         "total": total,
         "labelled": labelled,
         "unlabelled": max(0, total - labelled),
     }
     if live_version:
-        counts = model_version_counts(ls, int(project_id), attempts=1, timeout=5)
+        counts = project.counts(attempts=1, timeout=5)
         out["with_live_prediction"] = int(counts.get(live_version) or 0)
     else:
         out["with_live_prediction"] = 0

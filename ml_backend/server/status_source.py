@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ml_backend.config import Settings
+from ml_backend.labelstudio.project_data import ProjectOpener
 from ml_backend.store.projects import ProjectStore
 
 __all__ = ["StatusSource", "TaskErrorLog", "backend_warnings"]
@@ -64,8 +65,8 @@ class StatusSource:
     def __init__(self, settings: Settings, store: ProjectStore, errors: TaskErrorLog) -> None:
         self.settings, self.store, self.errors = settings, store, errors
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="status")
-        self._ls: Any = None
-        self._ls_lock = threading.Lock()
+        # ProjectData per project over one client with the page's short timeout, no check, no retry of its own
+        self._projects = ProjectOpener(settings, timeout=max(1.0, float(settings.status_ls_timeout_s)))
 
     def known_projects(self) -> list[str]:
         """Projects this backend knows: a folder under MODEL_DIR/projects (set up, or holding versions)."""
@@ -74,19 +75,10 @@ class StatusSource:
             return []
         return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
 
-    def _client(self) -> Any:
-        """The backend's one client factory (``labelstudio.client.sdk_client``) with the page's short timeout."""
-        from ml_backend.labelstudio.client import sdk_client
-
-        with self._ls_lock:
-            if self._ls is None:
-                self._ls = sdk_client(self.settings, timeout=max(1.0, float(self.settings.status_ls_timeout_s)))
-            return self._ls
-
     def _counts(self, pid: str, live: str | None) -> dict:
         from .status_page import label_studio_counts
 
-        return label_studio_counts(self._client(), int(pid), live)
+        return label_studio_counts(self._projects(int(pid)), live)
 
     def _queue(self, pid: str) -> dict:
         from ml_backend.queue import queue_state

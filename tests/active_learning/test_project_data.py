@@ -16,7 +16,7 @@ from ml_backend.active_learning.project import ProjectData
 from ml_backend.active_learning.selection import Ranking
 from ml_backend.config import Settings
 from ml_backend.inference.scoring import PoolScores
-from ml_backend.labelstudio.client import LabelStudioError
+from ml_backend.labelstudio.errors import LabelStudioError
 from ml_backend.labelstudio.loop import LabelStudioSink, score_tiles
 from ml_backend.labelstudio.project_data import LabelStudioProject
 from ml_backend.model import build_model
@@ -118,3 +118,40 @@ def test_label_studio_sink_with_nothing_to_predict_leaves_the_version(tmp_path):
     project = Refusing(7, XML, {1: np.zeros((8, 8), np.float32)})
     assert LabelStudioSink(project, keep_prediction_versions=1).put("v3", None, None) == 0
     assert project.model_version() is None and project.pushed == []
+
+
+def test_the_cold_start_publishes_its_order_through_project_data():
+    """``jobs.pretrain.publish_order``: the old cold-start predictions deleted in one call, the new order pushed as
+    queue scores (lower = served first) and the project's model version set, all through ``ProjectData``."""
+    from ml_backend.jobs.pretrain import COLD_START_VERSION, publish_order
+
+    project = _project(5)
+    ids = sorted(project.images)
+    project.push_predictions([{"task": t, "result": [], "score": 0.5, "model_version": COLD_START_VERSION}
+                              for t in ids])  # fmt: skip
+    order = list(reversed(ids))
+    reports: list[int] = []
+    assert publish_order(project, order, report=reports.append) == {"queued": 5, "replaced": 5}
+    assert project.model_version() == COLD_START_VERSION and project.counts() == {COLD_START_VERSION: 5}
+    scores = {t: p["score"] for t in ids for p in project.tasks()[t]["predictions"]}
+    assert sorted(ids, key=scores.__getitem__) == order and reports == [5]
+
+    class Undeletable(FakeProject):
+        def delete_version(self, version: str) -> int:
+            raise LabelStudioError("HTTP 500")
+
+    other = Undeletable(7, XML, {1: np.zeros((8, 8), np.float32)})
+    assert publish_order(other, [1]) == {"queued": 1, "replaced": 0}  # older ones stay; the new order still serves
+    assert other.model_version() == COLD_START_VERSION
+
+
+def test_the_status_pages_counts_come_from_project_data():
+    from ml_backend.server.status_page import label_studio_counts
+
+    project = FakeProject(7, XML, {1: np.zeros((8, 8), np.float32), 2: np.zeros((8, 8), np.float32)},
+                          annotations={1: {"id": 1, "result": []}}, title="cells")  # fmt: skip
+    project.push_predictions([{"task": 2, "result": [], "score": 0.1, "model_version": "v0002"}])
+    assert label_studio_counts(project, "v0002") == {"title": "cells", "total": 2, "labelled": 1, "unlabelled": 1,
+                                                     "with_live_prediction": 1}  # fmt: skip
+    assert label_studio_counts(project, None)["with_live_prediction"] == 0
+    assert project.read_tasks([2, 99]) == {2: project.tasks()[2]}  # a task that is gone is absent

@@ -226,14 +226,16 @@ def test_collect_from_registry_and_queue_state(tmp_path):
     assert collect_project_status(reg)["promotion"]["promoted"] is True
 
 
-def test_label_studio_counts_go_through_the_clients_public_calls():
-    """The page's two requests (project, model-version counts) through ``labelstudio.client``'s one factory and its
-    public ``model_version_counts``: one attempt each (the page bounds its own time)."""
+def test_label_studio_counts_go_through_project_data():
+    """The page's two requests (project record, model-version counts) through the project's ``ProjectData``
+    (``ProjectOpener``: the backend's one client factory, the page's timeout): one attempt each (the page bounds its
+    own time)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from types import SimpleNamespace
 
-    from ml_backend.labelstudio.client import LabelStudioError, sdk_client
+    from ml_backend.labelstudio.errors import LabelStudioError
+    from ml_backend.labelstudio.project_data import ProjectOpener
     from ml_backend.server.status_page import label_studio_counts
 
     seen: list[str] = []
@@ -260,15 +262,15 @@ def test_label_studio_counts_go_through_the_clients_public_calls():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         settings = SimpleNamespace(label_studio_url=f"http://127.0.0.1:{server.server_port}", label_studio_api_key="k")
-        ls = sdk_client(settings, timeout=5)
-        counts = label_studio_counts(ls, 3, "v0002")
+        project = ProjectOpener(settings, timeout=5)(3)
+        counts = label_studio_counts(project, "v0002")
         assert counts == {"title": "cells", "total": 10, "labelled": 4, "unlabelled": 6, "with_live_prediction": 7}
-        assert label_studio_counts(ls, 3, "v0009")["with_live_prediction"] == 0
-        assert "with_live_prediction" in label_studio_counts(ls, 3, None)
+        assert label_studio_counts(project, "v0009")["with_live_prediction"] == 0
+        assert "with_live_prediction" in label_studio_counts(project, None)
         seen.clear()
         answers["versions"] = (503, {"detail": "busy"})
         with pytest.raises(LabelStudioError):
-            label_studio_counts(ls, 3, "v0002")
+            label_studio_counts(project, "v0002")
         assert sum("model-versions" in p for p in seen) == 1  # no retry: the page has its own deadline
     finally:
         server.shutdown()

@@ -99,6 +99,7 @@ def score_images(
             model, cfg.precision, cfg.runtime, device, calibration=images, calibration_tiles=cfg.calibration_tiles,
             cuda_tuning=cfg.cuda_tuning,
         )  # fmt: skip
+    run = _ScoringRun(model, strategy, cfg, device, ensemble, seed, on_probs)
     n = len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
@@ -107,9 +108,9 @@ def score_images(
     for shape, idx in groups.items():
         if shape[-2] <= cfg.tile_size and shape[-1] <= cfg.tile_size:
             group = [images[i] for i in idx]
-            summary = _score_small(model, group, idx, strategy, cfg, device, ensemble, seed, on_probs)
+            summary = _score_small(run, group, idx)
         else:
-            rows = [_score_large(model, images[i], i, strategy, cfg, device, ensemble, seed, on_probs) for i in idx]
+            rows = [_score_large(run, images[i], i) for i in idx]
             summary = {k: np.concatenate([r[k] for r in rows], axis=0) for k in rows[0]}
         for k, arr in summary.items():
             parts.setdefault(k, []).append((np.asarray(idx), np.asarray(arr)))
@@ -125,12 +126,27 @@ def score_images(
     return PoolScores(out, pixels)
 
 
-def _score_small(
-    model: Any, images: list[np.ndarray], idx: list[int], strategy: Any, cfg: ScoringConfig, device: Any,
-    ensemble: Sequence[Any] | None, seed: int, on_probs: Callable[[int, np.ndarray], None] | None,
-) -> dict[str, np.ndarray]:  # fmt: skip
+@dataclass(frozen=True)
+class _ScoringRun:
+    """What every image of one ``score_images`` call is scored with (the model on its device, the strategy, the
+    config, the ensemble, the seed and the probabilities' receiver)."""
+
+    model: Any
+    strategy: Any
+    cfg: ScoringConfig
+    device: Any
+    ensemble: Sequence[Any] | None
+    seed: int
+    on_probs: Callable[[int, np.ndarray], None] | None
+
+
+def _score_small(run: _ScoringRun, images: list[np.ndarray], idx: list[int]) -> dict[str, np.ndarray]:
     """Equal-shape images that fit one tile: one ``score_pool`` call (its chunks = ``batch_size`` images)."""
     from ml_backend.strategies import score_pool
+
+    model, strategy, cfg, device, ensemble, seed, on_probs = (
+        run.model, run.strategy, run.cfg, run.device, run.ensemble, run.seed, run.on_probs
+    )  # fmt: skip
 
     def on_batch(start: int, batch: Any) -> None:
         probs = np.asarray(batch.probs)
@@ -150,13 +166,14 @@ def _score_small(
     )
 
 
-def _score_large(
-    model: Any, image: np.ndarray, index: int, strategy: Any, cfg: ScoringConfig, device: Any,
-    ensemble: Sequence[Any] | None, seed: int, on_probs: Callable[[int, np.ndarray], None] | None,
-) -> dict[str, np.ndarray]:  # fmt: skip
+def _score_large(run: _ScoringRun, image: np.ndarray, index: int) -> dict[str, np.ndarray]:
     """One image larger than a tile, with bounded memory (see the module docstring)."""
     from ml_backend.inference.tiling import predict_tiled, tile_starts
     from ml_backend.strategies import PoolBatch
+
+    model, strategy, cfg, device, ensemble, seed, on_probs = (
+        run.model, run.strategy, run.cfg, run.device, run.ensemble, run.seed, run.on_probs
+    )  # fmt: skip
 
     probs = None
     if on_probs is not None or not strategy.needs:

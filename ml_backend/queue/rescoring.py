@@ -135,15 +135,23 @@ class RescoreRound:
     scored_here: int = 0  # chunks the coordinator scored itself
 
 
+@dataclass(frozen=True)
+class RescoreJob:
+    """Which re-scoring ``start_rescore`` starts: project ``pid``'s pool for ``version``, its label config
+    (``label_xml``), the project's loaders (``inputs``), the settings and the Redis connection."""
+
+    pid: int
+    version: str
+    label_xml: str
+    inputs: ChunkInputs
+    settings: Settings
+    conn: Any
+
+
 def start_rescore(
-    pid: int,
-    version: str,
-    label_xml: str,
+    job: RescoreJob,
     strategy: Any,
     task_ids: list[int],
-    inputs: ChunkInputs,
-    settings: Settings,
-    conn: Any,
     *,
     n_ensemble: int = 0,
     helpers: bool = True,
@@ -152,6 +160,9 @@ def start_rescore(
     """Split the pool into chunks, store their context in Redis and enqueue ``rescore_chunk`` helpers (at the front
     of the queue, for idle workers); None when no task has an image to score. ``inputs.describe`` puts what each
     task's model input is read from into the context (``offsets``: the model's input slices, 2.5D context)."""
+    pid, version, label_xml, inputs, settings, conn = (
+        job.pid, job.version, job.label_xml, job.inputs, job.settings, job.conn
+    )  # fmt: skip
     described, ids = inputs.describe(list(task_ids), tuple(int(o) for o in offsets))
     if not ids:
         return None
@@ -272,7 +283,7 @@ class RedisPoolScorer:
 
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
         rnd = start_rescore(
-            self.pid, version, self.label_xml, strategy, ids, self.inputs, self.settings, self.conn,
+            RescoreJob(self.pid, version, self.label_xml, self.inputs, self.settings, self.conn), strategy, ids,
             n_ensemble=len(trained.ensemble), helpers=self.helpers, offsets=model_offsets(trained.model),
         )  # fmt: skip
         self.last = rnd

@@ -33,7 +33,7 @@ from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.queue import keys
 from ml_backend.queue.connection import get_queue
 from ml_backend.queue.keys import chunk_id
-from ml_backend.queue.rescoring import RESCORE_FUNC, RedisPoolScorer, collect_rescore, start_rescore
+from ml_backend.queue.rescoring import RESCORE_FUNC, RedisPoolScorer, RescoreJob, collect_rescore, start_rescore
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies import get_strategy
 from ml_backend.training.recipe import ModelState
@@ -82,8 +82,8 @@ class _DuplicatingScorer(RedisPoolScorer):
     duplicates: list[str] = []
 
     def score(self, trained, version, strategy, ids, seed) -> ScoredPool:
-        rnd = start_rescore(self.pid, version, self.label_xml, strategy, ids, self.inputs, self.settings, self.conn,
-                            n_ensemble=len(trained.ensemble), helpers=True)  # fmt: skip
+        rnd = start_rescore(RescoreJob(self.pid, version, self.label_xml, self.inputs, self.settings, self.conn),
+                            strategy, ids, n_ensemble=len(trained.ensemble), helpers=True)  # fmt: skip
         queue = get_queue(self.settings, self.conn)
         for chunk in rnd.chunks[1:]:
             job = queue.enqueue_call(RESCORE_FUNC, kwargs={"project_id": self.pid, "version": version,

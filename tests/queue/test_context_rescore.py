@@ -18,7 +18,7 @@ from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.model import build_model
 from ml_backend.queue.keys import rescore_ctx_key
-from ml_backend.queue.rescoring import RedisPoolScorer, collect_rescore, start_rescore
+from ml_backend.queue.rescoring import RedisPoolScorer, RescoreJob, collect_rescore, start_rescore
 from ml_backend.strategies import get_strategy
 from ml_backend.training.recipe import ModelState, TrainedModel
 
@@ -51,7 +51,7 @@ def test_rescore_reads_the_neighbouring_slices_of_the_models_offsets(tmp_path, r
     conn = redis.Redis.from_url(redis_url)
     strategy = get_strategy("entropy")
     inputs = ChunkInputs(config, settings, tasks)  # the loaders the training job hands queue/
-    rnd = start_rescore(3, "v1", XML, strategy, ids, inputs, settings, conn, helpers=False,
+    rnd = start_rescore(RescoreJob(3, "v1", XML, inputs, settings, conn), strategy, ids, helpers=False,
                         offsets=model_offsets(model))  # fmt: skip
     ctx = json.loads(conn.get(rescore_ctx_key(3, "v1")))  # what a helper worker reads
     scored = collect_rescore(rnd, model, inputs, settings, conn)

@@ -33,7 +33,7 @@ from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.labelstudio.rle import mask_to_results, results_to_mask
 from ml_backend.labelstudio.tasks import calibration_crops
 from ml_backend.queue import keys
-from ml_backend.queue.rescoring import RedisPoolScorer, collect_rescore, start_rescore
+from ml_backend.queue.rescoring import RedisPoolScorer, RescoreJob, collect_rescore, start_rescore
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies import get_strategy
 from ml_backend.training import IGNORE
@@ -337,7 +337,7 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
     strategy = get_strategy("entropy")
 
     inputs = ChunkInputs(config, settings, tasks)  # what the training job hands queue/ (the coordinator's)
-    rnd = start_rescore(9, out.version, DENSE_XML, strategy, ids, inputs, settings, conn)
+    rnd = start_rescore(RescoreJob(9, out.version, DENSE_XML, inputs, settings, conn), strategy, ids)
     assert [len(c) for c in rnd.chunks] == [4, 4, 4, 2] and len(rnd.helper_jobs) == 3
     env = {
         **os.environ,

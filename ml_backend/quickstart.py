@@ -43,7 +43,7 @@ from ml_backend.cli import worker_command
 from ml_backend.config import Settings
 from ml_backend.data.stacks import read_stack
 from ml_backend.jobs.pretrain import COLD_START_VERSION, publish_spread_queue
-from ml_backend.labelstudio.client import as_dict, call, connect
+from ml_backend.labelstudio.api import LabelStudioProject, annotate, connect
 from ml_backend.labelstudio.importing import import_tiles
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.rle import mask_to_results
@@ -166,7 +166,7 @@ def simulate_annotator(
         mask = truth[Path(d["source"]).stem]
         y, x, h, w = d["tile_y"], d["tile_x"], d["tile_height"], d["tile_width"]
         results = mask_to_results(mask[y : y + h, x : x + w], config)
-        call(ls, ls.annotations.create, id=task["id"], result=results, what=f"annotating task {task['id']}")
+        annotate(ls, task["id"], results)
         done.append({"id": int(task["id"]), "slice": d.get("slice"), "tile_y": y, "tile_x": x})
     return done
 
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         imported_at = time.monotonic()
         print(f"      import: {imported_at - import_started:.0f} s", flush=True)
         live = backend_version(settings, pid)
-        project_version = as_dict(ls.projects.get(id=pid)).get("model_version")
+        project = LabelStudioProject(pid, settings, ls)
+        project_version = project.record(retry=False).get("model_version")
         if live is None and (imported["created"] or project_version != COLD_START_VERSION):
             # issue 18: a first queue spread over the stack at once; the cold start's coverage order replaces it
             spread = publish_spread_queue(ls, pid, settings)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             while True:  # a new version of the backend's registry, delivered (the project orders by it)
                 current = backend_version(settings, pid)
-                if current not in (None, live) and as_dict(ls.projects.get(id=pid)).get("model_version") == current:
+                if current not in (None, live) and project.record(retry=False).get("model_version") == current:
                     break
                 time.sleep(10)
                 print(f"      ... {time.monotonic() - start:4.0f} s  {job_progress(pid, settings)}", flush=True)

@@ -62,7 +62,7 @@ def measure_listing(server: Any, ls: Any, pid: int, repeats: int) -> dict[str, A
     """The three listings, each ``repeats`` times (median, min, max), and the response size of the first page."""
     import requests
 
-    from ml_backend.labelstudio.client import list_tasks
+    from ml_backend.labelstudio.api import list_tasks
 
     session = requests.Session()
     session.headers["Authorization"] = f"Token {server.api_key}"
@@ -95,7 +95,7 @@ def measure_listing(server: Any, ls: Any, pid: int, repeats: int) -> dict[str, A
 
 def run(n_tasks: int, rounds: int, repeats: int, out: Path, tile: int = 64) -> dict[str, Any]:
     from ml_backend.config import Settings
-    from ml_backend.labelstudio.client import as_dict, connect, list_tasks, model_version_counts, push_predictions
+    from ml_backend.labelstudio.api import LabelStudioProject, as_dict, connect
     from ml_backend.labelstudio.hygiene import prune_predictions
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
@@ -109,8 +109,10 @@ def run(n_tasks: int, rounds: int, repeats: int, out: Path, tile: int = 64) -> d
     work = Path(tempfile.mkdtemp(prefix="bench-hygiene-"))
     server = _start_server(work)
     try:
-        ls = connect(Settings.from_env(label_studio_url=server.url, label_studio_api_key=server.api_key))
+        settings = Settings.from_env(label_studio_url=server.url, label_studio_api_key=server.api_key)
+        ls = connect(settings)
         pid = int(as_dict(ls.projects.create(title="hygiene benchmark", label_config=XML))["id"])
+        project = LabelStudioProject(pid, settings, ls)  # ProjectData: predictions, counts, a fresh task list
         ids: list[int] = []
         for start in range(0, n_tasks, 500):
             batch = [{"image": f"/data/upload/t{i}.png"} for i in range(start, min(n_tasks, start + 500))]
@@ -129,23 +131,23 @@ def run(n_tasks: int, rounds: int, repeats: int, out: Path, tile: int = 64) -> d
                 preds.append({"task": tid, "result": mask_to_results(mask, config), "score": float(rng.random()),
                               "model_version": version})  # fmt: skip
             t0 = time.perf_counter()
-            push_predictions(ls, pid, preds)
+            project.push_predictions(preds)
             t_push += time.perf_counter() - t0
             log.info("round %d/%d: %d predictions pushed", r, rounds, len(preds))
         ls.projects.update(id=pid, model_version=f"v{rounds:04d}")
         result["push_s"] = t_push
-        result["predictions_before"] = sum(model_version_counts(ls, pid).values())
+        result["predictions_before"] = sum(project.counts().values())
         result["before"] = measure_listing(server, ls, pid, repeats)
         save()
         log.info("before hygiene: %s", result["before"])
-        tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
+        tasks = project.read_tasks()
         t0 = time.perf_counter()
         # every old prediction, by id, in this one pruning (the per-round budget would leave some to later rounds)
         report = prune_predictions(ls, pid, f"v{rounds:04d}", tasks, set(ids), keep=1, max_deletes=n_tasks * rounds)
         result["hygiene_s"] = time.perf_counter() - t0
         result["hygiene_calls"] = report.calls
         result["deleted"] = report.deleted
-        result["predictions_after"] = sum(model_version_counts(ls, pid).values())
+        result["predictions_after"] = sum(project.counts().values())
         result["after"] = measure_listing(server, ls, pid, repeats)
         save()
         log.info("after hygiene: %s", result["after"])

@@ -73,7 +73,7 @@ def webhook_payload(pid: int, task_id: int, annotation: dict) -> dict:
 
 def predictions_of(ls, pid: int, version: str) -> dict[int, float]:
     """{task id: score} of every prediction of `version` in the project."""
-    from ml_backend.labelstudio.client import as_dict, list_tasks
+    from ml_backend.labelstudio.api import as_dict, list_tasks
 
     out = {}
     for task in list_tasks(ls, pid):
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from ml_backend import queue as q
     from ml_backend.config import Settings
-    from ml_backend.labelstudio.client import connect, ensure_local_storage, latest_annotations, list_tasks
+    from ml_backend.labelstudio.api import connect, ensure_local_storage, latest_annotations, list_tasks
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
     from ml_backend.services import label_studio as ls_script

@@ -1,11 +1,12 @@
 """Annotators' masks placed on the stack: where a submitted annotation exists, it wins over the prediction.
 
-Tasks come from Label Studio (the project's client, ``labelstudio.client.list_tasks``) or from a file in Label
-Studio's JSON export format (a list of tasks with ``data`` and ``annotations``: the same shape ``list_tasks``
-returns). A tile knows where it came from because ``ml-backend import`` wrote it into the task data: ``stack`` (the
-imported path, resolved), ``slice``, ``tile_x``, ``tile_y``, ``tile_width``, ``tile_height``. The latest submitted
-annotation of each task is decoded like training decodes it (``overlays.annotation_training_mask``: display-only
-layers dropped; a sparse config leaves unpainted pixels unknown, and only labelled pixels override the prediction).
+Tasks come from Label Studio (the project's ``ProjectData``, ``labelstudio.project_data.LabelStudioProject.tasks``)
+or from a file in Label Studio's JSON export format (a list of tasks with ``data`` and ``annotations``: the same
+shape Label Studio's task list has). A tile knows where it came from because ``ml-backend import`` wrote it into
+the task data: ``stack`` (the imported path, resolved), ``slice``, ``tile_x``, ``tile_y``, ``tile_width``,
+``tile_height``. The latest submitted annotation of each task is decoded like training decodes it
+(``overlays.annotation_training_mask``: display-only layers dropped; a sparse config leaves unpainted pixels unknown,
+and only labelled pixels override the prediction).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.labelstudio.client import latest_annotations
+from ml_backend.labelstudio.api import latest_annotations
 from ml_backend.labelstudio.rle import IGNORE
 
 from .source import ExportInputError

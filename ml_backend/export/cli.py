@@ -46,17 +46,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_").lower() or "class"
 
 
-def _label_config(args: argparse.Namespace, settings: Settings, ls: Any) -> Any:
+def _label_config(args: argparse.Namespace, settings: Settings, project: Any) -> Any:
     """The project's BrushConfig: --label-config, else Label Studio's, else the one /setup stored; None if none."""
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.store.projects import ProjectStore
 
     if args.label_config:
         return parse_label_config(Path(args.label_config).read_text())
-    if ls is not None:
-        from ml_backend.labelstudio.project import project_label_config
-
-        return project_label_config(ls, int(args.project), settings)[0]
+    if project is not None:  # the Label Studio project's (ProjectData.label_config)
+        return project.label_config()[0]
     xml = ProjectStore(settings.model_dir).label_config_xml(str(args.project))
     return parse_label_config(xml) if xml else None
 
@@ -126,13 +124,13 @@ def run(args: argparse.Namespace, settings: Settings) -> list[tuple[Path, dict]]
 
     from .annotations import load_tasks_file, overrides_for_stack
 
-    ls = None
+    project = None
     tasks: list[dict] = []
     if args.from_label_studio:
-        from ml_backend.labelstudio.client import connect, list_tasks
+        from ml_backend.labelstudio.project_data import LabelStudioProject
 
-        ls = connect(settings)
-        tasks = list_tasks(ls, int(args.project))
+        project = LabelStudioProject(int(args.project), settings)  # connects (checked, retried)
+        tasks = list(project.tasks().values())
     if args.annotations:
         tasks += load_tasks_file(args.annotations)
     stacks = list(args.stacks) or sorted({str((t.get("data") or {}).get("stack")) for t in tasks
@@ -140,7 +138,7 @@ def run(args: argparse.Namespace, settings: Settings) -> list[tuple[Path, dict]]
     if not stacks:
         raise ExportError("no stack to export: give stack paths, or --from-label-studio for the stacks recorded in "
                           "the project's tasks")  # fmt: skip
-    config = _label_config(args, settings, ls)
+    config = _label_config(args, settings, project)
     if tasks and config is None:
         raise ExportError(f"annotations given but no label config for project {args.project} (neither stored by "
                           "/setup nor from Label Studio): pass --label-config")  # fmt: skip

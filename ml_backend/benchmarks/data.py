@@ -34,15 +34,13 @@ def load_volume(p: Protocol) -> tuple[np.ndarray, np.ndarray]:
     from ml_backend.imaging import normalize
 
     if p.data == "volume":
-        from ml_backend.data.volume import generate_volume
+        from ml_backend.data.volume import Difficulty, generate_volume
 
         vol = generate_volume(
             (p.volume_n, p.volume_size, p.volume_size),
             setting=p.volume_setting,
             seed=p.volume_seed,
-            contrast=p.volume_contrast,
-            look_alikes=p.volume_look_alikes,
-            noise=p.volume_noise,
+            difficulty=Difficulty(contrast=p.volume_contrast, look_alikes=p.volume_look_alikes, noise=p.volume_noise),
         )
         raw, masks = vol.image, vol.mask
     elif p.data == "synthetic":

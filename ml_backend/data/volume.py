@@ -29,15 +29,27 @@ from scipy.spatial import cKDTree
 
 from ml_backend.data.synthetic import _smooth_noise
 
-__all__ = ["HARD", "SETTINGS", "SyntheticVolume", "generate_volume"]
+__all__ = ["HARD", "SETTINGS", "Difficulty", "SyntheticVolume", "generate_volume"]
 
 # z spacing / xy spacing of each named setting. VNC (ssTEM) is ~10 (4.6 nm pixels, 45-50 nm sections); 5 keeps a
 # 32-slice volume thick enough for objects to span a few slices while still changing quickly between them.
 SETTINGS: dict[str, float] = {"isotropic": 1.0, "anisotropic": 5.0}
 
-# The benchmark's harder volume (``generate_volume(**HARD)``): mitochondria half as dark, three times the dark
-# look-alikes, twice the imaging noise. Chosen once, before any strategy was run on it (not tuned to a result).
-HARD: dict[str, float] = {"contrast": 0.5, "look_alikes": 3.0, "noise": 2.0}
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard a generated volume is (``generate_volume``'s ``difficulty``; issue 11): ``contrast`` scales the
+    mitochondria's darkening against the cytoplasm, ``look_alikes`` the expected number of dark vesicles and
+    granules, ``noise`` the signal-dependent imaging noise. The defaults (1, 1, 1) give exactly the first volumes."""
+
+    contrast: float = 1.0
+    look_alikes: float = 1.0
+    noise: float = 1.0
+
+
+# The benchmark's harder volume (``generate_volume(difficulty=HARD)``): mitochondria half as dark, three times the
+# dark look-alikes, twice the imaging noise. Chosen once, before any strategy was run on it (not tuned to a result).
+HARD = Difficulty(contrast=0.5, look_alikes=3.0, noise=2.0)
 
 BACKGROUND, MITOCHONDRION, NUCLEUS = 0, 1, 2
 
@@ -265,23 +277,23 @@ def generate_volume(
     multiclass: bool = False,
     foreground: float | None = None,
     nuclei: int = 1,
-    contrast: float = 1.0,
-    look_alikes: float = 1.0,
-    noise: float = 1.0,
+    difficulty: Difficulty = Difficulty(),
 ) -> SyntheticVolume:
     """A seeded EM-like volume (Z, H, W) uint8 with class labels; 3-5 s for 32x256x256 on one CPU core.
 
     ``setting`` picks the z/xy spacing ratio (``SETTINGS``); ``anisotropy`` overrides it. ``foreground`` is the
     target mitochondria fraction (default: drawn in [0.05, 0.09], like the 2-D generator and VNC's 5-8%).
     ``multiclass``: labels 2 for nuclei (else nuclei are background distractors); it changes only the labels, the
-    image depends on (shape, anisotropy, seed, foreground, nuclei, contrast, look_alikes, noise) alone.
+    image depends on (shape, anisotropy, seed, foreground, nuclei, difficulty) alone.
 
-    Difficulty (issue 11: with the defaults every benchmark condition reached ~0.90 IoU on the isotropic volume, too
-    easy to rank strategies): ``contrast`` scales the mitochondria's darkening against the cytoplasm (membrane rim
-    and cristae; 1 = default, 0.5 = half as dark, closer to the granules and vesicles), ``look_alikes`` multiplies
-    the expected number of dark vesicles and granules, ``noise`` scales the signal-dependent imaging noise. The
-    defaults (1, 1, 1) give exactly the previous volumes; ``HARD`` holds the benchmark's harder setting.
+    ``difficulty`` (``Difficulty``; issue 11: with the defaults every benchmark condition reached ~0.90 IoU on the
+    isotropic volume, too easy to rank strategies): ``contrast`` scales the mitochondria's darkening against the
+    cytoplasm (membrane rim and cristae; 1 = default, 0.5 = half as dark, closer to the granules and vesicles),
+    ``look_alikes`` multiplies the expected number of dark vesicles and granules, ``noise`` scales the signal-dependent
+    imaging noise. The defaults (1, 1, 1) give exactly the previous volumes; ``HARD`` holds the benchmark's harder
+    setting.
     """
+    contrast, look_alikes, noise = difficulty.contrast, difficulty.look_alikes, difficulty.noise
     if contrast <= 0 or look_alikes < 0 or noise < 0:
         raise ValueError(f"need contrast > 0, look_alikes >= 0, noise >= 0; got {contrast}, {look_alikes}, {noise}")
     if len(shape) != 3 or min(shape) < 1 or shape[1] < 16 or shape[2] < 16:

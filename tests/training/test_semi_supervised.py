@@ -26,7 +26,7 @@ def _one_thread():
 
 def _tiles(n_slices: int = 8, size: int = 128, tile: int = 64, seed: int = 3) -> tuple[list, list]:
     """2-D tiles of a generated isotropic volume (images normalised to [0, 1], masks 0/1)."""
-    vol = generate_volume((n_slices, size, size), setting="isotropic", seed=seed, **HARD)
+    vol = generate_volume((n_slices, size, size), setting="isotropic", seed=seed, difficulty=HARD)
     raw = np.asarray(vol.image, dtype=np.float32) / 255.0
     lab = vol.mask.astype(np.int64)
     imgs, msks = [], []

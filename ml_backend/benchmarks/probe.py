@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from ml_backend.model import build_model
     from ml_backend.training import TrainConfig, evaluate, fine_tune
     from ml_backend.training.augment import AugmentConfig
+    from ml_backend.training.trainer import ValidationTiles
 
     torch.set_num_threads(a.threads)
     vnc = data.default_vnc_dir() / "stack1"
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         list(ds.pool_masks),
         cfg,
         progress=show,
-        val_images=ds.test_images,
-        val_masks=test_masks,
+        validation=ValidationTiles(ds.test_images, test_masks),
         calibration_images=run.calibration(ds, p),
     )
     test = run.evaluate_test(model, ds, p)

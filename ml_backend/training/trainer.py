@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -278,6 +278,15 @@ def _num_classes(model: nn.Module) -> int | None:
     return int(hp["num_classes"]) if isinstance(hp, dict) and "num_classes" in hp else None
 
 
+@dataclass(frozen=True)
+class ValidationTiles:
+    """``fine_tune``'s validation tiles, given instead of a held-out share: ``images`` as its training images,
+    ``masks`` their (H, W) class indices or IGNORE."""
+
+    images: Sequence[np.ndarray]
+    masks: Sequence[np.ndarray]
+
+
 def fine_tune(
     model: nn.Module,
     images: list[np.ndarray],
@@ -285,30 +294,27 @@ def fine_tune(
     config: TrainConfig | None = None,
     *,
     progress: Callable[[dict], None] | None = None,
-    val_images: list[np.ndarray] | None = None,
-    val_masks: list[np.ndarray] | None = None,
+    validation: ValidationTiles | None = None,
     calibration_images: list[np.ndarray] | None = None,
     unlabelled_images: list[np.ndarray] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on (image, mask) tiles and load the selected (best/averaged) weights into it.
 
     images: normalised float32 (H, W) tiles, or (C, H, W) with 2.5D context (one channel per slice offset, as the
-    model's ``in_channels``); masks: int64 (H, W) class indices or IGNORE. Without ``val_images`` a
-    stable ``val_fraction`` of the tiles is held out (at least one when there are >= 2). ``calibration_images``
-    (unlabelled tiles representative of the data, e.g. the pool) re-estimate BatchNorm statistics of the selected
-    weights (``recalibrate_batchnorm``). ``unlabelled_images`` (same layout as ``images``, no masks) feed the
-    semi-supervised term when ``config.semi`` is enabled (``training.semi``); ignored otherwise. The model is returned
-    to the device it came from, in eval mode.
+    model's ``in_channels``); masks: int64 (H, W) class indices or IGNORE. Without ``validation`` (given
+    ``ValidationTiles``: the tiles the best step is chosen on) a stable ``val_fraction`` of the tiles is held out (at
+    least one when there are >= 2). ``calibration_images`` (unlabelled tiles representative of the data, e.g. the pool)
+    re-estimate BatchNorm statistics of the selected weights (``recalibrate_batchnorm``). ``unlabelled_images`` (same
+    layout as ``images``, no masks) feed the semi-supervised term when ``config.semi`` is enabled (``training.semi``);
+    ignored otherwise. The model is returned to the device it came from, in eval mode.
     """
     cfg = config or TrainConfig()
     t0 = time.monotonic()
     images, masks = _check_inputs(list(images), list(masks), "images")
     if not images:
         raise ValueError("fine_tune needs at least one labelled tile")
-    if (val_images is None) != (val_masks is None):
-        raise ValueError("give both val_images and val_masks, or neither")
-    if val_images is not None:
-        v_img, v_msk = _check_inputs(list(val_images), list(val_masks), "val_images")
+    if validation is not None:
+        v_img, v_msk = _check_inputs(list(validation.images), list(validation.masks), "val_images")
         tr_img, tr_msk = images, masks
     else:
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed

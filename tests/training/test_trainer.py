@@ -7,7 +7,7 @@ import torch
 from ml_backend.data.synthetic import generate_em_like
 from ml_backend.model import build_model
 from ml_backend.training import IGNORE, TrainConfig, evaluate, fine_tune, split_train_val
-from ml_backend.training.trainer import recalibrate_batchnorm
+from ml_backend.training.trainer import ValidationTiles, recalibrate_batchnorm
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_sparse_labels_train_and_explicit_val_set_is_used():
             masks.append(s)
         model = _small_model()
         cfg = TrainConfig(steps=60, lr=2e-3, batch_size=4, crop=48, eval_every=10, device="cpu")
-        result = fine_tune(model, train_i, masks, cfg, val_images=val_i, val_masks=val_m)
+        result = fine_tune(model, train_i, masks, cfg, validation=ValidationTiles(val_i, val_m))
         assert result.n_train == 8 and result.n_val == 3  # the explicit validation set is used, nothing split off
         assert 0.0 <= result.metrics["val_iou"] <= 1.0
         recall[name] = _right_half_recall(model, train_i, train_m)

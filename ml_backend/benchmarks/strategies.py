@@ -160,7 +160,7 @@ def phase_model(args, names) -> dict[str, dict[str, float]]:
 
     from ml_backend.config import torch_device
     from ml_backend.model import build_model
-    from ml_backend.strategies import forward_passes, get_strategy, score_pool
+    from ml_backend.strategies import PassConfig, forward_passes, get_strategy, score_pool
 
     device = torch_device(args.device)
     torch.manual_seed(args.seed)
@@ -171,7 +171,7 @@ def phase_model(args, names) -> dict[str, dict[str, float]]:
         ensemble.append(build_model("unet", width=args.width, depth=args.depth).to(device).eval())
     rng = np.random.default_rng(args.seed)
     tiles = rng.random((args.model_tiles, args.size, args.size)).astype(np.float32)
-    score_pool(model, tiles[: args.model_batch], "entropy", device=device, batch_size=args.model_batch)  # warm-up
+    score_pool(model, tiles[: args.model_batch], "entropy", passes=PassConfig(device, args.model_batch))  # warm-up
     results = {}
     for name in names:
         strategy = get_strategy(name)
@@ -182,9 +182,7 @@ def phase_model(args, names) -> dict[str, dict[str, float]]:
                 model,
                 tiles,
                 strategy,
-                device=device,
-                batch_size=args.model_batch,
-                mc_passes=args.mc_passes,
+                passes=PassConfig(device=device, batch_size=args.model_batch, mc_passes=args.mc_passes),
                 ensemble=ensemble,
                 seed=args.seed,
             )

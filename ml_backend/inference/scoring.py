@@ -142,7 +142,7 @@ class _ScoringRun:
 
 def _score_small(run: _ScoringRun, images: list[np.ndarray], idx: list[int]) -> dict[str, np.ndarray]:
     """Equal-shape images that fit one tile: one ``score_pool`` call (its chunks = ``batch_size`` images)."""
-    from ml_backend.strategies import score_pool
+    from ml_backend.strategies import PassConfig, score_pool
 
     model, strategy, cfg, device, ensemble, seed, on_probs = (
         run.model, run.strategy, run.cfg, run.device, run.ensemble, run.seed, run.on_probs
@@ -157,9 +157,7 @@ def _score_small(run: _ScoringRun, images: list[np.ndarray], idx: list[int]) -> 
         model,
         np.stack(images).astype(np.float32),
         strategy,
-        device=device,
-        batch_size=max(1, cfg.batch_size),
-        mc_passes=cfg.mc_passes,
+        passes=PassConfig(device=device, batch_size=max(1, cfg.batch_size), mc_passes=cfg.mc_passes),
         ensemble=list(ensemble or []) or None,
         seed=seed,
         on_batch=on_batch if on_probs is not None else None,

@@ -27,7 +27,7 @@ from .diversity import CoresetStrategy, KMeansStrategy, greedy_max_cover, k_cent
 from .suggestive import SuggestiveStrategy, bootstrap_indices
 from .effort import EffortAwareStrategy, annotation_effort, boundary_lengths, soft_dice
 from .hybrid import HybridStrategy
-from .pool import forward_passes, score_pool
+from .pool import PassConfig, forward_passes, score_pool
 from .queue import cold_start_scores, image_features, pool_queue_scores, queue_scores, uncertainty_to_queue_score
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "KMeansStrategy",
     "LeastConfidenceStrategy",
     "MarginStrategy",
+    "PassConfig",
     "PoolBatch",
     "RandomStrategy",
     "Selection",

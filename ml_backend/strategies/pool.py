@@ -15,6 +15,7 @@ Only one chunk of pixel maps (batch_size x C x H x W, times T or E) is held at a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,14 +54,22 @@ def _pad(x, multiple: int):
     return F.pad(x, (0, pw, 0, ph), mode=mode), h, w
 
 
+@dataclass(frozen=True)
+class PassConfig:
+    """How ``score_pool`` runs the network: on ``device`` (None: "auto"), ``batch_size`` tiles per forward pass,
+    ``mc_passes`` dropout passes for the strategies that need MC samples."""
+
+    device: Any = None
+    batch_size: int = 16
+    mc_passes: int = 8
+
+
 def score_pool(
     model: Any,
     images: np.ndarray,
     strategy: Strategy | str,
     *,
-    device: Any = None,
-    batch_size: int = 16,
-    mc_passes: int = 8,
+    passes: PassConfig = PassConfig(),
     ensemble: Sequence[Any] | None = None,
     progress: bool = False,
     seed: int = 0,
@@ -72,7 +81,9 @@ def score_pool(
     ``seed`` seeds the dropout masks of the MC passes (per chunk, without touching the global torch RNG), so the
     result is deterministic. ``on_batch(start_index, batch)`` lets a caller reuse the chunk's probabilities (e.g.
     for pre-annotation masks) without a second forward pass. The model's train/eval mode is restored afterwards.
+    ``passes``: device, batch size and MC passes (``PassConfig``).
     """
+    device, batch_size, mc_passes = passes.device, passes.batch_size, passes.mc_passes
     import torch
 
     from ml_backend.config import torch_device

@@ -21,7 +21,7 @@ from ml_backend.data.synthetic import generate_em_like
 from ml_backend.inference.scoring import ScoringConfig, score_images
 from ml_backend.inference.tiling import predict_tiled
 from ml_backend.model import build_model
-from ml_backend.strategies import PoolBatch, get_strategy, score_pool
+from ml_backend.strategies import PassConfig, PoolBatch, get_strategy, score_pool
 from ml_backend.training import TrainConfig
 from ml_backend.training.recipe import EnsembleSpec, ModelState
 
@@ -173,7 +173,7 @@ def test_scoring_small_tiles_is_score_pool_and_large_images_are_tiled():
     strategy = get_strategy("entropy")
     cfg = ScoringConfig(tile_size=48, tile_overlap=8, batch_size=2, mc_passes=2, device="cpu")
     small = score_images(model, list(images), strategy, cfg)
-    ref = score_pool(model, images, strategy, device="cpu", batch_size=2, mc_passes=2)
+    ref = score_pool(model, images, strategy, passes=PassConfig(device="cpu", batch_size=2, mc_passes=2))
     np.testing.assert_array_equal(small.summary["value"], ref["value"])
     assert small.pixels.tolist() == [32 * 32] * 5
 

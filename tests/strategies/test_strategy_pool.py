@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ml_backend.model import build_model
-from ml_backend.strategies import PoolBatch, bootstrap_indices, forward_passes, get_strategy, score_pool
+from ml_backend.strategies import PassConfig, PoolBatch, bootstrap_indices, forward_passes, get_strategy, score_pool
 
 torch.set_num_threads(1)
 
@@ -25,7 +25,9 @@ def tiles() -> np.ndarray:
 def test_score_pool_matches_forward_and_embed_and_is_chunk_independent(tiles):
     model = tiny_unet()
     seen: list[tuple[int, PoolBatch]] = []
-    summary = score_pool(model, tiles, "kmeans", batch_size=2, on_batch=lambda s, b: seen.append((s, b)))
+    summary = score_pool(
+        model, tiles, "kmeans", passes=PassConfig(batch_size=2), on_batch=lambda s, b: seen.append((s, b))
+    )
     assert [s for s, _ in seen] == [0, 2, 4]
     with torch.no_grad():
         x = torch.from_numpy(tiles).unsqueeze(1)
@@ -33,8 +35,10 @@ def test_score_pool_matches_forward_and_embed_and_is_chunk_independent(tiles):
         emb = model.embed(x).numpy()
     np.testing.assert_allclose(np.concatenate([b.probs for _, b in seen]), probs, atol=1e-5)
     np.testing.assert_allclose(summary["embedding"], emb, atol=1e-5)
-    entropy = score_pool(model, tiles, "entropy", batch_size=5)["value"]
-    np.testing.assert_allclose(score_pool(model, tiles, "entropy", batch_size=1)["value"], entropy, rtol=1e-5)
+    entropy = score_pool(model, tiles, "entropy", passes=PassConfig(batch_size=5))["value"]
+    np.testing.assert_allclose(
+        score_pool(model, tiles, "entropy", passes=PassConfig(batch_size=1))["value"], entropy, rtol=1e-5
+    )
 
 
 def test_bald_mc_passes_are_stochastic_but_seeded_and_leave_global_state_alone(tiles):
@@ -43,24 +47,31 @@ def test_bald_mc_passes_are_stochastic_but_seeded_and_leave_global_state_alone(t
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = score_pool(model, tiles, "bald", mc_passes=4, batch_size=3, seed=5, on_batch=lambda s, b: batches.append(b))
+    a = score_pool(
+        model,
+        tiles,
+        "bald",
+        passes=PassConfig(batch_size=3, mc_passes=4),
+        seed=5,
+        on_batch=lambda s, b: batches.append(b),
+    )
     assert torch.rand(1) == before, "score_pool must not consume the global torch RNG"
     assert not model.training
     assert batches[0].mc_probs.shape == (4, 3, 2, 21, 13)
     assert not np.allclose(batches[0].mc_probs[0], batches[0].mc_probs[1]), "dropout must be on in the MC passes"
     assert np.all(a["value"] > 0)
-    b = score_pool(model, tiles, "bald", mc_passes=4, batch_size=3, seed=5)
+    b = score_pool(model, tiles, "bald", passes=PassConfig(batch_size=3, mc_passes=4), seed=5)
     np.testing.assert_array_equal(a["value"], b["value"])
-    c = score_pool(model, tiles, "bald", mc_passes=4, batch_size=3, seed=6)
+    c = score_pool(model, tiles, "bald", passes=PassConfig(batch_size=3, mc_passes=4), seed=6)
     assert not np.array_equal(a["value"], c["value"])
-    without_dropout = score_pool(tiny_unet(dropout=0.0), tiles, "bald", mc_passes=3)
+    without_dropout = score_pool(tiny_unet(dropout=0.0), tiles, "bald", passes=PassConfig(mc_passes=3))
     np.testing.assert_allclose(without_dropout["value"], 0.0, atol=1e-4)  # passes agree: no disagreement
 
 
 def test_suggestive_with_a_bootstrap_ensemble_and_mode_restored(tiles):
     model = tiny_unet().train()
     members = [tiny_unet(seed=s) for s in (1, 2, 3)]
-    summary = score_pool(model, tiles, "suggestive", ensemble=members, batch_size=2)
+    summary = score_pool(model, tiles, "suggestive", passes=PassConfig(batch_size=2), ensemble=members)
     assert model.training, "the caller's train/eval mode is restored"
     assert summary["value"].shape == (5,) and np.all(summary["value"] > 0)
     selection = get_strategy("suggestive").select(summary, 2)
@@ -77,7 +88,7 @@ def test_score_pool_rejects_bad_input(tiles):
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         score_pool(model, tiles[0], "entropy")
     with pytest.raises(ValueError, match="mc_passes"):
-        score_pool(model, tiles, "bald", mc_passes=0)
+        score_pool(model, tiles, "bald", passes=PassConfig(mc_passes=0))
     with pytest.raises(ValueError, match="unknown strategy"):
         score_pool(model, tiles, "nope")
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from ml_backend.active_learning.plan import batch_config
 from ml_backend.config import Settings
-from ml_backend.strategies.batch import BatchConfig, hedged_share, interleave, select_batch
+from ml_backend.strategies.batch import BatchConfig, LabelledTiles, hedged_share, interleave, select_batch
 
 
 def _pool(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -23,7 +23,9 @@ def _pool(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_no_hedge_is_the_plain_ranking():
     s, x, pos = _pool(100)
-    b = select_batch(s, x, pos, 10, config=BatchConfig(method="top", feature_radius=0.0), n_labelled=100)
+    b = select_batch(
+        s, x, pos, 10, config=BatchConfig(method="top", feature_radius=0.0), labelled=LabelledTiles(count=100)
+    )
     assert b.random_picks == 0
     assert list(b.order) == list(np.argsort(-s, kind="stable")[:10])
 
@@ -31,7 +33,7 @@ def test_no_hedge_is_the_plain_ranking():
 def test_half_the_batch_is_random_and_half_the_top_interleaved():
     s, x, pos = _pool(200)
     cfg = BatchConfig(method="top", feature_radius=0.0, random_share=0.5)
-    b = select_batch(s, x, pos, 10, config=cfg, n_labelled=100, seed=3)
+    b = select_batch(s, x, pos, 10, config=cfg, labelled=LabelledTiles(count=100), seed=3)
     top = set(np.argsort(-s, kind="stable")[:5].tolist())
     order = [int(i) for i in b.order]
     assert b.random_picks == 5 and len(set(order)) == 10
@@ -39,8 +41,8 @@ def test_half_the_batch_is_random_and_half_the_top_interleaved():
     assert [i in top for i in order] == [True, False] * 5  # interleaved: a partly labelled batch holds both kinds
     rest = [i for i in order if i not in top]
     assert np.mean(s[rest]) < np.mean(s[list(top)])  # the random half is not the next-best tiles
-    again = select_batch(s, x, pos, 10, config=cfg, n_labelled=100, seed=3)
-    other = select_batch(s, x, pos, 10, config=cfg, n_labelled=100, seed=4)
+    again = select_batch(s, x, pos, 10, config=cfg, labelled=LabelledTiles(count=100), seed=3)
+    other = select_batch(s, x, pos, 10, config=cfg, labelled=LabelledTiles(count=100), seed=4)
     assert list(again.order) == order and list(other.order) != order  # seeded
 
 
@@ -48,8 +50,8 @@ def test_budget_switch_makes_the_whole_batch_random_while_labels_are_few():
     s, x, pos = _pool(300)
     cfg = BatchConfig(method="top", feature_radius=0.0, random_share=0.25, uncertainty_from_labels=60)
     assert hedged_share(59, cfg) == 1.0 and hedged_share(60, cfg) == 0.25
-    early = select_batch(s, x, pos, 20, config=cfg, n_labelled=40)
-    late = select_batch(s, x, pos, 20, config=cfg, n_labelled=60)
+    early = select_batch(s, x, pos, 20, config=cfg, labelled=LabelledTiles(count=40))
+    late = select_batch(s, x, pos, 20, config=cfg, labelled=LabelledTiles(count=60))
     assert early.random_picks == 20 and late.random_picks == 5
     top20 = set(np.argsort(-s, kind="stable")[:20].tolist())
     assert len(top20 & set(early.order.tolist())) < 10  # about 20 x 20 / 300 expected by chance, not the top
@@ -62,7 +64,7 @@ def test_random_picks_keep_the_stack_rule():
     pos = np.column_stack([np.zeros(n, int), np.arange(n) % 3, (np.arange(n) // 3) * 100, np.zeros(n, int),
                            np.full(n, 64)])  # fmt: skip
     cfg = BatchConfig(method="top", feature_radius=0.0, random_share=1.0)
-    b = select_batch(s, np.zeros((n, 1)), pos, 15, config=cfg, n_labelled=0, seed=0)
+    b = select_batch(s, np.zeros((n, 1)), pos, 15, config=cfg, labelled=LabelledTiles(count=0), seed=0)
     assert b.relaxed == 0 and len({int(pos[i, 2]) for i in b.order}) == 15  # never two slices of one position
 
 
@@ -87,7 +89,7 @@ def test_settings_reach_the_product_batch_config(monkeypatch):
 def test_any_hedge_gives_a_full_batch_of_distinct_tiles(n, k, share, switch, n_labelled, method):
     s, x, pos = _pool(n, seed=n)
     cfg = BatchConfig(method=method, random_share=share, uncertainty_from_labels=switch)
-    b = select_batch(s, x, pos, k, config=cfg, n_labelled=n_labelled)
+    b = select_batch(s, x, pos, k, config=cfg, labelled=LabelledTiles(count=n_labelled))
     m = min(k, n)
     assert len(b.order) == m and len(set(b.order.tolist())) == m
     assert b.random_picks == (int(round(hedged_share(n_labelled, cfg) * m)) if m else 0)

@@ -248,7 +248,12 @@ def prepare(
     restart: bool = False,
     **options: Any,
 ) -> tuple[Path, ExportPlan, StackSource]:
-    """Check every input, then create (or find, to resume) the work directory; returns (work, plan, source)."""
+    """Check every input, then create (or find, to resume) the work directory; returns (work, plan, source).
+
+    Parameters: the keyword options are ``ml-backend export``'s flags, passed by name through
+    ``export_stack(**prepare_options)`` and recorded one by one in ``ExportPlan``; a grouping object would only be
+    unpacked again.
+    """
     out = Path(output).expanduser().resolve()
     if out.exists():
         raise ExportError(f"output {out} already exists; choose another path or remove it")

@@ -219,7 +219,11 @@ def setup_project(
     retrieve: bool = True,
     public_url: str | None = None,
 ) -> dict[str, Any]:
-    """Create or update the project; returns {"project", "created", "ml_backend", "model_version", "view", ...}."""
+    """Create or update the project; returns {"project", "created", "ml_backend", "model_version", "view", ...}.
+
+    Parameters: the keyword options are ``ml-backend setup``'s flags (title, label config, backend URL and basic
+    auth, backend title, storage path, retrieve, public URL), passed by name by the CLI and the quick start.
+    """
     try:
         parse_label_config(label_config)
     except LabelConfigError as exc:

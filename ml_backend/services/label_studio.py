@@ -201,6 +201,10 @@ def start_label_studio(
 
     `data_dir` holds the SQLite database and uploads (reuse it for a ~4 s restart instead of ~30 s of migrations);
     `document_root` is where /data/local-files/?d= paths resolve. The server log goes to `data_dir/server.log`.
+
+    Parameters: the keyword options are what ``label-studio start`` is given (data dir, document root, port, the
+    admin user, password and token, the venv it runs from, its environment) plus the start-up timeout, passed by
+    name by the quick start, the benchmarks and the tests.
     """
     exe = ensure_venv(venv)
     data_dir = Path(data_dir).expanduser().resolve()

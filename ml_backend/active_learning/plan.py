@@ -43,7 +43,11 @@ def product_plan(
     unlabelled: Callable[[], list[np.ndarray]] | None = None,
     previous_best: Sequence[int] = (),
 ) -> RoundPlan:
-    """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds;
+    """The product's round: fine-tune the current version (or a new U-Net), Settings' recipe and seeds.
+
+    Parameters: four positional (what is trained, on which labels, how, scored by what) and six keyword-only options,
+    each defaulting to "off" (the job passes its pool callbacks; tests and the round-cost benchmark pass none).
+
     ``unlabelled()``: the pool's tiles for the semi-supervised term (SEMI_SUPERVISED); scores a CANDIDATE_POOL sample
     holding up to CANDIDATE_KEEP of ``previous_best`` (the live ranking's top, issue 20.2)."""
     from ml_backend.active_learning.candidates import CandidateSampler

@@ -9,7 +9,7 @@ import uuid
 from ml_backend.config import get_settings, torch_device
 from ml_backend.queue.coordination import redis_for_job
 from ml_backend.queue.keys import chunk_id, rescore_claim_key, rescore_ctx_key
-from ml_backend.queue.rescoring import claim_chunk, compute_chunk
+from ml_backend.queue.rescoring import RescoreJob, claim_chunk, compute_chunk
 from ml_backend.store.registry import ModelRegistry
 
 from .logs import ensure_logging
@@ -46,7 +46,8 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
         model, _meta = registry.load(version, map_location=device)
         ensemble = [registry.load_extra(version, name, map_location=device) for name in ctx.get("ensemble", [])]
         inputs = ChunkInputs(parse_label_config(ctx["label_config"]), settings)  # the loaders queue/ is handed
-        compute_chunk(pid, version, ids, ctx, model, ensemble, inputs, settings, conn, owner=owner)
+        target = RescoreJob(pid, version, ctx["label_config"], inputs, settings, conn)
+        compute_chunk(target, ids, ctx, model, ensemble, owner=owner)
     except BaseException:
         conn.delete(rescore_claim_key(pid, version, chunk))  # let the coordinator redo it now
         raise

@@ -86,11 +86,12 @@ class ChunkInputs(Protocol):
 
 
 def compute_chunk(
-    pid: int, version: str, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], inputs: ChunkInputs,
-    settings: Settings, conn: Any, owner: str = "",
-) -> None:  # fmt: skip
-    """Score one chunk and store its summary + masks in Redis for the coordinator (``owner``: who scored it, the
-    claim's holder, kept with the result so a round can show that every chunk was scored exactly once)."""
+    job: RescoreJob, task_ids: list[int], ctx: dict, model: Any, ensemble: list[Any], owner: str = ""
+) -> None:
+    """Score one chunk of ``job``'s pool and store its summary + masks in Redis for the coordinator (``owner``: who
+    scored it, the claim's holder, kept with the result so a round can show that every chunk was scored exactly
+    once)."""
+    pid, version, inputs, settings, conn = job.pid, job.version, job.inputs, job.settings, job.conn
     from ml_backend.strategies import get_strategy
 
     strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
@@ -223,8 +224,8 @@ def collect_rescore(
                 progressed = True
                 continue
             if claim_chunk(conn, pid, version, chunk, owner):
-                compute_chunk(pid, version, chunk_ids, rnd.ctx, model, list(ensemble or []), inputs, settings, conn,
-                              owner=owner)  # fmt: skip
+                job = RescoreJob(pid, version, rnd.ctx.get("label_config", ""), inputs, settings, conn)
+                compute_chunk(job, chunk_ids, rnd.ctx, model, list(ensemble or []), owner=owner)
                 done_local += 1
                 progressed = True
                 log.info(

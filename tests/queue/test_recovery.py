@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+from http_stub import send_json
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -213,12 +214,7 @@ class _FakeLabelStudio(http.server.BaseHTTPRequestHandler):
             body, status = {"id": 1, "email": "probe@example.com", "username": "probe"}, 200
         else:
             body, status = {"detail": "Not found."}, 404
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     def log_message(self, *args: object) -> None:
         pass

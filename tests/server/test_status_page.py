@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import pytest
+from http_stub import send_json
 
 from ml_backend.server.status_page import (
     collect_project_status,
@@ -248,12 +249,7 @@ def test_label_studio_counts_go_through_project_data():
                 status, body = answers["versions"]
             else:
                 status, body = 200, {"id": 3, "title": "cells", "task_number": 10, "num_tasks_with_annotations": 4}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def log_message(self, *args) -> None:
             pass

@@ -290,6 +290,11 @@ LEVERS: dict[str, dict[str, Any]] = {
     "safe": {"uncertainty_from_labels": 60, "selection_random_share": 0.5},
     # The same with the cold start's pretraining off (random initialisation; the first batch random).
     "safe-scratch": {"uncertainty_from_labels": 60, "selection_random_share": 0.5, "pretrain": False},
+    # Added after the first verdict (RULE.md, amendment 2): safe-scratch whose first training from random weights
+    # has the length of the benchmark's initial model (CPU preset: 900 steps), not TRAIN_STEPS (400).
+    "safe-scratch-long": {
+        "uncertainty_from_labels": 60, "selection_random_share": 0.5, "pretrain": False, "initial_train_steps": 900,
+    },
     "hedged": {"selection_random_share": 0.5},
     "switch": {"uncertainty_from_labels": 60},
     "scratch": {"pretrain": False},
@@ -319,10 +324,12 @@ def default_arm(p: Protocol, settings: Any = None, name: str = DEFAULT_ARM) -> A
     """
     from ml_backend.config import Settings
     from ml_backend.strategies.base import strategy_params_model
+    from ml_backend.training.recipe import first_steps
 
     s = settings if settings is not None else Settings()
     takes_aggregation = "aggregation" in strategy_params_model(s.strategy).model_fields
     steps = max(1, round(s.train_steps * p.product_steps_scale))
+    first = max(1, round(first_steps(s) * p.product_steps_scale))
     pretrain = s.pretrain
     overrides = {
         "pretrain_steps": round(s.pretrain_steps * p.product_steps_scale) if pretrain else 0,
@@ -332,7 +339,7 @@ def default_arm(p: Protocol, settings: Any = None, name: str = DEFAULT_ARM) -> A
         "z_radius": s.diversity_z_radius,
         "feature_radius": s.diversity_feature_radius,
         "recipe": "product",
-        "init_steps": steps,
+        "init_steps": first,
         "steps": steps,
         "init_lr": s.initial_learning_rate * p.product_lr_scale,
         "lr": s.learning_rate * p.product_lr_scale,

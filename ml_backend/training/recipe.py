@@ -150,9 +150,14 @@ def initial_model(registry: Any, config: Any, settings: Settings) -> tuple[Any, 
     return new_model(settings, config.num_classes), None, "from scratch"
 
 
+def first_steps(settings: Settings) -> int:
+    """Steps of a project's first version: INITIAL_TRAIN_STEPS, or TRAIN_STEPS when that is 0."""
+    return settings.initial_train_steps or settings.train_steps
+
+
 def product_train_config(settings: Settings, parent: str | None, overrides: dict | None = None):
     """The round's TrainConfig: the from-scratch learning rate for a first version, the fine-tuning one after."""
-    first = {"lr": settings.initial_learning_rate} if parent is None else {}
+    first = {"lr": settings.initial_learning_rate, "steps": first_steps(settings)} if parent is None else {}
     return train_config(settings, **{**first, **(overrides or {})})
 
 

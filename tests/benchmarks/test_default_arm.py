@@ -76,7 +76,7 @@ def test_default_arm_is_settings(preset):
     _matches(arm, ap, s)
     if preset == "full":  # unscaled: exactly the shipped numbers
         assert (ap.steps, ap.init_steps, ap.lr, ap.init_lr) == (
-            s.train_steps, s.train_steps, s.learning_rate, s.initial_learning_rate,
+            s.train_steps, s.initial_train_steps or s.train_steps, s.learning_rate, s.initial_learning_rate,
         )  # fmt: skip
         assert ap.pretrain_steps == s.pretrain_steps
     assert (ap.tile, ap.pool_size, ap.m, ap.k, ap.width) == (p.tile, p.pool_size, p.m, p.k, p.width)  # sizes kept
@@ -110,6 +110,7 @@ def test_changing_a_setting_changes_the_arm(monkeypatch):
         {"context_offsets": "-1,0,1"},
         {"selection_random_share": 0.5},
         {"uncertainty_from_labels": 60},
+        {"initial_train_steps": 900},
     ):
         s2 = Settings(**change)
         arm2 = resolve_arm(p, "default", s2)

@@ -168,7 +168,11 @@ def _check_arms(path: Path, arms: dict[str, dict], force: bool) -> None:
     write_json(path, {**old, **arms})
 
 
-SUBCOMMANDS = {"hygiene": "ml_backend.benchmarks.hygiene", "region-effort": "ml_backend.benchmarks.region_effort"}
+SUBCOMMANDS = {
+    "hygiene": "ml_backend.benchmarks.hygiene",
+    "region-effort": "ml_backend.benchmarks.region_effort",
+    "rename": "ml_backend.benchmarks.rename",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

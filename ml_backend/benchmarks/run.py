@@ -295,6 +295,11 @@ LEVERS: dict[str, dict[str, Any]] = {
     "safe-scratch-long": {
         "uncertainty_from_labels": 60, "selection_random_share": 0.5, "pretrain": False, "initial_train_steps": 900,
     },
+    # The default shipped before issue 17's decision (pretraining cold start, coverage-ordered first batch, entropy
+    # with stack-aware batches, no hedge): the runs saved as "default" before it changed carry this name.
+    "cold-start": {
+        "uncertainty_from_labels": 0, "selection_random_share": 0.0, "pretrain": True, "initial_train_steps": 0,
+    },
     "hedged": {"selection_random_share": 0.5},
     "switch": {"uncertainty_from_labels": 60},
     "scratch": {"pretrain": False},

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by "
                   f"'{live or project_version}'")  # fmt: skip
         if imported["created"]:
-            from ml_backend.labelstudio.importing import enqueue_cold_start
+            from ml_backend.cli.importing import enqueue_cold_start
 
             cold = enqueue_cold_start(pid, settings)
             print(f"      cold start (pretraining at most {settings.pretrain_time_budget_s:.0f} s, then a coverage "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Thin wrapper of ``ml_backend.labelstudio.importing`` (the logic lives in the package)."""
+"""Thin wrapper of ``ml_backend.cli.importing`` (``ml-backend import``; the logic lives in the package)."""
 
-from ml_backend.labelstudio.importing import main
+from ml_backend.cli.importing import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -21,10 +21,10 @@ import numpy as np
 
 from ml_backend.active_learning import LabelledSet, run_round
 from ml_backend.active_learning.plan import product_plan
+from ml_backend.active_learning.publisher import RegistryPublisher
 from ml_backend.labelstudio.hygiene import PruneReport, deletable_predictions, kept_versions
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.loop import AnnotatedTasks, score_tiles
-from ml_backend.store.publisher import RegistryPublisher
 
 
 @dataclass

@@ -86,16 +86,16 @@ def test_bad_project_references(value, reason):
 def test_one_max_id_and_one_parser_everywhere():
     """The HTTP edge, the /status route, the webhook, the queue and the CLIs use ml_backend.ids, not copies."""
     from ml_backend import queue
-    from ml_backend.cli import build_parser, project_arg
+    from ml_backend.cli import build_parser, importing, project_arg
     from ml_backend.config import Settings
     from ml_backend.export.cli import build_parser as export_parser
-    from ml_backend.labelstudio import importing
+    from ml_backend.labelstudio import prediction
     from ml_backend.queue import scheduling, triggering
     from ml_backend.server import predict, projects, schemas
 
-    assert schemas.MAX_ID is ids.MAX_ID and predict.MAX_ID is ids.MAX_ID and queue.MAX_ID is ids.MAX_ID
+    assert schemas.MAX_ID is ids.MAX_ID and prediction.MAX_ID is ids.MAX_ID and queue.MAX_ID is ids.MAX_ID
     assert scheduling.is_id is ids.is_id and triggering.parse_project_ref is parse_project_ref
-    assert schemas.bounded_id is parse_id and predict.parse_id is parse_id
+    assert schemas.bounded_id is parse_id and predict.parse_id is parse_id and prediction.parse_id is parse_id
     assert schemas.project_id is parse_project_ref and projects.parse_project_ref is parse_project_ref
     assert project_arg("12") == "12"
     with pytest.raises(argparse.ArgumentTypeError, match="out of range"):

@@ -208,13 +208,13 @@ def run(args: argparse.Namespace) -> dict:
 
     from ml_backend.active_learning import LabelledSet, run_round
     from ml_backend.active_learning.plan import product_plan
+    from ml_backend.active_learning.publisher import RegistryPublisher
     from ml_backend.active_learning.round import LabelledTile
     from ml_backend.benchmarks.machine import describe
     from ml_backend.config import Settings
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.loop import AnnotatedTasks
     from ml_backend.services import redis as redis_service
-    from ml_backend.store.publisher import RegistryPublisher
     from ml_backend.store.registry import ModelRegistry
     from ml_backend.strategies.resolve import resolve_strategy
 

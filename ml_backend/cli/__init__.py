@@ -5,7 +5,7 @@
     python -m ml_backend.cli status   --project 1 --plot learning_curve.png
     python -m ml_backend.cli train    --project 1          # enqueue a training now (like "Start training")
     ml-backend benchmark --quick                            # AL learning curves (ml_backend.benchmarks)
-    ml-backend import --project 1 STACK.tif                 # tiles into Label Studio (ml_backend.labelstudio.importing)
+    ml-backend import --project 1 STACK.tif                 # tiles into Label Studio (ml_backend.cli.importing)
     ml-backend setup --backend-url http://127.0.0.1:9090    # project + ML backend (ml_backend.labelstudio.setup)
     ml-backend label-studio --port 8080                     # a local Label Studio (ml_backend.services.label_studio)
     ml-backend export --project 1 STACK.tif -o out          # whole-stack segmentation + 3-D objects (ml_backend.export)
@@ -34,7 +34,7 @@ __all__ = ["WORKER_CLASS", "build_parser", "learning_curve", "main", "plot_learn
 # Subcommands whose module has its own argument parser: `ml-backend <name> ARGS` = that module's main(ARGS).
 DELEGATED = {
     "benchmark": ("ml_backend.benchmarks.cli", "simulated active learning: learning curves of every strategy"),
-    "import": ("ml_backend.labelstudio.importing", "import EM stacks into a Label Studio project as tiles"),
+    "import": ("ml_backend.cli.importing", "import EM stacks into a Label Studio project as tiles"),
     "setup": ("ml_backend.labelstudio.setup", "create/update the Label Studio project and connect the backend"),
     "label-studio": ("ml_backend.services.label_studio", "install (once) and run a local Label Studio"),
     "redis": ("ml_backend.services.redis", "run a local Redis (system redis-server or the bundled one)"),

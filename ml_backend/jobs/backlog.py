@@ -8,8 +8,8 @@ PREDICT_DEADLINE_S is answered with an empty list (nothing stored, asked again n
    version to every unlabelled task, and Label Studio asks for the new version's anyway;
 2. re-reads its tasks from Label Studio (the source of truth: data, and predictions already there), skipping tasks
    that were deleted or that already hold a prediction of ``version`` (another request, a retried job);
-3. predicts them with THE /predict pipeline (``server.predict.predict_tasks``: same masks, overlays and queue scores
-   as the tasks answered in the request, so the queue order mixes them fairly), without the request deadline;
+3. predicts them with THE /predict pipeline (``labelstudio.prediction.predict_tasks``: same masks, overlays and queue
+   scores as the tasks answered in the request, so the queue order mixes them fairly), without the request deadline;
 4. pushes them through the training's sink (``labelstudio.loop.LabelStudioSink``: bulk import, never twice for a
    version, then the project's model_version and prediction hygiene).
 
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.labelstudio.project import stored_label_config
 from ml_backend.queue.coordination import redis_for_job
 from ml_backend.queue.rescoring import BACKLOG_JOB_TIMEOUT_S, release_backlog
 from ml_backend.store.registry import ModelRegistry
@@ -62,8 +63,8 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
     from ml_backend.active_learning.selection import Ranking
     from ml_backend.inference.scoring import PoolScores
     from ml_backend.labelstudio.loop import LabelStudioSink, _holds_prediction
+    from ml_backend.labelstudio.prediction import predict_tasks
     from ml_backend.labelstudio.project_data import LabelStudioProject
-    from ml_backend.server.predict import predict_tasks
     from ml_backend.store.projects import ProjectStore
 
     from .train import project_strategy
@@ -81,7 +82,7 @@ def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *
     if not todo:
         return summary
     store = ProjectStore(settings.model_dir)
-    config, _xml = store.config(str(pid))  # the label config /setup and /predict stored
+    config, _xml = stored_label_config(store, str(pid))  # the label config /setup and /predict stored
     model, meta = ModelRegistry(settings.model_dir, pid).load(version, map_location=torch_device(settings.device))
     deadline = time.monotonic() + BACKLOG_JOB_TIMEOUT_S - DEADLINE_MARGIN_S
     outcome = predict_tasks(todo, config, (model, meta), project_strategy(pid, settings), settings, deadline=deadline)

@@ -34,6 +34,7 @@ from ml_backend.active_learning import LabelledSet, RoundPlan, TrainingError, ru
 from ml_backend.active_learning.audit import AuditGate, audit_task_ids, split_audit
 from ml_backend.active_learning.candidates import CandidateSampler, PredictionAgeLog, previous_best
 from ml_backend.active_learning.plan import log_plan, product_plan, product_selector
+from ml_backend.active_learning.publisher import KeepVersion, RegistryPublisher
 from ml_backend.config import Settings, get_settings, torch_device
 from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import ScoringConfig
@@ -46,7 +47,6 @@ from ml_backend.queue.coordination import run_exclusive
 from ml_backend.queue.locks import take_pending
 from ml_backend.queue.rescoring import RedisPoolScorer
 from ml_backend.queue.status import JobProgress
-from ml_backend.store.publisher import KeepVersion, RegistryPublisher
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies.resolve import project_strategy  # THE lookup (also imported from here by jobs/backlog)
 from ml_backend.training.recipe import ModelState

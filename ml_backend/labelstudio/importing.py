@@ -13,10 +13,11 @@ stack's ends or where that slice has no such tile), which ``label_config/dense_2
 2.5D context (CONTEXT_OFFSETS, ``labelstudio.neighbours``) reads.
 
 Idempotent: tasks whose image URL already exists in the project are skipped, files already written are kept.
-When new tasks were created, the command queues the project's cold start (``enqueue_cold_start``: pretraining on
-the tiles, then a coverage-ordered first queue; ``--no-pretrain`` or PRETRAIN=false to skip).
+When new tasks were created, ``ml-backend import`` (``cli/importing.py``, which runs this module's ``main``) queues
+the project's cold start (``cli.importing.enqueue_cold_start``: pretraining on the tiles, then a coverage-ordered
+first queue; ``--no-pretrain`` or PRETRAIN=false to skip).
 
-    python -m ml_backend.labelstudio.importing --project 1 --tile 256 path/to/stack.tif path/to/slices_folder/
+    ml-backend import --project 1 --tile 256 path/to/stack.tif path/to/slices_folder/
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,21 +249,9 @@ def import_tiles(
     return summary
 
 
-def enqueue_cold_start(project_id: int, settings: Settings) -> dict[str, Any]:
-    """Queue the project's cold start after an import (issue 11: ``ml_backend.jobs.pretrain_project`` pretrains the
-    U-Net on the imported tiles and orders the first queue for coverage); PRETRAIN=false or no Redis: says so and
-    the project works as before (hash-ordered first queue, first training from scratch)."""
-    from ml_backend.queue.connection import QueueUnavailable
-    from ml_backend.queue.scheduling import schedule_pretraining
-
-    try:
-        return schedule_pretraining(project_id, settings)
-    except QueueUnavailable as exc:
-        log.warning("project %s: pretraining not queued: %s", project_id, exc)
-        return {"status": "unavailable", "error": str(exc)}
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, cold_start: Callable[[int, Settings], dict] | None = None) -> int:
+    """``ml-backend import`` (``cli/importing.py`` passes ``cold_start``, the queueing of the project's cold start,
+    called when tasks were created unless ``--no-pretrain``)."""
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stacks", nargs="+", help="multi-page TIFF files, images, or folders of PNG/TIFF slices")
@@ -295,11 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{summary['created']} tasks created, {summary['skipped']} already there ({summary['tiles']} tiles in "
           f"{summary['folder']})")  # fmt: skip
-    if summary["created"] and not args.no_pretrain:
-        queued = enqueue_cold_start(args.project, settings)
+    if summary["created"] and not args.no_pretrain and cold_start is not None:
+        queued = cold_start(args.project, settings)
         print(f"cold start (pretraining + coverage-ordered first queue): {queued['status']}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

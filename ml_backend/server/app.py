@@ -45,10 +45,12 @@ from werkzeug.exceptions import HTTPException
 
 from ml_backend.config import Settings, torch_device
 from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
+from ml_backend.labelstudio.prediction import COLD_START_VERSION, ModelConfigMismatch, predict_tasks
+from ml_backend.labelstudio.project import stored_label_config
 
 from .auth import check_basic_auth, details_requested
 from .metrics import Metrics, prometheus_text
-from .predict import COLD_START_VERSION, ModelConfigMismatch, parse_predict_body, predict_tasks, queue_undone
+from .predict import parse_predict_body, queue_undone
 from .projects import ProjectError, ProjectStore, parse_project_id, strategy_from_params
 from .schemas import (
     BadRequest,
@@ -176,7 +178,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             if xml:
                 config = parse_label_config(xml)
             else:
-                config, xml = store.config(pid)  # re-setup without a schema: keep the stored config
+                config, xml = stored_label_config(store, pid)  # re-setup without a schema: keep the stored config
             # Setting a strategy: refused (400) unless it resolves. Without one, the stored choice is kept as it is
             # (the readers' one lookup, strategies.resolve.project_strategy, falls back when it no longer resolves);
             # an explicit one replaces a damaged state file.
@@ -209,7 +211,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         from ml_backend.strategies.resolve import StrategyError, project_strategy
 
         try:
-            config, _xml = store.config(pid, req.label_config or None)
+            config, _xml = stored_label_config(store, pid, req.label_config or None)
             strategy = project_strategy(pid, settings, store=store)  # a stored choice that became invalid: default
         except (LabelConfigError, ProjectError) as exc:
             return _error(str(exc), 400)

@@ -59,7 +59,6 @@ MAX_TASKS = 200_000  # per /predict: a protection only, far above a real project
 MAX_LABEL_CONFIG_CHARS = 1_000_000
 MAX_EXTRA_PARAMS_CHARS = 65_536
 MAX_NAME_CHARS = 64  # strategy / aggregation names, webhook actions
-MAX_IMAGE_URL_CHARS = 8192
 
 _STRING = re.compile(r'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.S)  # always matches: linear, no backtracking
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")

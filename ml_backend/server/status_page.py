@@ -567,7 +567,7 @@ def curve_metrics(meta: Mapping) -> dict:
     iou, dice = _audit_pair(meta.get("audit"))
     if iou is None and isinstance(metrics.get("audit"), Mapping):
         iou, dice = _audit_pair(metrics.get("audit"))
-    if iou is None:  # the round's Evaluator (store.publisher writes its metrics as meta["evaluation"])
+    if iou is None:  # the round's Evaluator (active_learning.publisher writes its metrics as meta["evaluation"])
         iou, dice = _audit_pair(meta.get("evaluation"))
     if iou is not None:
         metrics["val_iou"], metrics["val_dice"] = iou, dice

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from ml_backend.labelstudio.labelconfig import BrushConfig, parse_label_config
 from ml_backend.store.atomic import write_atomic
 
 LABEL_CONFIG_FILE = "label_config.xml"
@@ -64,12 +64,13 @@ class ProjectStore:
         self,
         project_id: str,
         xml: str,
-        config: BrushConfig,
+        config: Any,
         *,
         strategy: str | None = None,
         strategy_params: dict | None = None,
     ) -> dict:
-        """Store the label config (when it changed) and the state; keeps the stored strategy when none is given."""
+        """Store the label config (when it changed) and the state; keeps the stored strategy when none is given.
+        ``config``: the parsed ``xml`` (``labelstudio.labelconfig.BrushConfig``: mode, from_name, to_name, labels)."""
         folder = self.path(project_id)
         try:
             stored_xml, state = self.label_config_xml(project_id), self.state(project_id)
@@ -87,17 +88,3 @@ class ProjectStore:
             # allow_nan=False: never write NaN/Infinity, which are not JSON (other readers refuse the file)
             write_atomic(folder / STATE_FILE, json.dumps(new, indent=1, sort_keys=True, allow_nan=False))
         return new
-
-    def config(self, project_id: str, xml: str | None = None) -> tuple[BrushConfig, str]:
-        """(parsed config, XML): the given XML (stored when new) or the stored one; ProjectError when neither."""
-        if xml:
-            config = parse_label_config(xml)
-            if self.label_config_xml(project_id) != xml:
-                self.save(project_id, xml, config)
-            return config, xml
-        stored = self.label_config_xml(project_id)
-        if not stored:
-            raise ProjectError(
-                f"project {project_id} has no label config: send 'label_config' or connect the backend (/setup) first"
-            )
-        return parse_label_config(stored), stored

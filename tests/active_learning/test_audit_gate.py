@@ -194,8 +194,8 @@ def gate_env(tmp_path):
 def _round(registry, cfg, images, masks, audit_tiles, *, steps: int, seed: int):
     """One product round (``product_plan``: fine-tunes the live version) gated by ``AuditGate`` into the registry."""
     from ml_backend.active_learning.plan import product_plan
+    from ml_backend.active_learning.publisher import RegistryPublisher
     from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.store.publisher import RegistryPublisher
 
     config = parse_label_config(XML)
     plan = product_plan(registry, config, cfg, None, train_overrides={"steps": steps, "seed": seed, "lr": 3e-3},

@@ -152,7 +152,7 @@ def test_product_selector_reorders_an_entropy_queue_without_near_duplicates():
 
 class _Publisher:
     def __init__(self, registry, config, settings):
-        from ml_backend.store.publisher import RegistryPublisher
+        from ml_backend.active_learning.publisher import RegistryPublisher
 
         self.inner = RegistryPublisher(registry, config, settings)
 

@@ -188,7 +188,7 @@ def test_int8_and_fp32_masks_nearly_agree_on_a_trained_model(trained):
 
 @needs_ort
 def test_the_setting_switches_the_engine_used_by_scoring_and_predict(trained, monkeypatch):
-    from ml_backend.server.predict import _score_group
+    from ml_backend.labelstudio.prediction import _score_group
 
     model, calib, held_out, _ = trained
     ran: list[tuple[str, str]] = []

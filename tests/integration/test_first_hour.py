@@ -258,9 +258,10 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, worker_env
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
+    from ml_backend.cli.importing import enqueue_cold_start
     from ml_backend.data.volume import generate_volume
     from ml_backend.jobs.pretrain import COLD_START_VERSION, publish_spread_queue
-    from ml_backend.labelstudio.importing import enqueue_cold_start, import_tiles
+    from ml_backend.labelstudio.importing import import_tiles
     from ml_backend.labelstudio.labelconfig import parse_label_config
     from ml_backend.labelstudio.rle import mask_to_results
     from ml_backend.labelstudio.setup import DEFAULT_LABEL_CONFIG, SAMPLING, setup_project

@@ -1,7 +1,7 @@
 """Issue 11 in the product, end to end: real Label Studio 1.23.2, real Redis, the backend under gunicorn, a real
 ``rq worker``, a generated ISOTROPIC 3D volume (``ml_backend.data.volume``: neighbouring slices are near-duplicates).
 
-1. ``ml-backend import`` (``labelstudio.importing.main``) tiles the volume into the project and queues the cold start;
+1. ``ml-backend import`` (``cli.importing.main``) tiles the volume into the project and queues the cold start;
    the worker pretrains the U-Net on the tiles and pushes the first queue: coverage-ordered, empty results (no masks
    from a model not trained on labels), no near-duplicates in the first batch, audit tasks at their rate.
 2. The first batch is annotated from the ground truth; the webhook-triggered job trains from the PRETRAINED weights,
@@ -117,7 +117,7 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         registry = ModelRegistry(model_dir, pid)
 
         # --- 1. the import command tiles the volume and queues the cold start
-        from ml_backend.labelstudio import importing
+        from ml_backend.cli import importing
 
         for name, value in env.items():
             monkeypatch.setenv(name, value)

@@ -391,7 +391,7 @@ def test_slow_image_host_is_cut_off_by_the_request_deadline(make_client, images,
 def test_request_waiting_for_a_busy_model_answers_by_its_deadline(make_client, host, publish):
     """Another request holds the model (the inference lock) past this one's deadline: the request does not queue
     behind it for ever, it answers in time with "deadline exceeded" per task, and serves normally afterwards."""
-    from ml_backend.server import predict as predict_module
+    from ml_backend.labelstudio import prediction as predict_module
 
     publish(7)
     client = make_client(label_studio_url=host.url, predict_deadline_s=1.0)

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.cli import worker_command
+from ml_backend.cli.importing import enqueue_cold_start
 from ml_backend.config import Settings
 from ml_backend.data.stacks import read_stack
 from ml_backend.jobs.pretrain import COLD_START_VERSION, publish_spread_queue
@@ -48,8 +49,10 @@ from ml_backend.labelstudio.importing import import_tiles
 from ml_backend.labelstudio.labelconfig import parse_label_config
 from ml_backend.labelstudio.rle import mask_to_results
 from ml_backend.labelstudio.setup import DEFAULT_LABEL_CONFIG, setup_project
+from ml_backend.queue import QueueUnavailable, queue_state
 from ml_backend.services.label_studio import start_label_studio
 from ml_backend.services.redis import start_redis, stop_redis
+from ml_backend.store.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("quickstart")
@@ -174,8 +177,6 @@ def simulate_annotator(
 def job_progress(project_id: int, settings: Settings) -> str:
     """One line of the running job's progress, from its RQ meta (what `ml_backend.cli status` shows in full): the
     phase and that phase's own step, unit and ETA."""
-    from ml_backend.queue import QueueUnavailable, queue_state
-
     try:
         state = queue_state(project_id, settings)
     except QueueUnavailable as exc:
@@ -200,8 +201,6 @@ def job_progress(project_id: int, settings: Settings) -> str:
 def wait_for_jobs(project_id: int, settings: Settings, limit_s: float = 300.0) -> bool:
     """Wait (at most ``limit_s``) until no job of the project runs, so that stopping the services does not cut a
     job's last step (the prediction hygiene after a delivery); True when none runs."""
-    from ml_backend.queue import QueueUnavailable, queue_state
-
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         try:
@@ -217,8 +216,6 @@ def backend_version(settings: Settings, project_id: int) -> str | None:
     """The backend's live version of the project (its registry: a version id such as ``v0001-...``), None before
     the first training. Label Studio's project ``model_version`` alone is no proof: connecting the backend sets it
     to the backend's title, and the cold start sets it to ``cold-start``."""
-    from ml_backend.store.registry import ModelRegistry
-
     return ModelRegistry(settings.model_dir, project_id).current_version()
 
 
@@ -309,8 +306,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by "
                   f"'{live or project_version}'")  # fmt: skip
         if imported["created"]:
-            from ml_backend.cli.importing import enqueue_cold_start
-
             cold = enqueue_cold_start(pid, settings)
             print(f"      cold start (pretraining at most {settings.pretrain_time_budget_s:.0f} s, then a coverage "
                   f"order of at most {settings.coldstart_embed_tiles} tiles): {cold['status']}",

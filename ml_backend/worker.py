@@ -44,6 +44,8 @@ import redis
 from rq import Worker, worker_registration
 from rq.exceptions import AbandonedJobError
 
+from ml_backend.config import get_settings
+
 log = logging.getLogger(__name__)
 
 PARENT_POLL_S = 1.0
@@ -68,8 +70,6 @@ class RedisGaveUp(SystemExit):
 
 def _redis_retry_settings() -> tuple[float, float]:
     """(longest wait between tries, give up after; 0 = never) from Settings."""
-    from ml_backend.config import get_settings
-
     settings = get_settings()
     return float(settings.worker_redis_retry_max_s), float(settings.worker_redis_give_up_s)
 
@@ -130,8 +130,6 @@ def wait_until_reachable(conn: redis.Redis, backoff: RedisBackoff, logger: loggi
 
 def _abandoned_after_s() -> tuple[int, int]:
     """(heartbeat, abandoned-after) seconds from Settings; read lazily so importing this module needs no env."""
-    from ml_backend.config import get_settings
-
     settings = get_settings()
     return int(settings.worker_heartbeat_s), int(settings.worker_abandoned_after_s)
 

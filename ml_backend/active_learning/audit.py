@@ -39,6 +39,9 @@ from typing import Any
 import numpy as np
 
 from ml_backend.active_learning.round import Evaluation, LabelledTile
+from ml_backend.config import torch_device
+from ml_backend.inference.tiling import predict_tiled
+from ml_backend.strategies import cold_start_scores
 from ml_backend.training.metrics import IGNORE, confusion_counts, dice_from_counts, iou_from_counts
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,6 @@ def audit_every(fraction: float) -> int:
 
 def audit_task_ids(task_ids: Sequence[int], fraction: float, seed: int = 0) -> list[int]:
     """The audit tasks among ``task_ids`` (deterministic in (seed, task id)), in their serving order (hash order)."""
-    from ml_backend.strategies import cold_start_scores
-
     ids = [int(t) for t in task_ids]
     if fraction <= 0 or not ids:
         return []
@@ -189,9 +190,6 @@ def _r(x: float | None) -> float | None:
 
 def tile_confusions(model: Any, tiles: Sequence[LabelledTile], settings: Any) -> list[Confusion]:
     """``model``'s counts on each audit tile (tiled inference, as served)."""
-    from ml_backend.config import torch_device
-    from ml_backend.inference.tiling import predict_tiled
-
     device = torch_device(settings.device)
     out = []
     for t in tiles:

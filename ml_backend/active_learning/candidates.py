@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.store.atomic import write_atomic
+
 log = logging.getLogger(__name__)
 
 AGE_FILE = "prediction_age.json"
@@ -192,8 +194,6 @@ class PredictionAgeLog:
         candidate_pool: int,
     ) -> dict:
         """Append ``live`` to the history, count the ages, write the record atomically; returns it."""
-        from ml_backend.store.atomic import write_atomic
-
         history = [str(v) for v in self.read().get("history") or [] if str(v) != live] + [live]
         history = history[-HISTORY_KEPT:]
         rec = {

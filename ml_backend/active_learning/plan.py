@@ -20,11 +20,20 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.active_learning.audit import audit_every, audit_task_ids
+from ml_backend.active_learning.candidates import CandidateSampler
 from ml_backend.active_learning.round import RoundPlan
 from ml_backend.active_learning.selection import QueueOrder, Ranking, StackAware
 from ml_backend.config import Settings, torch_device
 from ml_backend.inference.scoring import PoolScores, ScoringConfig
-from ml_backend.strategies.batch import BatchConfig, LabelledTiles, Neighbourhood
+from ml_backend.strategies.batch import (
+    BatchConfig,
+    LabelledTiles,
+    Neighbourhood,
+    StackPositions,
+    resolve_neighbourhood,
+    stack_conflicts,
+)
 from ml_backend.training.recipe import EnsembleSpec, ModelState, initial_model, product_train_config
 
 log = logging.getLogger(__name__)
@@ -50,8 +59,6 @@ def product_plan(
 
     ``unlabelled()``: the pool's tiles for the semi-supervised term (SEMI_SUPERVISED); scores a CANDIDATE_POOL sample
     holding up to CANDIDATE_KEEP of ``previous_best`` (the live ranking's top, issue 20.2)."""
-    from ml_backend.active_learning.candidates import CandidateSampler
-
     model, parent, how = initial_model(registry, config, settings)
     if parent is None and load_pretrained(registry, model):
         how = "pretrained"  # issue 11: the first fine-tuning starts from the project's self-supervised weights
@@ -267,8 +274,6 @@ def product_selector(
     data, plus the audit places) when BATCH_DIVERSITY is on; off, the strategy's order with the audit tasks still
     interleaved (the audit rate does not depend on diversity), or plain ``QueueOrder`` (the strategy's own scores)
     when there is no audit task to serve either."""
-    from ml_backend.active_learning.audit import audit_every
-
     every = audit_every(settings.audit_fraction)
     if not settings.batch_diversity and not (every and audit):
         return QueueOrder(num_classes)  # the strategy's own scores (absolute for pixel-uncertainty strategies)
@@ -315,8 +320,6 @@ def spread_order(ids: Sequence[int], tasks: dict[int, dict], settings: Settings)
     the first batch must already span the stack's slices and field of view (issue 18: without scores Label Studio
     served tasks 1-20, the first two slices). Deterministic for the same tasks and seed; a task without a position
     is a slice of its own."""
-    from ml_backend.strategies.batch import Neighbourhood, StackPositions, resolve_neighbourhood, stack_conflicts
-
     ids = [int(t) for t in ids]
     n = len(ids)
     if not n:
@@ -382,8 +385,6 @@ def cold_start_order(
     """The cold start's served order of the unlabelled ``ids``: ``head`` first (the coverage order of the embedded
     sample, when it exists), then the other tasks in ``spread_order``; audit tasks (``AUDIT_FRACTION``) interleaved
     one every ``round(1 / AUDIT_FRACTION)`` places, as after every training."""
-    from ml_backend.active_learning.audit import audit_every, audit_task_ids
-
     pool = [int(t) for t in ids]
     in_pool = set(pool)
     audit = [a for a in audit_task_ids(sorted(tasks), settings.audit_fraction, settings.seed) if a in in_pool]

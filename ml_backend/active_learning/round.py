@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ml_backend.active_learning.selection import Ranking, Selector
+from ml_backend.config import torch_device
 from ml_backend.inference.scoring import PoolScores, ScoringConfig, embed_images
 from ml_backend.training.recipe import EnsembleSpec, ModelState, TrainedModel, add_ensemble, train_model
 
@@ -228,8 +229,6 @@ def _labelled_embeddings(
 ) -> np.ndarray | None:
     """Where the labelled set lies in feature space, only for strategies (coreset/k-means) or selectors (stack-aware
     diversity: ``wants_labelled_embeddings``) that use it."""
-    from ml_backend.config import torch_device
-
     if "embeddings" not in _needs(plan) and not getattr(select, "wants_labelled_embeddings", False):
         return None
     if not labelled.tiles:

@@ -18,6 +18,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ml_backend.strategies import pool_queue_scores
+from ml_backend.strategies.batch import BatchConfig, LabelledTiles, select_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -63,8 +66,6 @@ class QueueOrder:
     def __call__(
         self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
     ) -> Ranking:
-        from ml_backend.strategies import pool_queue_scores
-
         queue = pool_queue_scores(
             strategy,
             scores.summary,
@@ -141,8 +142,6 @@ class StackAware:
     def __call__(
         self, strategy: Any, ids: list[int], scores: Any, *, labelled_embeddings: np.ndarray | None, seed: int
     ) -> Ranking:
-        from ml_backend.strategies.batch import BatchConfig, LabelledTiles, select_batch
-
         cfg = self.config or BatchConfig(method="top")
         ranking, info = _informativeness(
             self.inner, strategy, ids, scores, labelled_embeddings, seed, cfg.method in ("top", "stochastic")

@@ -26,7 +26,10 @@ from pathlib import Path
 from ml_backend.benchmarks.data import REPO, default_vnc_dir
 from ml_backend.benchmarks.protocol import DEFAULT_ARM_ONLY_FIELDS, PRESETS, Protocol
 from ml_backend.benchmarks.report import load_runs, print_summary, write_json, write_outputs
-from ml_backend.benchmarks.run import run_all
+from ml_backend.benchmarks.run import DEFAULT_ARM, resolve_arm, run_all
+from ml_backend.config import ConfigError, Settings
+from ml_backend.data.context import parse_offsets
+from ml_backend.strategies import available_strategies
 
 log = logging.getLogger("al_benchmark")
 
@@ -137,8 +140,6 @@ def build_protocol(a: argparse.Namespace) -> tuple[Protocol, str]:
                 f"VNC data not found at {vnc} (set VNC_DATA_DIR, or give --images/--masks, or --synthetic)"
             )
     if getattr(a, "context", None):
-        from ml_backend.data.context import parse_offsets
-
         try:
             p.context_offsets = list(parse_offsets(a.context))
         except ValueError as exc:
@@ -197,9 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         rep = write_outputs(out, load_runs(out), Protocol(**json.loads(saved.read_text())) if saved.exists() else None)
         print_summary(rep)
         return 0
-    from ml_backend.benchmarks.run import DEFAULT_ARM, resolve_arm
-    from ml_backend.config import ConfigError, Settings
-    from ml_backend.strategies import available_strategies
 
     names = available_strategies()
     if a.strategies is not None:  # "" = none (e.g. only the full-supervision reference)

@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.benchmarks.protocol import Protocol
+from ml_backend.data.context import context_batch, read_context
+from ml_backend.data.stacks import read_labelled_stack
+from ml_backend.data.synthetic import generate_em_like
+from ml_backend.data.volume import Difficulty, generate_volume
+from ml_backend.imaging import normalize
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,11 +36,7 @@ def default_vnc_dir() -> Path:
 
 def load_volume(p: Protocol) -> tuple[np.ndarray, np.ndarray]:
     """(Z, H, W) normalised float32 raw and (Z, H, W) uint8 {0, 1} masks."""
-    from ml_backend.imaging import normalize
-
     if p.data == "volume":
-        from ml_backend.data.volume import Difficulty, generate_volume
-
         vol = generate_volume(
             (p.volume_n, p.volume_size, p.volume_size),
             setting=p.volume_setting,
@@ -44,12 +45,8 @@ def load_volume(p: Protocol) -> tuple[np.ndarray, np.ndarray]:
         )
         raw, masks = vol.image, vol.mask
     elif p.data == "synthetic":
-        from ml_backend.data.synthetic import generate_em_like
-
         raw, masks = generate_em_like(p.synthetic_n, size=p.synthetic_size, seed=12345)
     else:
-        from ml_backend.data.stacks import read_labelled_stack
-
         raw, masks = read_labelled_stack(p.images, p.masks)
     masks = (np.asarray(masks) > 0).astype(np.uint8)
     if p.downsample > 1:  # block means: image binning, and a pixel is foreground when most of its block is
@@ -95,7 +92,6 @@ def build_dataset(raw: np.ndarray, masks: np.ndarray, p: Protocol, seed: int) ->
     if offsets == (0,):  # plain 2-D: exactly the published protocol's arrays
         imgs = np.stack([raw[k, y : y + t, x : x + t] for k, y, x in pos])
         return Dataset(imgs, msks, pos, [raw[k, half:] for k in zs], [masks[k, half:] for k in zs])
-    from ml_backend.data.context import context_batch, read_context
 
     imgs = context_batch(raw, pos, t, offsets).astype(np.float32)
     h, w = raw.shape[1:]

@@ -25,6 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.active_learning import RoundPlan
+from ml_backend.active_learning.loop import ActiveLoop, NextBatch, SeedSchedule
+from ml_backend.benchmarks.data import dataset_for
+from ml_backend.benchmarks.protocol import Protocol, train_config
+from ml_backend.benchmarks.run import OracleLabels, calibration, ensure_initial
+from ml_backend.config import torch_device
+from ml_backend.inference.tiling import predict_tiled
+from ml_backend.model import load_checkpoint
+from ml_backend.training.metrics import confusion_counts, iou_from_counts
+from ml_backend.training.recipe import ModelState
+
 log = logging.getLogger("al_benchmark")
 
 
@@ -38,10 +49,6 @@ def prior_corrected(probs: np.ndarray, pi_train: float, pi_ref: float) -> np.nda
 
 
 def _evaluate(model, ds, p, pi_train: float, pi_ref: float) -> dict[str, float]:
-    from ml_backend.config import torch_device
-    from ml_backend.inference.tiling import predict_tiled
-    from ml_backend.training.metrics import confusion_counts, iou_from_counts
-
     counts = {"raw": np.zeros(3), "corrected": np.zeros(3)}
     pred_fg = {"raw": 0, "corrected": 0}
     pixels = true_fg = 0
@@ -69,14 +76,6 @@ def _evaluate(model, ds, p, pi_train: float, pi_ref: float) -> dict[str, float]:
 
 def diagnose(out: Path, arm: str, seed: int, rnd: int) -> dict:
     """Round ``rnd`` of a saved (arm, seed) run, re-trained and dissected (see the module docstring)."""
-    from ml_backend.active_learning import RoundPlan
-    from ml_backend.active_learning.loop import ActiveLoop, NextBatch, SeedSchedule
-    from ml_backend.benchmarks.data import dataset_for
-    from ml_backend.benchmarks.protocol import Protocol, train_config
-    from ml_backend.benchmarks.run import OracleLabels, calibration, ensure_initial
-    from ml_backend.model import load_checkpoint
-    from ml_backend.training.recipe import ModelState
-
     p = Protocol(**json.loads((out / "protocol.json").read_text()))
     run = json.loads((out / "runs" / f"{arm}__seed{seed}.json").read_text())
     ds = dataset_for(p, seed)

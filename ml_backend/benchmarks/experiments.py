@@ -33,6 +33,17 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.active_learning.loop import SeedSchedule
+from ml_backend.data.stacks import read_labelled_stack
+from ml_backend.data.volume import generate_volume
+from ml_backend.imaging import normalize
+from ml_backend.inference.tiling import predict_tiled
+from ml_backend.model import build_model
+from ml_backend.strategies.batch import BatchConfig, Neighbourhood, StackPositions, coverage_order
+from ml_backend.training import TrainConfig, fine_tune
+from ml_backend.training.metrics import confusion_counts, iou_from_counts
+from ml_backend.training.pretrain import PretrainConfig, make_batch, pretrain, reconstruction_loss
+
 REPO = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger("issue11")
@@ -51,11 +62,7 @@ def load(data: str, vnc: Path) -> tuple[np.ndarray, np.ndarray]:
     """(Z, H, W) normalised float32 raw and uint8 {0, 1} masks."""
     from skimage.transform import downscale_local_mean
 
-    from ml_backend.imaging import normalize
-
     if data == "vnc":
-        from ml_backend.data.stacks import read_labelled_stack
-
         if not (vnc / "stack1" / "raw").is_dir():
             raise SystemExit(f"VNC data not found at {vnc} (set --vnc or VNC_DATA_DIR)")
         raw, masks = read_labelled_stack(vnc / "stack1" / "raw", vnc / "stack1" / "mitochondria")
@@ -63,8 +70,6 @@ def load(data: str, vnc: Path) -> tuple[np.ndarray, np.ndarray]:
         raw = downscale_local_mean(np.asarray(raw, dtype=np.float32), f)
         masks = (downscale_local_mean(masks.astype(np.float32), f) >= 0.5).astype(np.uint8)
     else:
-        from ml_backend.data.volume import generate_volume
-
         vol = generate_volume((32, 384, 384), setting=data, seed=2024)
         raw, masks = vol.image.astype(np.float32), vol.mask
     raw = np.stack([normalize(s) for s in raw]).astype(np.float32)
@@ -84,9 +89,6 @@ def pool_positions(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 def held_out_iou(model, raw: np.ndarray, masks: np.ndarray) -> float:
     import torch
-
-    from ml_backend.inference.tiling import predict_tiled
-    from ml_backend.training.metrics import confusion_counts, iou_from_counts
 
     half = raw.shape[1] // 2
     tp = fp = fn = 0
@@ -110,8 +112,6 @@ def embed(model, tiles: np.ndarray) -> np.ndarray:
 def fresh(seed: int):
     import torch
 
-    from ml_backend.model import build_model
-
     torch.manual_seed(seed)
     return build_model("unet", width=WIDTH, depth=DEPTH, dropout=DROPOUT, norm=NORM)
 
@@ -122,10 +122,6 @@ def run_one(args: tuple[str, int, str, str, int, int, float, str, str]) -> dict[
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
-    from ml_backend.active_learning.loop import SeedSchedule
-    from ml_backend.strategies.batch import BatchConfig, Neighbourhood, StackPositions, coverage_order
-    from ml_backend.training import TrainConfig, fine_tune
-    from ml_backend.training.pretrain import PretrainConfig, make_batch, pretrain, reconstruction_loss
 
     out = Path(out_s)
     path = out / "runs" / f"{data}_seed{seed}.json"

@@ -30,13 +30,24 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.benchmarks.machine import describe_text
+from ml_backend.config import get_settings
+from ml_backend.data.stacks import read_stack
+from ml_backend.data.volume import generate_volume
+from ml_backend.export.annotations import overrides_for_stack
+from ml_backend.export.driver import export_stack
+from ml_backend.export.objects import time_backends
+from ml_backend.export.run import _load_model
+from ml_backend.export.source import open_stack
+from ml_backend.inference.tiling import predict_tiled
+from ml_backend.labelstudio.importing import tile_origins
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.rle import mask_to_results
+from ml_backend.model import build_model
+from ml_backend.store.registry import ModelRegistry
 
 
 def _model_dir(root: Path, width: int = 16, depth: int = 4) -> Path:
     import torch
-
-    from ml_backend.model import build_model
-    from ml_backend.store.registry import ModelRegistry
 
     torch.manual_seed(0)
     d = root / "models"
@@ -46,11 +57,6 @@ def _model_dir(root: Path, width: int = 16, depth: int = 4) -> Path:
 
 def _ground_truth_tasks(masks_dir: Path, stack_key: str, tile: int = 256) -> list[dict]:
     """The masks as annotated tiles in Label Studio's JSON export format (what ``--annotations`` reads)."""
-    from ml_backend.data.stacks import read_stack
-    from ml_backend.labelstudio.importing import tile_origins
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.labelstudio.rle import mask_to_results
-
     config = parse_label_config((Path(__file__).resolve().parents[2] / "label_config" / "dense.xml").read_text())
     tasks, tid = [], 1
     for sl in read_stack(masks_dir):
@@ -66,13 +72,6 @@ def _ground_truth_tasks(masks_dir: Path, stack_key: str, tile: int = 256) -> lis
 
 def bench_lucchi(data: Path, out: Path) -> dict:
     from tqdm.auto import tqdm
-
-    from ml_backend.config import get_settings
-    from ml_backend.export.annotations import overrides_for_stack
-    from ml_backend.export.run import _load_model, export_stack
-    from ml_backend.export.source import open_stack
-    from ml_backend.inference.tiling import predict_tiled
-    from ml_backend.labelstudio.labelconfig import parse_label_config
 
     settings = get_settings()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +108,6 @@ def bench_lucchi(data: Path, out: Path) -> dict:
 
 
 def _memory_child(stack: str, model_dir: str, out: str) -> None:
-    from ml_backend.export.run import export_stack
-
     export_stack(stack, out, model_dir=model_dir, project="1", tile=64, overlap=8, chunk_slices=16, progress=False,
                  probabilities=True)  # fmt: skip
     print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
@@ -127,8 +124,6 @@ def _vm_hwm_mb() -> float:
 
 def bench_memory(slices: list[int], size: int = 64) -> list[dict]:
     import tifffile
-
-    from ml_backend.data.volume import generate_volume
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,9 +147,6 @@ def bench_memory(slices: list[int], size: int = 64) -> list[dict]:
 
 
 def bench_cc(data: Path) -> dict:
-    from ml_backend.data.stacks import read_stack
-    from ml_backend.export.objects import time_backends
-
     mask = np.stack([np.asarray(s.image) >= 128 for s in read_stack(data / "masks")])
     return {"shape": list(mask.shape), "foreground": round(float(mask.mean()), 4), **time_backends(mask)}
 
@@ -168,8 +160,6 @@ def figure(export_dir: Path, png: Path, z: int | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import tifffile
-
-    from ml_backend.export.source import open_stack
 
     manifest = json.loads((export_dir / "export.json").read_text())
     objects = tifffile.memmap(export_dir / "objects.tif") if (export_dir / "objects.tif").is_file() else None

@@ -29,6 +29,12 @@ from typing import Any
 import numpy as np
 
 from ml_backend.benchmarks.data import REPO
+from ml_backend.config import Settings
+from ml_backend.labelstudio.api import LabelStudioProject, as_dict, connect, list_tasks
+from ml_backend.labelstudio.hygiene import prune_predictions
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.rle import mask_to_results
+from ml_backend.services import label_studio as lss
 
 log = logging.getLogger("bench_hygiene")
 
@@ -39,8 +45,6 @@ XML = """<View>
 
 
 def _start_server(work: Path) -> Any:
-    from ml_backend.services import label_studio as lss
-
     template = REPO / ".cache" / f"label-studio-template-{lss.LABEL_STUDIO_VERSION}"
     data_dir = work / "data"
     if (template / "label_studio.sqlite3").is_file():
@@ -61,8 +65,6 @@ def _timed(fn: Any, repeats: int) -> dict[str, float]:
 def measure_listing(server: Any, ls: Any, pid: int, repeats: int) -> dict[str, Any]:
     """The three listings, each ``repeats`` times (median, min, max), and the response size of the first page."""
     import requests
-
-    from ml_backend.labelstudio.api import list_tasks
 
     session = requests.Session()
     session.headers["Authorization"] = f"Token {server.api_key}"
@@ -94,12 +96,6 @@ def measure_listing(server: Any, ls: Any, pid: int, repeats: int) -> dict[str, A
 
 
 def run(n_tasks: int, rounds: int, repeats: int, out: Path, tile: int = 64) -> dict[str, Any]:
-    from ml_backend.config import Settings
-    from ml_backend.labelstudio.api import LabelStudioProject, as_dict, connect
-    from ml_backend.labelstudio.hygiene import prune_predictions
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.labelstudio.rle import mask_to_results
-
     result: dict[str, Any] = {"tasks": n_tasks, "rounds": rounds, "tile": tile, "repeats": repeats}
 
     def save() -> None:

@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.benchmarks.serving import PROJECT_ID, _machine, _model
+from ml_backend.data.synthetic import generate_em_like
 from ml_backend.services.ports import free_port
 from ml_backend.services.redis import start_redis, stop_redis
+from ml_backend.store.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[2]
 WEBHOOK_BUDGET_S = 1.0  # Label Studio's timeout for a webhook it posts synchronously
@@ -218,9 +220,6 @@ class Stack:
         import numpy as np
         import requests
         from PIL import Image
-
-        from ml_backend.data.synthetic import generate_em_like
-        from ml_backend.store.registry import ModelRegistry
 
         self.workdir = workdir
         self.redis_port = free_port()

@@ -17,6 +17,13 @@ import argparse
 import time
 from dataclasses import replace
 
+from ml_backend.active_learning.loop import SeedSchedule
+from ml_backend.benchmarks import data, protocol, run
+from ml_backend.model import build_model
+from ml_backend.training import TrainConfig, evaluate, fine_tune
+from ml_backend.training.augment import AugmentConfig
+from ml_backend.training.trainer import ValidationTiles
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,13 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
     import torch
-
-    from ml_backend.active_learning.loop import SeedSchedule
-    from ml_backend.benchmarks import data, protocol, run
-    from ml_backend.model import build_model
-    from ml_backend.training import TrainConfig, evaluate, fine_tune
-    from ml_backend.training.augment import AugmentConfig
-    from ml_backend.training.trainer import ValidationTiles
 
     torch.set_num_threads(a.threads)
     vnc = data.default_vnc_dir() / "stack1"

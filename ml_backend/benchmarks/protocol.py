@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ml_backend.training import TrainConfig
+from ml_backend.training.semi import SemiConfig
+
 
 @dataclass
 class Protocol:
@@ -173,9 +176,6 @@ def train_config(
     val: float | None = None,
     batch_size: int | None = None,
 ):
-    from ml_backend.training import TrainConfig
-    from ml_backend.training.semi import SemiConfig
-
     semi = SemiConfig(
         enabled=p.semi_supervised,
         threshold=p.semi_threshold,

@@ -28,9 +28,18 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.active_learning import Evaluation, RoundPlan, TopK
+from ml_backend.active_learning.loop import ActiveLoop, RoundHooks, SeedSchedule
 from ml_backend.benchmarks.data import REPO, Dataset, dataset_for, default_vnc_dir
 from ml_backend.benchmarks.protocol import PRESETS, Protocol, train_config
 from ml_backend.benchmarks.report import write_json
+from ml_backend.benchmarks.run import LocalScorer, OracleLabels, ensure_initial, evaluate_test, scoring_config
+from ml_backend.config import torch_device
+from ml_backend.model import load_checkpoint
+from ml_backend.strategies import get_strategy
+from ml_backend.strategies.region import region_training_mask, suggest_region
+from ml_backend.training.metrics import boundary_length
+from ml_backend.training.recipe import ModelState
 
 log = logging.getLogger("bench_region_effort")
 
@@ -54,8 +63,6 @@ def _probs(model: Any, images: np.ndarray, p: Protocol) -> np.ndarray:
     """(N, C, H, W) softmax of whole tiles (one forward pass per tile batch, eval mode)."""
     import torch
 
-    from ml_backend.config import torch_device
-
     dev = torch_device(p.device)
     model.eval().to(dev)
     out = []
@@ -68,8 +75,6 @@ def _probs(model: Any, images: np.ndarray, p: Protocol) -> np.ndarray:
 
 def regions_for(model: Any, ds: Dataset, ids: list[int], p: Protocol, window: int) -> list[tuple[int, int, int, int]]:
     """The suggested rectangle (x0, y0, x1, y1) of each tile: gain = normalised entropy, effort = boundary length."""
-    from ml_backend.strategies.region import suggest_region
-
     probs = _probs(model, ds.pool_images[ids], p)
     out = []
     for pr in probs:
@@ -82,15 +87,6 @@ def regions_for(model: Any, ds: Dataset, ids: list[int], p: Protocol, window: in
 def run_arm(out: Path, p: Protocol, arm: str, seed: int) -> dict:
     """One learning curve of an arm: round 0 = the cached initial model (whole tiles), then ``p.rounds`` rounds
     (``active_learning.loop.ActiveLoop``, the benchmark's loop and seeds)."""
-    from ml_backend.active_learning import Evaluation, RoundPlan, TopK
-    from ml_backend.active_learning.loop import ActiveLoop, RoundHooks, SeedSchedule
-    from ml_backend.benchmarks.run import LocalScorer, OracleLabels, ensure_initial, evaluate_test, scoring_config
-    from ml_backend.model import load_checkpoint
-    from ml_backend.strategies import get_strategy
-    from ml_backend.strategies.region import region_training_mask
-    from ml_backend.training.metrics import boundary_length
-    from ml_backend.training.recipe import ModelState
-
     path = out / "runs" / f"{arm}__seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())

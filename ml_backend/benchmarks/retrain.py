@@ -25,6 +25,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ml_backend import queue as q
+from ml_backend.benchmarks.machine import describe
+from ml_backend.config import Settings
+from ml_backend.data.synthetic import generate_em_like
+from ml_backend.labelstudio.api import as_dict, connect, ensure_local_storage, latest_annotations, list_tasks
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.rle import mask_to_results
+from ml_backend.services import label_studio as ls_script
+from ml_backend.services import redis as redis_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger("bench_retrain")
@@ -40,16 +50,12 @@ def _load_script(name: str):
 
 
 def machine() -> dict:
-    from ml_backend.benchmarks.machine import describe
-
     return describe()
 
 
 def write_tiles(root: Path, n: int, size: int, seed: int):
     """Generated EM-like tiles as PNG files under the Label Studio document root; returns (names, ground truth)."""
     from PIL import Image
-
-    from ml_backend.data.synthetic import generate_em_like
 
     raw, gt = generate_em_like(n, size=size, seed=seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -73,8 +79,6 @@ def webhook_payload(pid: int, task_id: int, annotation: dict) -> dict:
 
 def predictions_of(ls, pid: int, version: str) -> dict[int, float]:
     """{task id: score} of every prediction of `version` in the project."""
-    from ml_backend.labelstudio.api import as_dict, list_tasks
-
     out = {}
     for task in list_tasks(ls, pid):
         for pred in task.get("predictions") or []:
@@ -88,14 +92,6 @@ def run(args: argparse.Namespace) -> dict:
     import redis
     from rq.job import Job
     from rq.serializers import JSONSerializer
-
-    from ml_backend import queue as q
-    from ml_backend.config import Settings
-    from ml_backend.labelstudio.api import connect, ensure_local_storage, latest_annotations, list_tasks
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.labelstudio.rle import mask_to_results
-    from ml_backend.services import label_studio as ls_script
-    from ml_backend.services import redis as redis_script
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

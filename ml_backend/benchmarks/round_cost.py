@@ -40,6 +40,25 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.active_learning import RoundPlan, run_round
+from ml_backend.active_learning.audit import audit_task_ids
+from ml_backend.active_learning.candidates import CandidateSampler, previous_best
+from ml_backend.active_learning.plan import product_plan, product_selector
+from ml_backend.active_learning.publisher import RegistryPublisher
+from ml_backend.active_learning.round import LabelledSet, LabelledTile
+from ml_backend.benchmarks.machine import describe
+from ml_backend.config import Settings
+from ml_backend.data.synthetic import generate_em_like
+from ml_backend.inference.scoring import ScoringConfig
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.loop import AnnotatedTasks
+from ml_backend.labelstudio.project_data import ChunkInputs
+from ml_backend.queue.rescoring import RedisPoolScorer
+from ml_backend.services import redis as redis_service
+from ml_backend.store.registry import ModelRegistry
+from ml_backend.strategies.resolve import resolve_strategy
+from ml_backend.training.recipe import ModelState
+
 REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("bench_round_cost")
 
@@ -80,8 +99,6 @@ class TimedScorer:
 def write_files(root: Path, n: int, tile: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``n`` generated EM-like tiles as PNG under ``root/tiles``; (names, images, masks)."""
     from PIL import Image
-
-    from ml_backend.data.synthetic import generate_em_like
 
     raw, gt = generate_em_like(n, size=tile, seed=seed)
     (root / "tiles").mkdir(parents=True, exist_ok=True)
@@ -128,17 +145,6 @@ class _Registered:
 
 def measure(n: int, processes: int, ctx: dict, settings: Any, conn: Any) -> dict:
     """One round's scoring part on ``n`` tasks with ``processes`` scoring processes (1: the coordinator alone)."""
-    from ml_backend.active_learning import RoundPlan, run_round
-    from ml_backend.active_learning.audit import audit_task_ids
-    from ml_backend.active_learning.candidates import CandidateSampler, previous_best
-    from ml_backend.active_learning.plan import product_selector
-    from ml_backend.active_learning.round import LabelledSet
-    from ml_backend.inference.scoring import ScoringConfig
-    from ml_backend.labelstudio.loop import AnnotatedTasks
-    from ml_backend.labelstudio.project_data import ChunkInputs
-    from ml_backend.queue.rescoring import RedisPoolScorer
-    from ml_backend.training.recipe import ModelState
-
     out, config, xml, strategy = ctx["trained"], ctx["config"], ctx["xml"], ctx["strategy"]
     tasks = make_tasks(n, ctx["names"], ctx["tile"], "previous", seed=n)
     labelled = ctx["labelled"]
@@ -205,18 +211,6 @@ def run(args: argparse.Namespace) -> dict:
     import redis
     import torch
     from rq import Worker
-
-    from ml_backend.active_learning import LabelledSet, run_round
-    from ml_backend.active_learning.plan import product_plan
-    from ml_backend.active_learning.publisher import RegistryPublisher
-    from ml_backend.active_learning.round import LabelledTile
-    from ml_backend.benchmarks.machine import describe
-    from ml_backend.config import Settings
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.labelstudio.loop import AnnotatedTasks
-    from ml_backend.services import redis as redis_service
-    from ml_backend.store.registry import ModelRegistry
-    from ml_backend.strategies.resolve import resolve_strategy
 
     torch.set_num_threads(1)
     work = Path(args.workdir).resolve()

@@ -54,13 +54,25 @@ from ml_backend.active_learning import (
     ScoredPool,
     TopK,
 )
+from ml_backend.active_learning.audit import Confusion, compare, summarise
 from ml_backend.active_learning.candidates import CandidateSampler, best_candidates
+from ml_backend.active_learning.effort import edit_effort
 from ml_backend.active_learning.loop import ActiveLoop, RoundHooks, SeedSchedule
+from ml_backend.active_learning.selection import StackAware
 from ml_backend.benchmarks.data import Dataset, dataset_for
 from ml_backend.benchmarks.protocol import SCORING_ONLY_FIELDS, Protocol, train_config
 from ml_backend.benchmarks.report import write_json
-from ml_backend.inference.scoring import ScoringConfig, score_images
-from ml_backend.training.recipe import EnsembleSpec, ModelState, TrainedModel, train_model
+from ml_backend.config import Settings, torch_device
+from ml_backend.inference.scoring import ScoringConfig, embed_images, score_images
+from ml_backend.inference.tiling import predict_tiled
+from ml_backend.model import build_model, load_checkpoint, save_checkpoint
+from ml_backend.strategies import available_strategies
+from ml_backend.strategies.base import strategy_params_model
+from ml_backend.strategies.batch import BatchConfig, Neighbourhood, coverage_order, thumbnail
+from ml_backend.strategies.resolve import resolve_strategy
+from ml_backend.training.metrics import boundary_length, confusion_counts, dice_from_counts, iou_from_counts
+from ml_backend.training.pretrain import PretrainConfig, pretrain
+from ml_backend.training.recipe import EnsembleSpec, ModelState, TrainedModel, first_steps, train_model
 
 log = logging.getLogger("al_benchmark")
 
@@ -105,17 +117,12 @@ class LocalScorer:
     embed: bool = False
 
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
-        from ml_backend.config import torch_device
-        from ml_backend.inference.scoring import embed_images
-
         imgs = [self.images[i] for i in ids]
         scores = score_images(trained.model, imgs, strategy, self.cfg, ensemble=trained.ensemble or None, seed=seed)
         if self.embed and "embedding" not in scores.summary:
             dev = torch_device(self.cfg.device)
             scores.summary["embedding"] = embed_images(trained.model, imgs, dev, batch_size=EMBED_BATCH)
         if self.embed and "thumbnail" not in scores.summary:
-            from ml_backend.strategies.batch import thumbnail
-
             scores.summary["thumbnail"] = np.stack([thumbnail(im) for im in imgs])
         return ScoredPool(list(ids), scores)
 
@@ -152,10 +159,6 @@ def calibration(ds: Dataset, p: Protocol) -> list[np.ndarray] | None:
 
 def evaluate_test(model, ds: Dataset, p: Protocol) -> dict[str, float]:
     """IoU / Dice over all pixels of the test slices (tiled inference, counts summed over slices)."""
-    from ml_backend.config import torch_device
-    from ml_backend.inference.tiling import predict_tiled
-    from ml_backend.training.metrics import confusion_counts, dice_from_counts, iou_from_counts
-
     tp = fp = fn = pixels = 0
     dev = torch_device(p.device)
     for img, msk in zip(ds.test_images, ds.test_masks, strict=True):
@@ -177,8 +180,6 @@ def evaluate_test(model, ds: Dataset, p: Protocol) -> dict[str, float]:
 def _fresh_model(p: Protocol, seed: int):
     import torch
 
-    from ml_backend.model import build_model
-
     torch.manual_seed(seed)
     offsets = [int(o) for o in (p.context_offsets or [0])]
     context = {} if offsets == [0] else {"in_channels": len(offsets), "context_offsets": offsets}  # 2.5D context
@@ -190,7 +191,6 @@ def initial_labelled(ds: Dataset, p: Protocol, seed: int, embeddings: np.ndarray
     if p.first_batch == "random":
         rng = np.random.default_rng([seed, 2])
         return sorted(rng.permutation(len(ds.pool_images))[: p.m].tolist())
-    from ml_backend.strategies.batch import coverage_order
 
     if embeddings is None:
         raise ValueError(f"first_batch {p.first_batch!r} needs the initial network's embeddings")
@@ -199,7 +199,6 @@ def initial_labelled(ds: Dataset, p: Protocol, seed: int, embeddings: np.ndarray
         raise ValueError(f"first_batch must be random, coverage, kcenter or spread, got {p.first_batch!r}")
     thumbs = None
     if p.z_radius == "auto":  # measured on the pool's thumbnails, as the product's cold start does
-        from ml_backend.strategies.batch import thumbnail
 
         thumbs = np.stack([thumbnail(im) for im in ds.pool_images])
     order = coverage_order(
@@ -217,8 +216,6 @@ def stack_positions(ds: Dataset, p: Protocol, idx: Any = None) -> np.ndarray:
 
 
 def batch_config(p: Protocol, method: str):
-    from ml_backend.strategies.batch import BatchConfig, Neighbourhood
-
     return BatchConfig(
         neighbourhood=Neighbourhood(z_radius=p.z_radius),
         method=method,
@@ -327,10 +324,6 @@ def default_arm(p: Protocol, settings: Any = None, name: str = DEFAULT_ARM) -> A
     (the product trains on 9 of every 10 served tiles), TRAIN_TIME_BUDGET_S / PRETRAIN_TIME_BUDGET_S (the benchmark is
     bounded by steps) and the queue's audit interleaving.
     """
-    from ml_backend.config import Settings
-    from ml_backend.strategies.base import strategy_params_model
-    from ml_backend.training.recipe import first_steps
-
     s = settings if settings is not None else Settings()
     takes_aggregation = "aggregation" in strategy_params_model(s.strategy).model_fields
     steps = max(1, round(s.train_steps * p.product_steps_scale))
@@ -385,9 +378,6 @@ def resolve_arm(p: Protocol, arm: str, settings: Any = None) -> Arm:
 
     ValueError for an unknown strategy or suffix, or a selector on ``default`` (it takes its selector from
     Settings)."""
-    from ml_backend.config import Settings
-    from ml_backend.strategies import available_strategies
-
     base, method = parse_arm(arm)
     semi = "semi" in arm.split("+")[1:]
     s = settings if settings is not None else Settings()
@@ -434,8 +424,6 @@ def initial_tag(p: Protocol, ap: Protocol) -> str:
 
 def arm_batch_config(p: Protocol, arm: str | Arm):
     """The BatchConfig of an arm's selector (its method, and its z radius or the protocol's)."""
-    from ml_backend.strategies.batch import Neighbourhood
-
     if isinstance(arm, str):
         method, z_radius = ARM_SELECTORS[_selector_suffix(arm)]
     else:
@@ -446,8 +434,6 @@ def arm_batch_config(p: Protocol, arm: str | Arm):
 
 def arm_strategy(arm: Arm) -> Any:
     """The arm's strategy object, through the product's resolver (the default aggregation included)."""
-    from ml_backend.strategies.resolve import resolve_strategy
-
     return resolve_strategy(arm.strategy, arm.strategy_params or None)
 
 
@@ -490,14 +476,11 @@ def ensure_initial(out: Path, p: Protocol, seed: int, tag: str = "") -> Path:
 
 
 def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
-    from ml_backend.model import save_checkpoint
-
     ds = dataset_for(p, seed)
     t0 = time.monotonic()
     model = _fresh_model(p, seed)
     pre_info = None
     if p.pretrain_steps > 0:  # issue 11: SSL pretraining on the unlabelled pool, the product's pretrain()
-        from ml_backend.training.pretrain import PretrainConfig, pretrain
 
         crop = min(p.pretrain_crop or p.tile, p.tile)
         pcfg = PretrainConfig(steps=p.pretrain_steps, time_budget_s=1e9, seed=seed, crop=crop, device=p.device)
@@ -514,9 +497,6 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
         pre_info = {"steps": pre.steps, "seconds": pre.seconds, "loss_last20": float(np.mean(pre.losses[-20:]))}
     embeddings = None
     if p.first_batch != "random":
-        from ml_backend.config import torch_device
-        from ml_backend.inference.scoring import embed_images
-
         embeddings = embed_images(model, list(ds.pool_images), torch_device(p.device), batch_size=EMBED_BATCH)
     lab = initial_labelled(ds, p, seed, embeddings)
     trained = train_model(
@@ -545,8 +525,6 @@ def unlabelled_pool(ds: Dataset, labelled: list[int]) -> list[np.ndarray]:
 
 
 def _record(ds: Dataset, lab: list[int], rnd: int, test: dict, train: dict | None, seconds: dict) -> dict:
-    from ml_backend.training.metrics import boundary_length
-
     masks = ds.pool_masks[lab]
     # Diagnostics (issue 11: why can an uncertainty batch lower test IoU?): the labelled set's foreground fraction
     # and boundary per tile; the batch's own figures follow from the previous round's (cumulative) ones.
@@ -571,10 +549,6 @@ def served_effort(model: Any, ds: Dataset, picked: list[int], p: Protocol) -> di
     """Issue 17.6, measured as the product measures it: the oracle's masks of the tiles this round's model picked,
     against that model's predictions of them (the pre-annotations it would serve), with ``active_learning.effort``.
     Means per tile; ``effort_saved`` = 1 - outline edited / outline from scratch (sums over the tiles)."""
-    from ml_backend.active_learning.effort import edit_effort
-    from ml_backend.config import torch_device
-    from ml_backend.inference.tiling import predict_tiled
-
     dev = torch_device(p.device)
     efforts = [
         edit_effort(
@@ -611,10 +585,6 @@ def emulated_gate(previous: Any, new: Any, ds: Dataset, p: Protocol, audit: list
     """What the product's gate (``active_learning.audit.compare``) decides for ``new`` against ``previous`` on the
     audit tiles annotated by now: the queue serves one audit task per ``1 / AUDIT_FRACTION`` places, so about
     len(labelled) / 9 of them, never ones selection picked (the product keeps them out of training)."""
-    from ml_backend.active_learning.audit import Confusion, compare, summarise
-    from ml_backend.config import torch_device
-    from ml_backend.inference.tiling import predict_tiled
-
     done = set(labelled)
     tiles = [i for i in audit if i not in done][: len(labelled) // round(1 / GATE_AUDIT_FRACTION - 1)]
     if len(tiles) < GATE_MIN_TILES:
@@ -679,8 +649,6 @@ class _BenchmarkRounds(RoundHooks):
         )
 
     def evaluate(self, rnd: int, trained: TrainedModel) -> Evaluation:
-        from ml_backend.config import torch_device
-
         t0 = time.monotonic()
         metrics = evaluate_test(trained.model.to(torch_device(self.p.device)), self.ds, self.p)
         self.test_seconds = time.monotonic() - t0
@@ -712,9 +680,6 @@ class _BenchmarkRounds(RoundHooks):
 def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm | dict | None = None) -> dict:
     """One (arm, seed) learning curve: round 0 = the cached initial model, then ``run_round`` per round
     (``ActiveLoop``). ``arm``: the resolved arm (None: ``resolve_arm`` with this process's Settings)."""
-    from ml_backend.config import torch_device
-    from ml_backend.model import load_checkpoint
-
     path = out / "runs" / f"{strategy_name}__seed{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -731,8 +696,6 @@ def run_strategy(out: Path, p: Protocol, strategy_name: str, seed: int, arm: Arm
     scoring = scoring_config(p)
     select: Any = TopK(p.k)
     if batch_method is not None:
-        from ml_backend.active_learning.selection import StackAware
-
         select = StackAware(
             TopK(p.k),
             lambda ids: stack_positions(ds, p, ids),

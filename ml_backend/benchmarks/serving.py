@@ -31,7 +31,14 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from ml_backend.benchmarks.machine import describe_text
+from ml_backend.config import Settings, get_settings
+from ml_backend.data.synthetic import generate_em_like
+from ml_backend.imaging import normalize
+from ml_backend.inference import predict_tiled
+from ml_backend.model import build_model
 from ml_backend.services.ports import free_port
+from ml_backend.store.registry import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,23 +78,17 @@ def _set_threads(n: int) -> None:
 
 
 def _machine() -> str:
-    from ml_backend.benchmarks.machine import describe_text
-
     return describe_text() + " (shared machine)"
 
 
 def _model(width: int, depth: int):
     import torch
 
-    from ml_backend.model import build_model
-
     torch.manual_seed(0)
     return build_model("unet", width=width, depth=depth).eval()
 
 
 def _settings_kwargs() -> dict:
-    from ml_backend.config import get_settings
-
     s = get_settings()
     return {"tile": s.tile_size, "overlap": s.tile_overlap, "batch_size": s.inference_batch}
 
@@ -109,9 +110,6 @@ def huge_child(args: argparse.Namespace) -> None:
     import numpy as np
 
     _set_threads(args.threads)
-    from ml_backend.data.synthetic import generate_em_like
-    from ml_backend.imaging import normalize
-    from ml_backend.inference import predict_tiled
 
     model = _model(args.width, args.depth)
     h, w = args.huge_hw
@@ -164,15 +162,11 @@ class _Bare:
     """predict_tiled in this process with the server's tile/overlap/batch settings."""
 
     def __init__(self, model, images: list) -> None:
-        from ml_backend.imaging import normalize
-
         self.model, self.kw = model, _settings_kwargs()
         self.norm = [normalize(im) for im in images]
 
     def run(self, count: int) -> float:
         """Seconds to predict the first ``count`` images."""
-        from ml_backend.inference import predict_tiled
-
         t0 = time.perf_counter()
         for im in self.norm[:count]:
             predict_tiled(self.model, im, **self.kw)
@@ -188,7 +182,6 @@ class _Client:
         self.proc: subprocess.Popen | None = None
         if mode == "flask":
             os.environ.update(env)
-            from ml_backend.config import Settings, get_settings
 
             get_settings.cache_clear()  # the app must see MODEL_DIR etc. set above
             server_app = importlib.import_module("ml_backend.server.app")
@@ -263,8 +256,6 @@ class _Backend:
 
     def __init__(self, args: argparse.Namespace, model, images: list, workdir: Path) -> None:
         from PIL import Image
-
-        from ml_backend.store.registry import ModelRegistry
 
         media = workdir / "media"
         (media / "tiles").mkdir(parents=True)
@@ -433,7 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         huge_child(args)
         return 0
     _set_threads(args.threads)
-    from ml_backend.data.synthetic import generate_em_like
 
     started = time.monotonic()
     machine = _machine()

@@ -43,6 +43,21 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.benchmarks import protocol
+from ml_backend.benchmarks.data import dataset_for, default_vnc_dir
+from ml_backend.benchmarks.machine import describe_text
+from ml_backend.benchmarks.serving import _Backend
+from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.data.synthetic import generate_em_like
+from ml_backend.imaging import normalize
+from ml_backend.inference.precision import count_flops, inference_model, onnxruntime_available
+from ml_backend.inference.scoring import ScoringConfig, score_images
+from ml_backend.inference.tiling import predict_tiled
+from ml_backend.model import build_model, load_checkpoint, save_checkpoint
+from ml_backend.strategies import get_strategy
+from ml_backend.training.metrics import iou_from_counts
+from ml_backend.training.trainer import TrainConfig, fine_tune
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "speed"
 
@@ -187,9 +202,6 @@ def training_flops(model: Any, batch: int, crop: int, device: Any) -> int:
 # ------------------------------------------------------------------------------------------------------ sections
 def _em_tiles(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images, normalised float32 images) of generated EM-like tiles."""
-    from ml_backend.data.synthetic import generate_em_like
-    from ml_backend.imaging import normalize
-
     raw, _ = generate_em_like(n, size=size, seed=seed)
     return raw, np.stack([normalize(im) for im in raw]).astype(np.float32)
 
@@ -199,8 +211,6 @@ class Engines:
 
     def __init__(self, model: Any, tiles: np.ndarray, device: Any) -> None:
         import torch
-
-        from ml_backend.inference.precision import inference_model, onnxruntime_available
 
         self.device = torch.device(device)
         self.x = torch.from_numpy(tiles[:, None].copy()).to(self.device)
@@ -233,8 +243,6 @@ class PredictApp:
     """The real Flask app (test client) serving a published model; ``run()`` is one /predict of every tile."""
 
     def __init__(self, model: Any, images: list[np.ndarray], workdir: Path) -> None:
-        from ml_backend.benchmarks.serving import _Backend
-
         args = argparse.Namespace(server="flask", threads=0)
         self.backend = _Backend(args, model, images, workdir)
         config = (REPO / "label_config" / "dense_uncertainty.xml").read_text()  # the set-up command's default
@@ -257,13 +265,6 @@ def _load_avg() -> list[float]:
 def measure_speed(p: Preset, device: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Sections 1-6, interleaved in rounds; returns the raw per-round figures and their medians."""
     import torch
-
-    from ml_backend.config import Settings, get_settings, torch_device
-    from ml_backend.inference.precision import count_flops, inference_model
-    from ml_backend.inference.scoring import ScoringConfig, score_images
-    from ml_backend.model import build_model
-    from ml_backend.strategies import get_strategy
-    from ml_backend.training.trainer import TrainConfig, fine_tune
 
     dev = torch_device(device)
     torch.manual_seed(0)
@@ -390,9 +391,6 @@ def summarize(rounds: list[dict[str, Any]], flops_mp: float) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ int8 IoU
 def _protocol(name: str) -> Any:
     """The AL benchmark's CPU preset on data set ``name`` (vnc, lucchi, or synthetic for --quick)."""
-    from ml_backend.benchmarks import protocol
-    from ml_backend.benchmarks.data import default_vnc_dir
-
     p = replace(protocol.Protocol(), **protocol.PRESETS["cpu"])
     if name == "vnc":
         root = default_vnc_dir() / "stack1"
@@ -407,13 +405,6 @@ def _protocol(name: str) -> Any:
 def int8_iou(name: str, steps: int, log: Callable[[str], None]) -> dict[str, Any] | None:
     """fp32 and int8 engines' IoU against the ground truth on the held-out test region of data set ``name``."""
     import torch
-
-    from ml_backend.benchmarks.data import dataset_for
-    from ml_backend.inference.precision import inference_model
-    from ml_backend.inference.tiling import predict_tiled
-    from ml_backend.model import build_model, load_checkpoint, save_checkpoint
-    from ml_backend.training.metrics import iou_from_counts
-    from ml_backend.training.trainer import TrainConfig, fine_tune
 
     p = _protocol(name)
     if p.data != "synthetic" and not Path(p.images).is_dir():
@@ -507,8 +498,6 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import torch
-
-    from ml_backend.benchmarks.machine import describe_text
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")

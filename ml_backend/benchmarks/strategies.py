@@ -25,6 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ml_backend.benchmarks.machine import describe_text
+from ml_backend.config import torch_device
+from ml_backend.model import build_model
+from ml_backend.strategies import (
+    PassConfig,
+    PoolBatch,
+    available_strategies,
+    forward_passes,
+    get_strategy,
+    pool_queue_scores,
+    score_pool,
+)
+
 log = logging.getLogger("bench_strategies")
 
 
@@ -76,8 +89,6 @@ def smooth_field(rng: np.random.Generator, n: int, size: int, cells: int = 16) -
 
 def make_chunk(rng, n, size, classes, t, e, centres):
     """A PoolBatch of synthetic segmentation-like outputs with every field filled."""
-    from ml_backend.strategies import PoolBatch
-
     def probs_from(logit_fg: np.ndarray) -> np.ndarray:
         if classes == 2:
             p = 1.0 / (1.0 + np.exp(-logit_fg))
@@ -97,8 +108,6 @@ def make_chunk(rng, n, size, classes, t, e, centres):
 
 
 def phase_numpy(args, names) -> dict[str, dict[str, float]]:
-    from ml_backend.strategies import PoolBatch, get_strategy, pool_queue_scores
-
     rng = np.random.default_rng(args.seed)
     centres = np.abs(rng.normal(size=(20, args.embed_dim))) * 2.0
     strategies = {name: get_strategy(name) for name in names}
@@ -158,10 +167,6 @@ def phase_numpy(args, names) -> dict[str, dict[str, float]]:
 def phase_model(args, names) -> dict[str, dict[str, float]]:
     import torch
 
-    from ml_backend.config import torch_device
-    from ml_backend.model import build_model
-    from ml_backend.strategies import PassConfig, forward_passes, get_strategy, score_pool
-
     device = torch_device(args.device)
     torch.manual_seed(args.seed)
     model = build_model("unet", width=args.width, depth=args.depth).to(device).eval()
@@ -197,8 +202,6 @@ def phase_model(args, names) -> dict[str, dict[str, float]]:
 
 
 def machine_description(device: str) -> str:
-    from ml_backend.benchmarks.machine import describe_text
-
     return describe_text() + ("" if device != "cpu" else " (run on the CPU)")
 
 
@@ -254,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     import torch
-
-    from ml_backend.strategies import available_strategies
 
     torch.set_num_threads(args.threads)
     names = available_strategies() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",")]

@@ -57,7 +57,7 @@ def plot_learning_curve(points: list[tuple[int, float, str]], current: str | Non
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from ml_backend import queue as q
+    from ml_backend import queue as q  # local: queue/ loads torch, rq and redis; every ml-backend command imports cli/
 
     reg = ModelRegistry(settings.model_dir, args.project)
     try:
@@ -125,7 +125,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from ml_backend import queue as q
+    from ml_backend import queue as q  # local: queue/ loads torch, rq and redis; every ml-backend command imports cli/
 
     try:
         out = q.schedule_training(int(args.project), settings, reason="cli", force=True)

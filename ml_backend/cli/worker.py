@@ -56,7 +56,7 @@ def wait_for_redis(settings: Settings) -> bool:
     """
     import redis
 
-    from ml_backend.worker import RedisBackoff, RedisGaveUp, wait_until_reachable
+    from ml_backend.worker import RedisBackoff, RedisGaveUp, wait_until_reachable  # local: loads rq (cli/ stays light)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     backoff = RedisBackoff(settings.worker_redis_retry_max_s, settings.worker_redis_give_up_s)
@@ -78,7 +78,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         print(" ".join(cmd))
         return 0
     if not wait_for_redis(settings):
-        from ml_backend.worker import GAVE_UP_EXIT_CODE
+        from ml_backend.worker import GAVE_UP_EXIT_CODE  # local: ml_backend.worker loads rq (cli/ stays light)
 
         return GAVE_UP_EXIT_CODE
     sys.stderr.flush()

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from ml_backend.labelstudio.api import latest_annotations
+from ml_backend.labelstudio.labelconfig import LabelConfigError
+from ml_backend.labelstudio.overlays import OverlayConfig, annotation_training_mask, overlay_config_of
 from ml_backend.labelstudio.rle import IGNORE
 
 from .source import ExportInputError
@@ -64,9 +66,6 @@ def overrides_for_stack(tasks: Iterable[dict], config: Any, stack_key: str, shap
     A task of another stack is ignored; one of this stack whose annotation cannot be decoded, or whose tile leaves
     the slice, is skipped with the reason (the prediction stays there), never fatal to the export.
     """
-    from ml_backend.labelstudio.labelconfig import LabelConfigError
-    from ml_backend.labelstudio.overlays import OverlayConfig, annotation_training_mask, overlay_config_of
-
     try:
         overlay = overlay_config_of(config)
     except LabelConfigError as exc:

@@ -20,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from ml_backend.config import Settings
+from ml_backend.data.context import parse_offsets
 from ml_backend.ids import project_arg
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.project_data import LabelStudioProject
+from ml_backend.store.projects import ProjectStore
 
-from .run import ExportError, export_stack
+from .annotations import load_tasks_file, overrides_for_stack
+from .driver import export_stack
+from .run import ExportError
 from .source import ExportInputError, open_stack
 
 log = logging.getLogger(__name__)
@@ -48,9 +54,6 @@ def _slug(text: str) -> str:
 
 def _label_config(args: argparse.Namespace, settings: Settings, project: Any) -> Any:
     """The project's BrushConfig: --label-config, else Label Studio's, else the one /setup stored; None if none."""
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.store.projects import ProjectStore
-
     if args.label_config:
         return parse_label_config(Path(args.label_config).read_text())
     if project is not None:  # the Label Studio project's (ProjectData.label_config)
@@ -120,15 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> list[tuple[Path, dict]]:
-    from ml_backend.data.context import parse_offsets
-
-    from .annotations import load_tasks_file, overrides_for_stack
-
     project = None
     tasks: list[dict] = []
     if args.from_label_studio:
-        from ml_backend.labelstudio.project_data import LabelStudioProject
-
         project = LabelStudioProject(int(args.project), settings)  # connects (checked, retried)
         tasks = list(project.tasks().values())
     if args.annotations:

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ml_backend.config import get_settings
+from ml_backend.queue.connection import get_connection, get_queue
+
 from .run import ExportError, predict_chunk
 from .source import ExportInputError
 
@@ -37,11 +40,7 @@ def run_chunks_on_rq(work: Path, todo: list[int], settings: Any, *, progress: bo
     from rq.job import Job, JobStatus
     from tqdm.auto import tqdm
 
-    from ml_backend.queue.connection import get_connection, get_queue
-
     if settings is None:
-        from ml_backend.config import get_settings
-
         settings = get_settings()
     conn = get_connection(settings.redis_url, socket_timeout=10.0)
     queue = get_queue(settings, conn)

@@ -16,6 +16,8 @@ Stages (each chunk = ``chunk_slices`` whole slices; the work directory is ``.<ou
 5. ``finalize``: per-class object tables, the per-slice summary, OME-Zarr metadata or multi-page TIFFs, a manifest;
    the work directory is renamed to the output in one ``os.rename``, so an output that exists is complete.
 
+``driver.export_stack`` runs the stages (stage 2 in its process or as RQ jobs: ``jobs.run_chunks_on_rq``).
+
 Memory: one chunk's slices plus one slice's probabilities, whatever the number of slices. A bad input leaves
 nothing behind; a full disk removes the work directory (its space is what the disk needs) and says so; an
 interruption (Ctrl-C, a killed worker) keeps it for the resume.
@@ -31,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,15 +40,19 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.config import torch_device
+from ml_backend.data.context import SliceReader, model_offsets, read_context
+from ml_backend.inference.tiling import predict_tiled
 from ml_backend.store.atomic import open_atomic, write_atomic
+from ml_backend.store.registry import ModelRegistry, RegistryError
 
-from .annotations import apply_overrides, read_overrides
+from .annotations import apply_overrides, read_overrides, write_overrides
 from .objects import ChunkObjects, ObjectTable, label_chunk, merge_chunks, write_object_tables
 from .source import ExportInputError, StackSource, open_stack
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportPlan", "ExportWriteError", "export_stack", "finalize", "merge", "predict_chunk",
+__all__ = ["ExportError", "ExportPlan", "ExportWriteError", "chunk_file", "finalize", "merge", "predict_chunk",
            "prepare", "relabel_chunk"]  # fmt: skip
 
 PLAN = "plan.json"
@@ -158,8 +163,6 @@ def check_channels(model: Any, version: str, expected: Sequence[int] | None = No
     """The slice offsets the version reads; ExportError when its weights, its hparams and ``expected`` disagree."""
     from torch import nn
 
-    from ml_backend.data.context import model_offsets
-
     hp = dict(getattr(model, "hparams", {}) or {})
     offsets = model_offsets(model)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -179,8 +182,6 @@ def check_channels(model: Any, version: str, expected: Sequence[int] | None = No
 
 def resolve_version(model_dir: Path, project: str, version: str | None) -> str:
     """The requested version, else the project's live one; ExportError naming the known versions otherwise."""
-    from ml_backend.store.registry import ModelRegistry, RegistryError
-
     registry = ModelRegistry(model_dir, project)
     known = [m["version"] for m in registry.versions()]
     if version in (None, "", "live", "current"):
@@ -199,9 +200,6 @@ def resolve_version(model_dir: Path, project: str, version: str | None) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load_model(model_dir: str, project: str, version: str, device: str) -> Any:
-    from ml_backend.config import torch_device
-    from ml_backend.store.registry import ModelRegistry
-
     model, _meta = ModelRegistry(model_dir, project).load(version, map_location="cpu")
     return model.to(torch_device(device)).eval()
 
@@ -227,7 +225,7 @@ def _create_arrays(work: Path, plan: ExportPlan) -> None:
     zarr.open_array(str(work / LOCAL), mode="w", shape=(z, h, w), chunks=(1, *xy), dtype="uint32", fill_value=0)
 
 
-def _chunk_file(work: Path, j: int, kind: str) -> Path:
+def chunk_file(work: Path, j: int, kind: str) -> Path:
     return work / "chunks" / f"{j:05d}.{kind}"
 
 
@@ -290,10 +288,9 @@ def prepare(
             raise ExportError(f"{work} holds an interrupted export with another configuration ({', '.join(diff)} "
                               "differ): rerun with the same options to resume it, or pass --restart")  # fmt: skip
         else:
-            done = sum(_chunk_file(work, j, "objects.npz").is_file() for j in range(plan.n_chunks))
+            done = sum(chunk_file(work, j, "objects.npz").is_file() for j in range(plan.n_chunks))
             log.info("resuming %s: %d of %d chunks done", work, done, plan.n_chunks)
             return work, old, source
-    from .annotations import write_overrides
 
     building = work.with_name(work.name + ".new")
     shutil.rmtree(building, ignore_errors=True)
@@ -309,10 +306,7 @@ def prepare(
 def predict_chunk(work: Path, j: int, *, progress: Callable[[int], None] | None = None,
                   source: StackSource | None = None) -> bool:  # fmt: skip
     """Stage 2 for chunk ``j``; False when it was already done (resume)."""
-    from ml_backend.data.context import SliceReader, read_context
-    from ml_backend.inference.tiling import predict_tiled
-
-    done = _chunk_file(work, j, "objects.npz")
+    done = chunk_file(work, j, "objects.npz")
     if done.is_file():
         return False
     plan = ExportPlan.load(work)
@@ -347,7 +341,7 @@ def predict_chunk(work: Path, j: int, *, progress: Callable[[int], None] | None 
     import zarr
 
     zarr.open_array(str(work / LOCAL), mode="r+")[z0:z1] = local
-    with open_atomic(_chunk_file(work, j, "slices.npz")) as fh:
+    with open_atomic(chunk_file(work, j, "slices.npz")) as fh:
         np.savez(fh, counts=counts, annotated=annotated)
     with open_atomic(done, durable=True) as fh:  # last: marks the chunk done
         objects.save(fh)
@@ -359,10 +353,10 @@ def merge(work: Path) -> ObjectTable:
     import zarr
 
     plan = ExportPlan.load(work)
-    missing = [j for j in range(plan.n_chunks) if not _chunk_file(work, j, "objects.npz").is_file()]
+    missing = [j for j in range(plan.n_chunks) if not chunk_file(work, j, "objects.npz").is_file()]
     if missing:
         raise ExportError(f"chunks {missing[:10]} of {work} are not done yet; run the export again to finish them")
-    chunks = [ChunkObjects.load(_chunk_file(work, j, "objects.npz")) for j in range(plan.n_chunks)]
+    chunks = [ChunkObjects.load(chunk_file(work, j, "objects.npz")) for j in range(plan.n_chunks)]
     local = zarr.open_array(str(work / LOCAL), mode="r")
 
     def planes(j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -390,7 +384,7 @@ def relabel_chunk(work: Path, j: int) -> bool:
     """Stage 4 for chunk ``j``: final object labels into Zarr; False when already done."""
     import zarr
 
-    marker = _chunk_file(work, j, "relabelled")
+    marker = chunk_file(work, j, "relabelled")
     if marker.is_file():
         return False
     plan = ExportPlan.load(work)
@@ -449,7 +443,7 @@ def finalize(work: Path, *, extra_manifest: dict | None = None) -> Path:
         writer = csv.writer(fh)
         writer.writerow(["z", "slice", *(f"fraction_{c}" for c in plan.classes), "annotated_pixels"])
         for j in range(plan.n_chunks):
-            with np.load(_chunk_file(work, j, "slices.npz")) as f:
+            with np.load(chunk_file(work, j, "slices.npz")) as f:
                 counts, annotated = f["counts"], f["annotated"]
             z0 = plan.chunk_range(j)[0]
             pixels = plan.shape[1] * plan.shape[2]
@@ -476,47 +470,3 @@ def finalize(work: Path, *, extra_manifest: dict | None = None) -> Path:
     write_atomic(work / "export.json", json.dumps(manifest, indent=2, sort_keys=True), durable=True)
     os.rename(work, out)  # the output appears complete, or not at all
     return out
-
-
-# ------------------------------------------------------------------------------------------------ driver
-def export_stack(
-    stack: str | Path,
-    output: str | Path,
-    *,
-    executor: str = "local",
-    progress: bool = True,
-    settings: Any = None,
-    **prepare_options: Any,
-) -> dict[str, Any]:
-    """Run every stage (resuming an interrupted export of the same plan); returns the manifest."""
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    out = Path(output).expanduser().resolve()
-    work, plan, source = prepare(stack, out, **prepare_options)
-    with guarded_writes(work):
-        todo = [j for j in range(plan.n_chunks) if not _chunk_file(work, j, "objects.npz").is_file()]
-        t_pred = time.perf_counter()
-        if executor == "rq":
-            from .jobs import run_chunks_on_rq
-
-            run_chunks_on_rq(work, todo, settings, progress=progress)
-        elif executor == "local":
-            with tqdm(total=sum(np.diff(plan.chunk_range(j))[0] for j in todo), desc="exporting slices",
-                      unit="slice", disable=not progress) as bar:  # fmt: skip
-                for j in todo:
-                    predict_chunk(work, j, progress=bar.update, source=source)
-        else:
-            raise ExportError(f"executor must be local or rq, got {executor!r}")
-        t_merge = time.perf_counter()
-        table = merge(work)
-        for j in range(plan.n_chunks):
-            relabel_chunk(work, j)
-        timing = {"predict_s": round(t_merge - t_pred, 3), "total_s": None}
-        out = finalize(work, extra_manifest={"timing": timing, "resumed_chunks": plan.n_chunks - len(todo)})
-    timing["total_s"] = round(time.perf_counter() - t0, 3)
-    manifest = json.loads((out / "export.json").read_text())
-    manifest["timing"] = timing
-    write_atomic(out / "export.json", json.dumps(manifest, indent=2, sort_keys=True))
-    log.info("exported %s: %d objects in %s", plan.stack, len(table), out)
-    return manifest

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ml_backend.model.unet import UNet
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -363,8 +365,6 @@ def inference_model(
     """The cached ``InferenceUNet`` of ``model`` for these settings; models that are not a ``UNet`` (tests'
     stand-ins, custom networks) are returned as they are. int8 calibrates on the first ``calibration_tiles`` of
     ``calibration`` when the engine is first built."""
-    from ml_backend.model.unet import UNet
-
     if not isinstance(model, UNet):
         return model
     engine = resolve_engine(precision, runtime, device, cuda_tuning)

@@ -24,6 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.config import torch_device
+from ml_backend.inference.precision import inference_model
+from ml_backend.inference.tiling import predict_tiled, tile_starts
+from ml_backend.strategies import PassConfig, PoolBatch, score_pool
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PoolScores", "ScoringConfig", "combine_crop_summaries", "embed_images", "score_images"]
@@ -89,11 +94,8 @@ def score_images(
     """Summaries of ``images`` (normalised float32 (H, W), or (C, H, W) 2.5D context tiles; any sizes) for
     ``strategy``; ``on_probs(i, (classes, H, W))`` receives each image's probabilities (for masks) without a second
     forward pass where possible."""
-    from ml_backend.config import torch_device
-
     device = torch_device(cfg.device)
     if cfg.runtime is not None:  # the cached fast engine of this model (int8 calibrates on these images)
-        from ml_backend.inference.precision import inference_model
 
         model = inference_model(
             model, cfg.precision, cfg.runtime, device, calibration=images, calibration_tiles=cfg.calibration_tiles,
@@ -142,8 +144,6 @@ class _ScoringRun:
 
 def _score_small(run: _ScoringRun, images: list[np.ndarray], idx: list[int]) -> dict[str, np.ndarray]:
     """Equal-shape images that fit one tile: one ``score_pool`` call (its chunks = ``batch_size`` images)."""
-    from ml_backend.strategies import PassConfig, score_pool
-
     model, strategy, cfg, device, ensemble, seed, on_probs = (
         run.model, run.strategy, run.cfg, run.device, run.ensemble, run.seed, run.on_probs
     )  # fmt: skip
@@ -166,9 +166,6 @@ def _score_small(run: _ScoringRun, images: list[np.ndarray], idx: list[int]) -> 
 
 def _score_large(run: _ScoringRun, image: np.ndarray, index: int) -> dict[str, np.ndarray]:
     """One image larger than a tile, with bounded memory (see the module docstring)."""
-    from ml_backend.inference.tiling import predict_tiled, tile_starts
-    from ml_backend.strategies import PoolBatch
-
     model, strategy, cfg, device, ensemble, seed, on_probs = (
         run.model, run.strategy, run.cfg, run.device, run.ensemble, run.seed, run.on_probs
     )  # fmt: skip

@@ -25,13 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.active_learning import ScoredPool
+from ml_backend.active_learning.selection import Ranking
 from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.inference.scoring import PoolScores
+from ml_backend.labelstudio.loop import LabelStudioSink, _holds_prediction
+from ml_backend.labelstudio.prediction import predict_tasks
 from ml_backend.labelstudio.project import stored_label_config
+from ml_backend.labelstudio.project_data import LabelStudioProject
 from ml_backend.queue.coordination import redis_for_job
 from ml_backend.queue.rescoring import BACKLOG_JOB_TIMEOUT_S, release_backlog
+from ml_backend.store.projects import ProjectStore
 from ml_backend.store.registry import ModelRegistry
 
 from .logs import ensure_logging
+from .train import project_strategy
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +67,6 @@ def predict_backlog(project_id: int, version: str, task_ids: list[int]) -> dict:
 
 def finish_backlog(pid: int, version: str, ids: list[int], settings: Settings, *, ls: Any = None) -> dict:
     """Steps 1-4 of the module docstring; returns a JSON summary (``not_delivered``: ids whose claim to drop)."""
-    from ml_backend.active_learning import ScoredPool
-    from ml_backend.active_learning.selection import Ranking
-    from ml_backend.inference.scoring import PoolScores
-    from ml_backend.labelstudio.loop import LabelStudioSink, _holds_prediction
-    from ml_backend.labelstudio.prediction import predict_tasks
-    from ml_backend.labelstudio.project_data import LabelStudioProject
-    from ml_backend.store.projects import ProjectStore
-
-    from .train import project_strategy
-
     live = ModelRegistry(settings.model_dir, pid).current_version()
     if live != version:
         log.info("project %s: %d backlog task(s) of %s dropped: %s is live now", pid, len(ids), version, live)

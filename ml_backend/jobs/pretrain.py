@@ -39,14 +39,22 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.active_learning.plan import pretrained_path
+from ml_backend.active_learning.audit import audit_task_ids
+from ml_backend.active_learning.plan import batch_config, cold_start_order, positions_of, pretrained_path, rank_scores
 from ml_backend.active_learning.project import ProjectData
 from ml_backend.config import Settings, get_settings, torch_device
+from ml_backend.inference.scoring import embed_images
 from ml_backend.labelstudio.errors import LabelStudioError
+from ml_backend.labelstudio.project_data import LabelStudioProject
 from ml_backend.queue.coordination import run_exclusive
+from ml_backend.queue.keys import decode, dirty_key, pending_key, queued_key
+from ml_backend.queue.scheduling import WAITING_STATUSES, _job_status
 from ml_backend.queue.status import JobProgress
 from ml_backend.store.atomic import write_atomic
 from ml_backend.store.registry import ModelRegistry
+from ml_backend.strategies.batch import coverage_order, thumbnail
+from ml_backend.training.pretrain import PretrainConfig, pretrain
+from ml_backend.training.recipe import new_model
 
 from .logs import ensure_logging
 
@@ -82,8 +90,6 @@ def _sample(ids: list[int], n: int, seed: int) -> list[int]:
 
 
 def pretrain_config(settings: Settings, min_side: int) -> Any:
-    from ml_backend.training.pretrain import PretrainConfig
-
     return PretrainConfig(
         steps=settings.pretrain_steps,
         time_budget_s=settings.pretrain_time_budget_s,
@@ -142,8 +148,6 @@ def _pending_training(pid: int, settings: Settings, conn: Any) -> bool:
     minutes away, replaces the cold start's, and pushing a coverage order first only delays it."""
     if conn is None:
         return False
-    from ml_backend.queue.keys import decode, dirty_key, pending_key, queued_key
-    from ml_backend.queue.scheduling import WAITING_STATUSES, _job_status
 
     try:
         pending = int(conn.scard(pending_key(pid)))
@@ -162,12 +166,6 @@ def cold_start(
 ) -> dict:
     """Phases 0-5 of the module docstring; returns a JSON summary."""
     import torch
-
-    from ml_backend.active_learning.audit import audit_task_ids
-    from ml_backend.active_learning.plan import cold_start_order
-    from ml_backend.labelstudio.project_data import LabelStudioProject
-    from ml_backend.training.pretrain import pretrain
-    from ml_backend.training.recipe import new_model
 
     progress = progress or JobProgress(None, pid)
     registry = ModelRegistry(settings.model_dir, pid)
@@ -276,11 +274,6 @@ def coverage_queue(
     """The first queue: the unlabelled tasks of ``images`` (the embedded sample) in ``coverage_order(method=
     "random")`` on the pretrained embeddings under the stack/feature exclusions, then every other unlabelled task
     in the spread order, audit tasks at their rate (``plan.cold_start_order``)."""
-    from ml_backend.active_learning.audit import audit_task_ids
-    from ml_backend.active_learning.plan import batch_config, cold_start_order, positions_of
-    from ml_backend.inference.scoring import embed_images
-    from ml_backend.strategies.batch import coverage_order, thumbnail
-
     progress = progress or JobProgress(None, 0)
     done = {} if done is None else done
     unlabelled = [t for t in sorted(tasks) if not _labelled(tasks[t])]
@@ -310,8 +303,6 @@ def publish_order(project: ProjectData, order: list[int], *, report: Any = None)
     """Replace the project's cold-start predictions by ``order`` as queue scores (rank / n, lower = served first,
     EMPTY results) and set its ``model_version`` to the cold-start version. Uploaded in served order, so while it
     runs the tasks already pushed are the first ones of the queue."""
-    from ml_backend.active_learning.plan import rank_scores
-
     if not order:
         return {"queue": "empty"}
     scores = rank_scores(order, order)
@@ -336,9 +327,6 @@ def publish_spread_queue(ls: Any, pid: int, settings: Settings) -> dict:
     model): what the quick start calls right after importing, so that the first batch is worth labelling before
     the cold start's worker even starts. The cold start's first phase skips it when it is in place. ``ls``: an SDK
     client (None: connect with ``settings``); the project is read and written through its ``ProjectData``."""
-    from ml_backend.active_learning.plan import cold_start_order
-    from ml_backend.labelstudio.project_data import LabelStudioProject
-
     registry = ModelRegistry(settings.model_dir, pid)
     if registry.current_version() is not None:
         return {"queue": "kept (a trained version serves)"}

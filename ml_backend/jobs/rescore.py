@@ -7,6 +7,8 @@ import json
 import uuid
 
 from ml_backend.config import get_settings, torch_device
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.project_data import ChunkInputs
 from ml_backend.queue.coordination import redis_for_job
 from ml_backend.queue.keys import chunk_id, rescore_claim_key, rescore_ctx_key
 from ml_backend.queue.rescoring import RescoreJob, claim_chunk, compute_chunk
@@ -22,9 +24,6 @@ def rescore_chunk(project_id: int, version: str, task_ids: list[int]) -> dict:
     the result; a helper that finds the chunk taken (or the round over) returns at once.
     """
     from rq import get_current_job
-
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-    from ml_backend.labelstudio.project_data import ChunkInputs
 
     ensure_logging()
     settings = get_settings()

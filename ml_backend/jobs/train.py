@@ -39,6 +39,7 @@ from ml_backend.config import Settings, get_settings, torch_device
 from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import ScoringConfig
 from ml_backend.labelstudio.annotations import annotation_signature, decode_annotations
+from ml_backend.labelstudio.effort import measure_annotations
 from ml_backend.labelstudio.loop import AnnotatedTasks, LabelStudioSink
 from ml_backend.labelstudio.neighbours import NeighbourIndex
 from ml_backend.labelstudio.project_data import LabelStudioProject
@@ -47,6 +48,7 @@ from ml_backend.queue.coordination import run_exclusive
 from ml_backend.queue.locks import take_pending
 from ml_backend.queue.rescoring import RedisPoolScorer
 from ml_backend.queue.status import JobProgress
+from ml_backend.store.effort import EffortLog
 from ml_backend.store.registry import ModelRegistry
 from ml_backend.strategies.resolve import project_strategy  # THE lookup (also imported from here by jobs/backlog)
 from ml_backend.training.recipe import ModelState
@@ -274,9 +276,6 @@ def _record_effort(
 ) -> None:
     """Measure each annotation not measured yet against the pre-annotation it was made from and append the records
     to MODEL_DIR/projects/<id>/effort.jsonl (issue 17.6, the status page's effort curve). Never fails the job."""
-    from ml_backend.labelstudio.effort import measure_annotations
-    from ml_backend.store.effort import EffortLog
-
     try:
         store = EffortLog(settings.model_dir, pid)
         sizes = {t.task_id: (int(t.image.shape[-2]), int(t.image.shape[-1])) for t in labelled.tiles}

@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 
 from ml_backend.active_learning.round import LabelledTile
+from ml_backend.labelstudio.labelconfig import LabelConfigError
+from ml_backend.labelstudio.overlays import OverlayConfig, annotation_training_mask, overlay_config_of
+from ml_backend.training import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,6 @@ def decode_annotations(
     and listed in ``skipped``.
     Sparse configs need at least one painted pixel (a tile with only unknown pixels teaches nothing).
     """
-    from ml_backend.labelstudio.labelconfig import LabelConfigError
-    from ml_backend.labelstudio.overlays import OverlayConfig, annotation_training_mask, overlay_config_of
-    from ml_backend.training import IGNORE
-
     try:
         overlay = overlay_config_of(config)
     except LabelConfigError as exc:  # unusable display-only controls: decode the mask control alone

@@ -31,6 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ml_backend.config import get_settings
+from ml_backend.labelstudio.client import delete_prediction, model_version_counts
+
 log = logging.getLogger(__name__)
 
 
@@ -92,14 +95,10 @@ def prune_predictions(
     ``covered``: the tasks that now hold a prediction of ``live`` (this round's push). ``max_deletes`` /
     ``workers``: None reads HYGIENE_MAX_DELETES / HYGIENE_DELETE_WORKERS.
     """
-    from ml_backend.labelstudio.client import delete_prediction, model_version_counts
-
     report = PruneReport()
     if keep <= 0:
         return report
     if max_deletes is None or workers is None:
-        from ml_backend.config import get_settings
-
         settings = get_settings()
         max_deletes = settings.hygiene_max_deletes if max_deletes is None else max_deletes
         workers = settings.hygiene_delete_workers if workers is None else workers

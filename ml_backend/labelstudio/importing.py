@@ -36,7 +36,9 @@ from urllib.parse import quote
 import numpy as np
 
 from ml_backend.config import Settings
+from ml_backend.data.stacks import read_stack
 from ml_backend.ids import project_arg
+from ml_backend.imaging import normalize, to_greyscale
 from ml_backend.labelstudio.client import (
     LabelStudioError,
     call,
@@ -44,6 +46,8 @@ from ml_backend.labelstudio.client import (
     ensure_local_storage,
     list_tasks,
 )
+from ml_backend.labelstudio.labelconfig import parse_label_config
+from ml_backend.labelstudio.neighbours import neighbour_keys
 from ml_backend.store.atomic import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +68,7 @@ class Tile:
 
 def tile_origins(height: int, width: int, tile: int) -> Iterator[tuple[int, int]]:
     """(y, x) of tiles covering the slice without overlap except the last row/column, shifted to fit inside."""
-    from ml_backend.inference.tiling import tile_starts
+    from ml_backend.inference.tiling import tile_starts  # local: inference/ loads torch; `ml-backend import` does not
 
     for y in tile_starts(height, tile, 0):
         for x in tile_starts(width, tile, 0):
@@ -77,10 +81,7 @@ def to_png_array(image: np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8 or (arr.dtype == np.uint16 and arr.ndim == 2):
         return arr
     if arr.ndim == 3:
-        from ml_backend.imaging import to_greyscale
-
         arr = to_greyscale(arr)
-    from ml_backend.imaging import normalize
 
     return np.round(normalize(arr) * 65535.0).astype(np.uint16)
 
@@ -121,8 +122,6 @@ def make_tiles(
 ) -> list[Tile]:
     """Cut every slice of every stack into tiles, write the PNGs under ``out_dir`` and return the tiles' task data."""
     from tqdm.auto import tqdm
-
-    from ml_backend.data.stacks import read_stack
 
     if tile < 16:
         raise ImportTilesError(f"--tile must be >= 16 pixels, got {tile}")
@@ -175,8 +174,6 @@ def add_neighbour_urls(tiles: list[Tile], by_slice: dict[tuple[int, int, int, in
     """Write ``<image key>_prev`` / ``_next`` into the task data of one stack's tiles: the URL of the same window
     (y, x, h, w) on slice z-1 / z+1, or the tile's own URL at the stack's ends and where that slice has no such tile
     (``data.context``'s rules: edges replicate, a missing neighbour is the tile itself)."""
-    from ml_backend.labelstudio.neighbours import neighbour_keys
-
     keys = neighbour_keys(image_key)
     for t in tiles:
         d = t.data
@@ -187,8 +184,6 @@ def add_neighbour_urls(tiles: list[Tile], by_slice: dict[tuple[int, int, int, in
 
 def project_image_key(ls: Any, project_id: int) -> str:
     """The task data key of the project's <Image> (from its label config)."""
-    from ml_backend.labelstudio.labelconfig import parse_label_config
-
     project = call(ls, ls.projects.get, id=int(project_id), what=f"reading project {project_id}")
     return parse_label_config(project.label_config).image_key
 

@@ -16,8 +16,11 @@ import numpy as np
 
 from ml_backend.active_learning.round import LabelledSet, ScoredPool
 from ml_backend.active_learning.selection import Ranking
-from ml_backend.config import Settings
+from ml_backend.config import Settings, get_settings
 from ml_backend.inference.scoring import ScoringConfig, score_images
+from ml_backend.labelstudio.client import LabelStudioError, LabelStudioUnavailable
+from ml_backend.labelstudio.overlays import prediction_results
+from ml_backend.strategies.batch import thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,6 @@ def score_tiles(
     pre-annotation masks, with the uncertainty layer and suggested region of ``overlays.prediction_results`` (the
     builder /predict uses) when the label config has their controls.
     """
-    from ml_backend.labelstudio.overlays import prediction_results
-
     results: list[list[dict]] = [[] for _ in images]
 
     def on_probs(i: int, probs: np.ndarray) -> None:
@@ -64,8 +65,6 @@ def score_tiles(
         strategy = WithEmbedding(strategy)
     scored = score_images(model, images, strategy, cfg, ensemble=ensemble, seed=seed, on_probs=on_probs)
     if getattr(settings, "batch_diversity", False) and images:
-        from ml_backend.strategies.batch import thumbnail
-
         # The stack rule's "auto" z radius is measured on what the tiles look like (strategies.batch).
         scored.summary["thumbnail"] = np.stack([thumbnail(im) for im in images])
     return scored.summary, results, scored.pixels
@@ -110,8 +109,6 @@ class LabelStudioSink:
     blank: frozenset[int] = frozenset()  # audit tasks: a queue score, no pre-annotation (active_learning.audit)
 
     def put(self, version: str, scored: ScoredPool | None, ranking: Ranking | None) -> int:
-        from ml_backend.labelstudio.client import LabelStudioError, LabelStudioUnavailable
-
         pid = self.project.pid
         predictions = predictions_for(version, scored, ranking, blank=self.blank)
         held = {tid for tid, task in self.project.tasks().items() if _holds_prediction(task, version)}
@@ -135,12 +132,8 @@ class LabelStudioSink:
     def _prune(self, version: str, covered: set[int]) -> None:
         """Prediction hygiene, only once the new predictions are in and the project's model_version names them; a
         failure here is logged, never fails the delivery (the next round prunes again)."""
-        from ml_backend.labelstudio.client import LabelStudioError
-
         keep = self.keep_prediction_versions
         if keep is None:
-            from ml_backend.config import get_settings
-
             keep = get_settings().keep_prediction_versions
         try:
             self.last_prune = self.project.prune(version, covered, keep)

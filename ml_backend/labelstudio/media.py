@@ -67,6 +67,7 @@ from typing import Any, TypeVar
 import numpy as np
 import requests
 
+from ml_backend.imaging import ImageDecodeError, load_image
 from ml_backend.labelstudio.media_cache import (
     cache_dir,
     cache_entry,
@@ -194,8 +195,6 @@ def fetch_image(url: Any, settings: Any, *, use_cache: bool = True) -> np.ndarra
 
 
 def _load_image(path: Path, shown: str, downloaded: bool, settings: Any) -> np.ndarray:
-    from ml_backend.imaging import ImageDecodeError, load_image
-
     _check_header(path, shown, settings.max_image_pixels)
     try:
         data = path.read_bytes()

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.labelstudio.media import fetch_image
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -175,8 +177,7 @@ def load_context_image(
     resolved them, as a re-scoring chunk does), all fetched through ``labelstudio.media``. ``centre``: the task's
     image when the caller already has it. Errors of the task's own image propagate (the task fails as without
     context)."""
-    from ml_backend.labelstudio.media import fetch_image
-    from ml_backend.labelstudio.tasks import load_task_image
+    from ml_backend.labelstudio.tasks import load_task_image  # local: tasks loads torch; `ml-backend import` imports us
 
     offs = tuple(int(o) for o in offsets)
     image = load_task_image(task, config, settings) if centre is None else centre

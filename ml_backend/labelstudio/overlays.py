@@ -30,9 +30,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ml_backend.strategies.region import Rect
+from ml_backend.strategies.region import Rect, region_training_mask, suggest_region
 
 from .labelconfig import BrushConfig, LabelConfigError, parse_label_config
+from .rle import mask_to_results, results_to_mask
 
 __all__ = [
     "SUGGESTION_CONTROL",
@@ -454,10 +455,6 @@ def annotation_training_mask(
     configs label the whole tile, so "auto" leaves them unchanged; "always"/"never" force the choice.
     Raises rle.AnnotationError / OverlayError for an annotation that cannot become a mask.
     """
-    from ml_backend.strategies.region import region_training_mask
-
-    from .rle import results_to_mask
-
     cfg = _as_overlay_config(config)
     if use_region not in ("auto", "always", "never"):
         raise ValueError(f"use_region must be 'auto', 'always' or 'never', got {use_region!r}")
@@ -503,8 +500,6 @@ def overlay_results(
     ``suggest_max_pixels`` (``ml_backend.config``). Raises OverlayError (or ValueError from the region search);
     everything returned has passed ``validate_results``.
     """
-    from ml_backend.strategies.region import suggest_region
-
     cfg = overlay_config_of(config)
     if cfg.uncertainty is None and cfg.suggestion is None:
         return []
@@ -549,8 +544,6 @@ def prediction_results(
     are unusable) is dropped with a warning: the mask is always sent. The mask regions carry the mean confidence of
     the predicted foreground as their score.
     """
-    from .rle import mask_to_results
-
     mask_config = config.mask if isinstance(config, OverlayConfig) else config
     if isinstance(mask_config, str):
         mask_config = parse_label_config(mask_config)

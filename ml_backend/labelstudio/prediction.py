@@ -45,8 +45,17 @@ from typing import Any
 
 import numpy as np
 
+from ml_backend.config import torch_device
+from ml_backend.data.context import model_offsets
 from ml_backend.ids import MAX_ID, parse_id
+from ml_backend.imaging import ImageDecodeError
+from ml_backend.inference.scoring import ScoringConfig, score_images
 from ml_backend.labelstudio.labelconfig import BrushConfig
+from ml_backend.labelstudio.media import MediaError
+from ml_backend.labelstudio.neighbours import NeighbourIndex, load_context_image
+from ml_backend.labelstudio.overlays import prediction_results
+from ml_backend.strategies import cold_start_scores, uncertainty_to_queue_score
+from ml_backend.strategies.resolve import predict_strategy
 
 __all__ = [
     "COLD_START_VERSION",
@@ -128,10 +137,6 @@ def _load(
     context (``offsets`` other than (0,); ``index``: the request's other tasks). The project's one loader,
     ``labelstudio.neighbours.load_context_image`` (what ``ProjectData.model_input`` runs: a neighbour that cannot be
     had is the tile itself, never a task error); a request's own checks first (``TaskError``)."""
-    from ml_backend.imaging import ImageDecodeError
-    from ml_backend.labelstudio.media import MediaError
-    from ml_backend.labelstudio.neighbours import load_context_image
-
     _image_url(task, config)  # a clear TaskError for a missing or oversized image reference
     try:  # validated, bounded fetch; decodes (only images are cached)
         return load_context_image(task, config, settings, offsets, index)
@@ -142,10 +147,6 @@ def _load(
 def _score_group(model: Any, images: list[np.ndarray], strategy: Any, settings: Any, device: Any, seed: int) -> list:
     """[(probs (C, H, W), queue score)] for equal-size normalised images, through THE scoring pipeline
     (``inference.scoring.score_images``: tiles batched, larger images tiled with bounded memory)."""
-    from ml_backend.inference.scoring import ScoringConfig, score_images
-    from ml_backend.strategies import uncertainty_to_queue_score
-    from ml_backend.strategies.resolve import predict_strategy
-
     h, w = images[0].shape[-2:]  # (H, W), or (C, H, W) with 2.5D context
     strategy = predict_strategy(strategy, settings.aggregation, pixels=h * w, mc_max_pixels=MC_MAX_PIXELS)
     probs_all: list[Any] = [None] * len(images)
@@ -202,8 +203,6 @@ def deadline_error(settings: Any) -> DeadlineExceeded:
 
 def _prediction(probs: np.ndarray, score: float, config: BrushConfig, version: str, settings: Any, tid: Any) -> dict:
     """The mask, plus the uncertainty layer and suggested region when the label config has their controls."""
-    from ml_backend.labelstudio.overlays import prediction_results
-
     result = prediction_results(probs, config, settings, label=f"task {tid}")
     return {"result": result, "score": score, "model_version": version}
 
@@ -224,10 +223,6 @@ def predict_tasks(
     deadline fail alone with "deadline exceeded", and the call returns without waiting for their downloads (those
     threads end with media's own per-fetch deadline, FETCH_DEADLINE_S).
     """
-    from ml_backend.config import torch_device
-    from ml_backend.data.context import model_offsets
-    from ml_backend.strategies import cold_start_scores
-
     n = len(tasks)
     outcome = PredictionOutcome(results=[[] for _ in range(n)])
     ids: list[int | None] = [None] * n
@@ -259,7 +254,6 @@ def predict_tasks(
             f"(background + {', '.join(config.foreground_labels)}); the label config changed after training: "
             "retrain (Start training) or roll back"
         )
-    from ml_backend.strategies.resolve import predict_strategy
 
     request_strategy = predict_strategy(strategy, settings.aggregation)  # one policy: strategies.resolve
     device = torch_device(settings.device)
@@ -268,8 +262,6 @@ def predict_tasks(
     offsets = model_offsets(model)
     index = None
     if offsets != (0,):
-        from ml_backend.labelstudio.neighbours import NeighbourIndex
-
         index = NeighbourIndex.from_tasks([tasks[i] for i in good], config.image_key)
 
     if deadline is None:

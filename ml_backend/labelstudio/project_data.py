@@ -34,7 +34,10 @@ from ml_backend.labelstudio.client import (
     sdk_client,
     set_project_model_version,
 )
+from ml_backend.labelstudio.hygiene import prune_predictions
+from ml_backend.labelstudio.loop import score_tiles
 from ml_backend.labelstudio.neighbours import NeighbourIndex, context_urls, load_context_image
+from ml_backend.labelstudio.project import project_label_config
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,6 @@ class LabelStudioProject:
 
     def label_config(self) -> tuple[Any, str]:
         if self.config is None:
-            from ml_backend.labelstudio.project import project_label_config
-
             self.config, self.label_xml = project_label_config(self.ls, self.pid, self.settings)
         return self.config, self.label_xml
 
@@ -117,8 +118,6 @@ class LabelStudioProject:
         return self.record().get("model_version")
 
     def prune(self, live: str, covered: Iterable[int], keep: int) -> Any:
-        from ml_backend.labelstudio.hygiene import prune_predictions
-
         return prune_predictions(self.ls, self.pid, live, self.tasks(), covered, keep=keep)
 
     def delete_version(self, version: str) -> int:
@@ -199,6 +198,4 @@ class ChunkInputs:
     def score(
         self, model: Any, images: list[np.ndarray], strategy: Any, *, ensemble: list[Any], seed: int
     ) -> tuple[dict[str, np.ndarray], list[list[dict]], np.ndarray]:
-        from ml_backend.labelstudio.loop import score_tiles
-
         return score_tiles(model, images, strategy, self.config, self.settings, ensemble=ensemble, seed=seed)

@@ -12,14 +12,13 @@ import numpy as np
 
 from ml_backend.config import Settings
 from ml_backend.labelstudio.annotations import task_image_url
+from ml_backend.labelstudio.media import fetch_image
 
 log = logging.getLogger(__name__)
 
 
 def load_task_image(task: dict, config: Any, settings: Settings) -> np.ndarray:
     """Normalised float32 (H, W) image of a task, fetched through Label Studio (cached on disk)."""
-    from ml_backend.labelstudio.media import fetch_image
-
     return fetch_image(task_image_url(task, config), settings)  # same validated, bounded route as /predict
 
 

@@ -32,6 +32,7 @@ from ml_backend.active_learning import ScoredPool
 from ml_backend.config import Settings
 from ml_backend.data.context import model_offsets
 from ml_backend.inference.scoring import PoolScores
+from ml_backend.strategies import get_strategy
 from ml_backend.training.recipe import TrainedModel
 
 from .connection import get_connection, get_queue, redis_errors
@@ -92,7 +93,6 @@ def compute_chunk(
     scored it, the claim's holder, kept with the result so a round can show that every chunk was scored exactly
     once)."""
     pid, version, inputs, settings, conn = job.pid, job.version, job.inputs, job.settings, job.conn
-    from ml_backend.strategies import get_strategy
 
     strategy = get_strategy(ctx["strategy"], **ctx["strategy_params"])
     offsets = model_offsets(model)  # the version's input slices (2.5D context); (0,) = the tile alone

@@ -47,6 +47,10 @@ from ml_backend.config import Settings, torch_device
 from ml_backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 from ml_backend.labelstudio.prediction import COLD_START_VERSION, ModelConfigMismatch, predict_tasks
 from ml_backend.labelstudio.project import stored_label_config
+from ml_backend.queue import QueueUnavailable, handle_webhook
+from ml_backend.store.cache import ModelCache
+from ml_backend.store.registry import ModelRegistry
+from ml_backend.strategies.resolve import StrategyError, project_strategy
 
 from .auth import check_basic_auth, details_requested
 from .metrics import Metrics, prometheus_text
@@ -61,6 +65,7 @@ from .schemas import (
     parse_json_body,
     validate,
 )
+from .status_page import render_not_found, render_status_page, rollback_cli
 from .status_source import StatusSource, TaskErrorLog, backend_warnings
 
 __all__ = ["BadRequest", "Metrics", "create_app"]  # BadRequest re-exported from schemas
@@ -81,18 +86,12 @@ def _json_body() -> dict:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """The backend's Flask app (also gunicorn's entry point: ``'ml_backend.server.app:create_app()'``)."""
-    from ml_backend.store.cache import ModelCache
-    from ml_backend.store.registry import ModelRegistry
-
     settings = settings or Settings.from_env()
-    # Import the heavy modules now (torch, strategies, inference): the first /setup must answer within Label
-    # Studio's 3 s even on a busy machine, and gunicorn workers should pay this at boot, not on a request.
+    # The heavy modules (torch, strategies, inference) come with this module's imports; the SDK's are imported now:
+    # the first /setup must answer within Label Studio's 3 s even on a busy machine, and gunicorn workers should pay
+    # this at boot, not on a request.
     import label_studio_sdk.converter.brush  # noqa: F401
     import label_studio_sdk.label_interface  # noqa: F401
-
-    import ml_backend.imaging  # noqa: F401
-    import ml_backend.inference.tiling  # noqa: F401
-    import ml_backend.strategies  # noqa: F401
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
@@ -208,8 +207,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         if not tasks:
             return jsonify(results=[])
         pid = str(req.project)
-        from ml_backend.strategies.resolve import StrategyError, project_strategy
-
         try:
             config, _xml = stored_label_config(store, pid, req.label_config or None)
             strategy = project_strategy(pid, settings, store=store)  # a stored choice that became invalid: default
@@ -240,10 +237,6 @@ def create_app(settings: Settings | None = None) -> Flask:
             WebhookRequest.check_ids(body)  # before Redis: an id that cannot exist must not become a key
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        try:
-            from ml_backend.queue import QueueUnavailable, handle_webhook
-        except ImportError as exc:  # the queue extra is part of the package; say so instead of a 500 traceback
-            return _error(f"the training queue is not available in this installation: {exc}", 503)
         try:
             result = handle_webhook(body, settings)
         except QueueUnavailable as exc:
@@ -294,16 +287,12 @@ def _wants_json() -> bool:
 
 
 def _status_answer(status: dict) -> Any:
-    from .status_page import render_status_page, rollback_cli
-
     if _wants_json():
         return jsonify(status)
     return Response(render_status_page(status, cli=rollback_cli()), mimetype="text/html")
 
 
 def _not_found(project: str, known: list[str], reason: str) -> Any:
-    from .status_page import render_not_found
-
     if _wants_json():
         return _error(reason, 404, known_projects=known)
     return Response(render_not_found(project, known), status=404, mimetype="text/html")

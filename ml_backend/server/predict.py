@@ -20,7 +20,9 @@ from .schemas import (
     MAX_TASKS,
     BadRequest,
     _parse_int,
+    json_body_text,
     json_depth,
+    parse_json_body,
 )
 
 __all__ = ["parse_predict_body", "queue_undone"]
@@ -96,8 +98,6 @@ def parse_predict_body(raw: bytes, content_type: str | None) -> dict:
     recursion limit with a RecursionError; a scan of the whole text would copy it twice), and the task cap
     (``MAX_TASKS``) is checked while reading.
     """
-    from .schemas import json_body_text, parse_json_body
-
     text = json_body_text(raw, content_type)
     start = _WS.match(text, 0).end()
     if text[start : start + 1] != "{":

@@ -7,6 +7,9 @@ from typing import Any
 
 from ml_backend.ids import parse_project_ref
 from ml_backend.store.projects import ProjectError, ProjectStore
+from ml_backend.strategies.resolve import StrategyError, resolve_strategy
+
+from .schemas import BadRequest, ExtraParams, SetupRequest, describe_validation_error
 
 __all__ = ["ProjectError", "ProjectStore", "parse_project_id", "strategy_from_params"]
 
@@ -32,10 +35,6 @@ def strategy_from_params(extra_params: Any, default_name: str, default_aggregati
     TypeError), the name and params by instantiating the strategy.
     """
     from pydantic import ValidationError
-
-    from ml_backend.strategies.resolve import StrategyError, resolve_strategy
-
-    from .schemas import BadRequest, ExtraParams, SetupRequest, describe_validation_error
 
     try:
         if not isinstance(extra_params, ExtraParams):

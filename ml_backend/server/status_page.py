@@ -41,7 +41,12 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ml_backend.active_learning.candidates import PredictionAgeLog
+from ml_backend.active_learning.effort import effort_by_version
+from ml_backend.store.effort import EffortLog
 
 if TYPE_CHECKING:  # the page renders without numpy; the counts' caller hands a ProjectData
     from ml_backend.active_learning.project import ProjectData
@@ -620,21 +625,12 @@ def collect_project_status(
         if queue_state.get("running"):
             job = dict(queue_state.get("running_progress") or {"phase": "starting"})
     try:  # issue 20.2: how old each unlabelled tile's prediction is (the training job's record)
-        from pathlib import Path
-
-        from ml_backend.active_learning.candidates import PredictionAgeLog
-
         prediction_age = PredictionAgeLog(Path(registry.root).parents[1], registry.project_id).read()
     except Exception as exc:  # a report: never takes the project's section down
         prediction_age = {}
         problems.append(f"prediction age unreadable: {type(exc).__name__}: {exc}")
     effort: list[dict] = []
     try:  # issue 17.6: what the annotators changed, per version that served the pre-annotation
-        from pathlib import Path
-
-        from ml_backend.active_learning.effort import effort_by_version
-        from ml_backend.store.effort import EffortLog
-
         records = EffortLog(Path(registry.root).parents[1], registry.project_id).latest()
         effort = effort_by_version(records, order=[str(v.get("version")) for v in versions])
     except Exception as exc:  # a damaged effort record must not take the project's section down

@@ -18,8 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ml_backend.config import Settings
+from ml_backend.labelstudio.media import cache_problem
 from ml_backend.labelstudio.project_data import ProjectOpener
+from ml_backend.queue import queue_state
 from ml_backend.store.projects import ProjectStore
+from ml_backend.store.registry import ModelRegistry, RegistryError
+from ml_backend.strategies.resolve import StrategyError, project_strategy
+
+from .status_page import collect_project_status, label_studio_counts
 
 __all__ = ["StatusSource", "TaskErrorLog", "backend_warnings"]
 
@@ -29,8 +35,6 @@ log = logging.getLogger("ml_backend.server")
 def backend_warnings(settings: Settings) -> list[str]:
     """Backend-wide degradations worth a team lead's attention (for /status and /health?details=1): today an image
     cache that cannot be written (predictions go on, every image is downloaded again)."""
-    from ml_backend.labelstudio.media import cache_problem
-
     problem = cache_problem(settings)
     return [problem] if problem else []
 
@@ -76,20 +80,12 @@ class StatusSource:
         return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
 
     def _counts(self, pid: str, live: str | None) -> dict:
-        from .status_page import label_studio_counts
-
         return label_studio_counts(self._projects(int(pid)), live)
 
     def _queue(self, pid: str) -> dict:
-        from ml_backend.queue import queue_state
-
         return queue_state(int(pid), self.settings)
 
     def status(self, pids: list[str]) -> dict:
-        from ml_backend.store.registry import ModelRegistry, RegistryError
-
-        from .status_page import collect_project_status
-
         timeout = float(self.settings.status_ls_timeout_s)
         deadline = time.monotonic() + timeout
         regs, lives, jobs = {}, {}, {}
@@ -131,8 +127,6 @@ class StatusSource:
 
     def _strategy_warnings(self, pid: str) -> list[str]:
         """Why the project does not use the strategy it stored (the one lookup's warnings), shown on its section."""
-        from ml_backend.strategies.resolve import StrategyError, project_strategy
-
         warnings: list[str] = []
         try:
             project_strategy(pid, self.settings, store=self.store, warnings=warnings)

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ml_backend.config import torch_device
 from ml_backend.store.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ class ModelCache:
             if entry is not None and entry[1] == version:  # touched but same version: keep the loaded model
                 self._entries[pid] = (key, version, entry[2], entry[3])
                 return entry[2], entry[3]
-            from ml_backend.config import torch_device
 
             device = self.device if self.device is not None else torch_device("auto")
             model, meta = reg.load(version, map_location=device)

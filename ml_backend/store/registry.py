@@ -163,7 +163,7 @@ class ModelRegistry:
 
     def load(self, version: str, map_location: Any = "cpu") -> tuple[Any, dict]:
         """(model in eval mode, meta) of one version; the checkpoint is read with torch.load(weights_only=True)."""
-        from ml_backend.model import load_checkpoint
+        from ml_backend.model import load_checkpoint  # local: model/ loads torch; the CLI reads the registry without it
 
         meta = self.meta(version)
         model, _extra = load_checkpoint(self._version_dir(version) / "model.pt", map_location=map_location)
@@ -171,7 +171,7 @@ class ModelRegistry:
 
     def load_extra(self, version: str, name: str, map_location: Any = "cpu") -> Any:
         """One of the ``extra_models`` stored with a version (model in eval mode)."""
-        from ml_backend.model import load_checkpoint
+        from ml_backend.model import load_checkpoint  # local: model/ loads torch; the CLI reads the registry without it
 
         if name not in self.meta(version).get("extra_models", []):
             raise RegistryError(f"project {self.project_id}: version {version} has no extra model {name!r}")
@@ -239,7 +239,7 @@ class ModelRegistry:
             ) from exc
 
     def _publish(self, model: Any, meta: dict, *, promote: bool, extra_models: dict[str, Any] | None) -> str:
-        from ml_backend.model import save_checkpoint
+        from ml_backend.model import save_checkpoint  # local: model/ loads torch; the CLI reads the registry without it
 
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar, get_args
 
 import numpy as np
 
-from .params import Aggregation, StrategyParams, validate_params
+from .params import Aggregation, StrategyParams, describe_field, validate_params
 
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 OPTIONAL_INPUTS = frozenset({"mc_probs", "embeddings", "ensemble_probs"})
@@ -211,6 +211,22 @@ def get_strategy(name: str, **params: Any) -> Strategy:
         return _REGISTRY[key](**params)
     except TypeError as exc:  # unexpected keyword: say which strategy and what it accepts
         raise ValueError(f"bad parameters for strategy {key!r}: {exc}") from exc
+
+
+def _row(strategy: str, field: str, info: Any) -> str:
+    default = "null" if info.default is None else f"`{info.default!r}`".replace("'", '"')
+    return f"| {strategy} | `{field}` | {describe_field(info)} | {default} | {info.description or ''} |"
+
+
+def params_table() -> str:
+    """The README's table of every registered strategy's parameters (kept true by tests/strategies): the shared
+    ones once, then each strategy's own."""
+    rows = ["| strategy | parameter | allowed | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    rows += [_row("every strategy", field, info) for field, info in StrategyParams.model_fields.items()]
+    for name in available_strategies():
+        fields = strategy_params_model(name).model_fields
+        rows += [_row(f"`{name}`", f, info) for f, info in fields.items() if f not in StrategyParams.model_fields]
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------- validation helpers

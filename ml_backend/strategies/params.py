@@ -21,7 +21,7 @@ import annotated_types as at
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-__all__ = ["StrategyParams", "StrategyParamsError", "describe_field", "params_table", "validate_params"]
+__all__ = ["StrategyParams", "StrategyParamsError", "describe_field", "validate_params"]
 
 
 class StrategyParamsError(ValueError):
@@ -123,21 +123,3 @@ def validate_params(model: type[StrategyParams], params: dict[str, Any], strateg
     raise StrategyParamsError(
         f"bad parameters for strategy {strategy!r}: {'; '.join(problems)} (allowed parameters: {allowed_names(model)})"
     )
-
-
-def _row(strategy: str, field: str, info: FieldInfo) -> str:
-    default = "null" if info.default is None else f"`{info.default!r}`".replace("'", '"')
-    return f"| {strategy} | `{field}` | {describe_field(info)} | {default} | {info.description or ''} |"
-
-
-def params_table() -> str:
-    """The README's table of every registered strategy's parameters (kept true by tests/strategies): the shared
-    ones once, then each strategy's own."""
-    from .base import available_strategies, strategy_params_model
-
-    rows = ["| strategy | parameter | allowed | default | meaning |", "| --- | --- | --- | --- | --- |"]
-    rows += [_row("every strategy", field, info) for field, info in StrategyParams.model_fields.items()]
-    for name in available_strategies():
-        fields = strategy_params_model(name).model_fields
-        rows += [_row(f"`{name}`", f, info) for f, info in fields.items() if f not in StrategyParams.model_fields]
-    return "\n".join(rows)

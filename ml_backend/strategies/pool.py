@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ml_backend.config import torch_device
+
 from .base import PoolBatch, Strategy, get_strategy
 
 
@@ -85,8 +87,6 @@ def score_pool(
     """
     device, batch_size, mc_passes = passes.device, passes.batch_size, passes.mc_passes
     import torch
-
-    from ml_backend.config import torch_device
 
     strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
     x_all = np.asarray(images, dtype=np.float32)

@@ -19,6 +19,11 @@ from typing import Any
 import numpy as np
 
 from ml_backend.config import Settings
+from ml_backend.data.context import model_offsets
+from ml_backend.model import build_model
+from ml_backend.strategies import bootstrap_indices
+from ml_backend.training.semi import SemiConfig
+from ml_backend.training.trainer import TrainConfig, batchnorm_layers, fine_tune
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,6 @@ class TrainedModel:
 
 def semi_config(settings: Settings) -> Any:
     """The semi-supervised term from Settings (SEMI_SUPERVISED, SEMI_THRESHOLD, SEMI_WEIGHT, SEMI_UNLABELLED_BATCH)."""
-    from ml_backend.training.semi import SemiConfig
-
     return SemiConfig(
         enabled=settings.semi_supervised,
         threshold=settings.semi_threshold,
@@ -88,8 +91,6 @@ def semi_config(settings: Settings) -> Any:
 
 def train_config(settings: Settings, **overrides: Any):
     """The product's fine-tuning recipe from Settings (papers' lr 5e-4, time budget, seed, semi-supervised term)."""
-    from ml_backend.training import TrainConfig
-
     values = {
         "steps": settings.train_steps,
         "lr": settings.learning_rate,
@@ -108,8 +109,6 @@ def new_model(settings: Settings, num_classes: int) -> Any:
     """A fresh U-Net whose initial weights depend on SEED only (not on earlier use of the global RNG); one input
     channel per CONTEXT_OFFSETS slice (the offsets are recorded in its hparams, hence in its checkpoints)."""
     import torch
-
-    from ml_backend.model import build_model
 
     offsets = settings.context_offset_list
     context = {} if offsets == (0,) else {"context_offsets": list(offsets)}  # 2-D: hparams as before
@@ -130,8 +129,6 @@ def new_model(settings: Settings, num_classes: int) -> Any:
 def initial_model(registry: Any, config: Any, settings: Settings) -> tuple[Any, str | None, str]:
     """(model, parent version, how): the current version to fine-tune, or a new U-Net when there is none, its
     classes no longer match the label config, or its input slices no longer match CONTEXT_OFFSETS."""
-    from ml_backend.data.context import model_offsets
-
     current = registry.load_current()
     if current is not None:
         model, meta = current
@@ -173,9 +170,6 @@ def train_ensemble(
     ``spec`` is an EnsembleSpec, or a TrainConfig (the product's rule: ``EnsembleSpec.from_train_config``). Members
     train supervised only: they measure disagreement on resamples of the labels, and are a quarter as long.
     """
-    from ml_backend.strategies import bootstrap_indices
-    from ml_backend.training import fine_tune
-
     if not isinstance(spec, EnsembleSpec):
         spec = dataclasses.replace(EnsembleSpec.from_train_config(spec), base=spec)
     if spec.base is None:
@@ -207,9 +201,6 @@ def train_model(
     bootstrap members (``add_ensemble``) reuse them. ``unlabelled()`` returns the unlabelled pool's tiles for the
     semi-supervised term (``training.semi``); it is called only when ``tcfg.semi`` is enabled.
     """
-    from ml_backend.training import fine_tune
-    from ml_backend.training.trainer import batchnorm_layers
-
     t0 = time.monotonic()
     needs_cal = calibration is not None and bool(batchnorm_layers(state.model))
     calibration_images = calibration() if needs_cal else None

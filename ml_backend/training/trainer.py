@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ml_backend.config import torch_device
+from ml_backend.inference.tiling import predict_tiled
 from ml_backend.training.augment import AugmentConfig, augment_batch, sample_crops
 from ml_backend.training.losses import segmentation_loss
 from ml_backend.training.metrics import IGNORE, dice_from_counts, iou_from_counts
@@ -166,8 +167,6 @@ def predict_probs(model: nn.Module, image: np.ndarray, device: torch.device) -> 
     bound memory."""
     h, w = image.shape[-2:]
     if h * w > _DIRECT_FORWARD_MAX_PIXELS:
-        from ml_backend.inference.tiling import predict_tiled
-
         return predict_tiled(model, image, device=device)
     arr = np.ascontiguousarray(image, dtype=np.float32)
     x = torch.from_numpy(arr)[None, None] if arr.ndim == 2 else torch.from_numpy(arr)[None]

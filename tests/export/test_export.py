@@ -16,7 +16,8 @@ from scipy import ndimage as ndi
 
 from ml_backend.export import run as export_run
 from ml_backend.export.cli import main as export_main
-from ml_backend.export.run import export_stack, work_dir_for
+from ml_backend.export.driver import export_stack
+from ml_backend.export.run import work_dir_for
 
 pytestmark = pytest.mark.timeout(300)
 

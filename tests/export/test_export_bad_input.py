@@ -8,7 +8,8 @@ import pytest
 from export_helpers import publish_model
 from PIL import Image
 
-from ml_backend.export.run import ExportError, ExportWriteError, export_stack, work_dir_for
+from ml_backend.export.driver import export_stack
+from ml_backend.export.run import ExportError, ExportWriteError, work_dir_for
 from ml_backend.export.source import ExportInputError
 
 pytestmark = pytest.mark.timeout(300)

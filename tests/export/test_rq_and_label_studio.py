@@ -14,7 +14,7 @@ from export_helpers import DENSE_XML, publish_model
 
 from ml_backend.config import Settings
 from ml_backend.export.cli import main as export_main
-from ml_backend.export.run import export_stack
+from ml_backend.export.driver import export_stack
 
 OPTS = {"project": "1", "tile": 48, "overlap": 8, "progress": False}
 

@@ -33,8 +33,8 @@ from ml_backend.strategies import (
     register_strategy,
     strategy_params_model,
 )
-from ml_backend.strategies.base import _REGISTRY
-from ml_backend.strategies.params import describe_field, params_table
+from ml_backend.strategies.base import _REGISTRY, params_table
+from ml_backend.strategies.params import describe_field
 from ml_backend.strategies.resolve import StrategyError, resolve_strategy, stored_strategy
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -294,7 +294,7 @@ def test_readme_lists_every_parameter_with_its_range():
     table = params_table()
     assert table in README.read_text(), (
         "README's strategy parameter table is out of date; paste the output of "
-        "`python -c 'from ml_backend.strategies.params import params_table; print(params_table())'`"
+        "`python -c 'from ml_backend.strategies.base import params_table; print(params_table())'`"
     )
     for name, field in FIELDS:
         info = strategy_params_model(name).model_fields[field]

@@ -288,14 +288,14 @@ LEVERS: dict[str, dict[str, Any]] = {
     # The same with the cold start's pretraining off (random initialisation; the first batch random).
     "safe-scratch": {"uncertainty_from_labels": 60, "selection_random_share": 0.5, "pretrain": False},
     # Added after the first verdict (RULE.md, amendment 2): safe-scratch whose first training from random weights
-    # has the length of the benchmark's initial model (CPU preset: 900 steps), not TRAIN_STEPS (400).
+    # has the length of the benchmark's initial model (CPU preset: 900 steps = 2.25 x TRAIN_STEPS' 400).
     "safe-scratch-long": {
-        "uncertainty_from_labels": 60, "selection_random_share": 0.5, "pretrain": False, "initial_train_steps": 900,
+        "uncertainty_from_labels": 60, "selection_random_share": 0.5, "pretrain": False, "initial_train_factor": 2.25,
     },
     # The default shipped before issue 17's decision (pretraining cold start, coverage-ordered first batch, entropy
     # with stack-aware batches, no hedge): the runs saved as "default" before it changed carry this name.
     "cold-start": {
-        "uncertainty_from_labels": 0, "selection_random_share": 0.0, "pretrain": True, "initial_train_steps": 0,
+        "uncertainty_from_labels": 0, "selection_random_share": 0.0, "pretrain": True, "initial_train_factor": 1.0,
     },
     "hedged": {"selection_random_share": 0.5},
     "switch": {"uncertainty_from_labels": 60},

@@ -148,8 +148,8 @@ def initial_model(registry: Any, config: Any, settings: Settings) -> tuple[Any, 
 
 
 def first_steps(settings: Settings) -> int:
-    """Steps of a project's first version: INITIAL_TRAIN_STEPS, or TRAIN_STEPS when that is 0."""
-    return settings.initial_train_steps or settings.train_steps
+    """Steps of a project's first version: TRAIN_STEPS x INITIAL_TRAIN_FACTOR."""
+    return max(1, round(settings.train_steps * settings.initial_train_factor))
 
 
 def product_train_config(settings: Settings, parent: str | None, overrides: dict | None = None):

@@ -27,7 +27,7 @@ XML = (
 def _settings(tmp_path, **kw) -> Settings:
     return Settings.from_env(model_dir=tmp_path, model_width=4, model_depth=2, train_crop=32, device="cpu",
                              tile_size=64, tile_overlap=8, val_fraction=0.0, bn_calibration_tiles=0,
-                             pretrain_steps=6, pretrain_crop=32, **kw)  # fmt: skip
+                             pretrain=True, pretrain_steps=6, pretrain_crop=32, **kw)  # fmt: skip
 
 
 def _images(n: int, size: int = 48, seed: int = 3) -> list[np.ndarray]:

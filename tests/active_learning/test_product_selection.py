@@ -125,7 +125,8 @@ def test_audit_split_is_a_deterministic_stable_sample():
 def test_product_selector_reorders_an_entropy_queue_without_near_duplicates():
     tasks = _groups_pool(n_groups=6, depth=4)  # z 0..3: each column is one near-duplicate group
     ids = sorted(tasks)
-    settings = Settings.from_env(train_batch_size=5, audit_fraction=0.0)
+    settings = Settings.from_env(train_batch_size=5, audit_fraction=0.0, selection_random_share=0.0,
+                                 uncertainty_from_labels=0)  # the strategy's picks only (no hedge)
     select = product_selector(settings, 2, tasks, [], [])
     assert isinstance(select, StackAwareQueue) and select.config == batch_config(settings)
     rng = np.random.default_rng(3)

@@ -76,9 +76,9 @@ def test_default_arm_is_settings(preset):
     _matches(arm, ap, s)
     if preset == "full":  # unscaled: exactly the shipped numbers
         assert (ap.steps, ap.init_steps, ap.lr, ap.init_lr) == (
-            s.train_steps, s.initial_train_steps or s.train_steps, s.learning_rate, s.initial_learning_rate,
+            s.train_steps, round(s.train_steps * s.initial_train_factor), s.learning_rate, s.initial_learning_rate,
         )  # fmt: skip
-        assert ap.pretrain_steps == s.pretrain_steps
+        assert ap.pretrain_steps == (s.pretrain_steps if s.pretrain else 0)
     assert (ap.tile, ap.pool_size, ap.m, ap.k, ap.width) == (p.tile, p.pool_size, p.m, p.k, p.width)  # sizes kept
     assert initial_tag(p, ap) != ""  # its own cold start, not the shared initial model
 
@@ -110,7 +110,7 @@ def test_changing_a_setting_changes_the_arm(monkeypatch):
         {"context_offsets": "-1,0,1"},
         {"selection_random_share": 0.5},
         {"uncertainty_from_labels": 60},
-        {"initial_train_steps": 900},
+        {"initial_train_factor": 2.25},
     ):
         s2 = Settings(**change)
         arm2 = resolve_arm(p, "default", s2)
@@ -171,6 +171,7 @@ def test_cli_runs_default_and_semi_arms_end_to_end(tmp_path, monkeypatch):
         "--product-steps-scale", "0.01", "--strategies", "default,random,random+semi", "--out", str(out),
     ]  # fmt: skip
     monkeypatch.setenv("SEMI_UNLABELLED_BATCH", "2")
+    monkeypatch.setenv("PRETRAIN", "true")  # the arm's cold-start path, whatever ships
     assert bench.main(args) == 0
     runs = {f.stem: json.loads(f.read_text()) for f in (out / "runs").glob("*.json")}
     assert set(runs) == {"default__seed0", "random__seed0", "random+semi__seed0"}

@@ -47,7 +47,7 @@ def test_rename_to_what_now_resolves_the_same(out):
 def test_rename_refused_when_the_name_means_something_else(out):
     before = _runs(out), (out / "arms.json").read_text()
     with pytest.raises(RenameError, match="resolves now to other values"):
-        rename_arm(out, "default@scratch", "default", Settings())  # the shipped default pretrains
+        rename_arm(out, "default@scratch", "default", Settings(pretrain=True))  # a default that pretrains
     assert (_runs(out), (out / "arms.json").read_text()) == before  # nothing touched
 
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +130,63 @@ def _metric(meta: Mapping, name: str) -> float | None:
     return _finite(metrics.get(name)) if isinstance(metrics, Mapping) else None
 
 
+# --------------------------------------------------------------------------------------------------- chart frame
+@dataclass(frozen=True)
+class _ChartFrame:
+    """The frame both inline-SVG charts share: a 240 px high plot area, y = 0..1 (clamped), n points spread over x.
+
+    ``open`` gives the opening lines (svg header, plot rectangle, horizontal ticks at 0, .25, .5, .75, 1 with
+    their labels, the message shown when there is nothing to plot); ``y_of`` and ``x_of`` map values and point
+    indices to pixels.
+    """
+
+    width: int
+    right: int
+    n: int
+    height: int = 240
+    left: int = 44
+    top: int = 14
+    bottom: int = 46
+
+    @property
+    def plot_w(self) -> int:
+        return self.width - self.left - self.right
+
+    @property
+    def plot_h(self) -> int:
+        return self.height - self.top - self.bottom
+
+    def y_of(self, value: float) -> float:
+        return self.top + self.plot_h * (1.0 - min(1.0, max(0.0, value)))
+
+    def x_of(self, i: int) -> float:
+        return self.left + (self.plot_w / 2 if self.n <= 1 else self.plot_w * i / (self.n - 1))
+
+    def open(
+        self, css_class: str, aria_label: str, empty: str, right_tick: Callable[[float], str] | None = None
+    ) -> list[str]:
+        """The opening lines; ``right_tick(tick)``, when given, labels each tick on the right axis too."""
+        width, height, left, top = self.width, self.height, self.left, self.top
+        plot_w, plot_h = self.plot_w, self.plot_h
+        out = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="{css_class}" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{aria_label}">',
+            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
+        ]
+        for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = self.y_of(tick)
+            out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+            out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick:.2f}</text>')
+            if right_tick is not None:
+                out.append(f'<text x="{left + plot_w + 6}" y="{y + 4:.1f}" font-size="10">{right_tick(tick)}</text>')
+        if self.n == 0:
+            out.append(
+                f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" text-anchor="middle" '
+                f'fill="#888">{empty}</text>'
+            )
+        return out
+
+
 # --------------------------------------------------------------------------------------------------- learning curve
 def learning_curve_svg(versions: Sequence[Mapping], live_version: str | None = None, *, width: int = 560) -> str:
     """Inline SVG: validation IoU and Dice per version (x = version order), one marker per version and metric.
@@ -136,31 +194,10 @@ def learning_curve_svg(versions: Sequence[Mapping], live_version: str | None = N
     Markers carry a <title> (version, annotations, value) so hovering shows the numbers; the live version's markers
     are ringed. A version without a metric gets no marker for it (the line skips it).
     """
-    height, left, right, top, bottom = 240, 44, 16, 14, 46
-    plot_w, plot_h = width - left - right, height - top - bottom
     metas = [v for v in versions if isinstance(v, Mapping)]
-    n = len(metas)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="learning-curve" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="learning curve: validation IoU and Dice per version">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
-    ]
-
-    def y_of(value: float) -> float:
-        return top + plot_h * (1.0 - min(1.0, max(0.0, value)))
-
-    def x_of(i: int) -> float:
-        return left + (plot_w / 2 if n <= 1 else plot_w * i / (n - 1))
-
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = y_of(tick)
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick:.2f}</text>')
-    if n == 0:
-        out.append(
-            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" text-anchor="middle" '
-            'fill="#888">no trained version yet</text>'
-        )
+    frame = _ChartFrame(width=width, right=16, n=len(metas))
+    height, left, top, plot_h, y_of, x_of = frame.height, frame.left, frame.top, frame.plot_h, frame.y_of, frame.x_of
+    out = frame.open("learning-curve", "learning curve: validation IoU and Dice per version", "no trained version yet")
     series = (("val_iou", "IoU", "#3d7bff", "pt-iou"), ("val_dice", "Dice", "#e8590c", "pt-dice"))
     for key, label, colour, css in series:
         points = [
@@ -210,38 +247,19 @@ def effort_curve_svg(rows: Sequence[Mapping], live_version: str | None = None, *
     tile (orange) against the outline of painting the tile from scratch (grey, dashed). x = serving version, with
     the number of measured tiles; markers carry a <title> with the numbers; the live version's are ringed.
     """
-    height, left, right, top, bottom = 240, 44, 52, 14, 46
-    plot_w, plot_h = width - left - right, height - top - bottom
     rows = [r for r in rows if isinstance(r, Mapping) and (r.get("tiles") or 0) > 0]
-    n = len(rows)
+    frame = _ChartFrame(width=width, right=52, n=len(rows))
+    height, left, top, plot_h, y_of, x_of = frame.height, frame.left, frame.top, frame.plot_h, frame.y_of, frame.x_of
     peak = max([_finite(r.get(k)) or 0.0 for r in rows for k in ("boundary_edited_mean", "boundary_scratch_mean")]
                + [1.0])  # fmt: skip
     scale = 10 ** math.floor(math.log10(peak))
     peak = math.ceil(peak / scale) * scale  # a round number on top of the right axis
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="effort-curve" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="annotation effort per tile by serving version">',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fff" stroke="#ccc"/>',
-    ]
-
-    def y_of(fraction: float) -> float:
-        return top + plot_h * (1.0 - min(1.0, max(0.0, fraction)))
-
-    def x_of(i: int) -> float:
-        return left + (plot_w / 2 if n <= 1 else plot_w * i / (n - 1))
-
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = y_of(tick)
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick:.2f}</text>')
-        out.append(
-            f'<text x="{left + plot_w + 6}" y="{y + 4:.1f}" font-size="10">{_num(round(tick * peak, 1), 1)}</text>'
-        )
-    if n == 0:
-        out.append(
-            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" font-size="13" text-anchor="middle" '
-            'fill="#888">no annotation measured against a pre-annotation yet</text>'
-        )
+    out = frame.open(
+        "effort-curve",
+        "annotation effort per tile by serving version",
+        "no annotation measured against a pre-annotation yet",
+        right_tick=lambda tick: _num(round(tick * peak, 1), 1),
+    )
     series = (
         ("changed_fraction_mean", 1.0, "pixels changed", "#3d7bff", "pt-changed", ""),
         ("boundary_edited_mean", peak, "outline edited (px)", "#e8590c", "pt-edited", ""),

@@ -258,18 +258,16 @@ def check_summary(summary: dict[str, np.ndarray], keys: tuple[str, ...], expecte
         raise ValueError("empty pool: the summary holds 0 tiles")
     if expected_n is not None and n != expected_n:
         raise ValueError(f"summary holds {n} tiles, the batch {expected_n}")
-    if "value" in summary:
-        value = summary["value"]
-        if np.ndim(value) != 1:
-            raise ValueError(f"summary['value'] must have shape (n,), got {np.shape(value)}")
-        if not np.all(np.isfinite(value)):
-            raise ValueError("summary['value'] holds NaN or infinite values (are the probabilities valid?)")
-    if "embedding" in summary:
-        emb = summary["embedding"]
-        if np.ndim(emb) != 2:
-            raise ValueError(f"summary['embedding'] must have shape (n, D), got {np.shape(emb)}")
-        if not np.all(np.isfinite(emb)):
-            raise ValueError("summary['embedding'] holds NaN or infinite values")
+    for key, ndim, shape, hint in (
+        ("value", 1, "(n,)", " (are the probabilities valid?)"),
+        ("embedding", 2, "(n, D)", ""),
+    ):
+        if key in summary:
+            arr = summary[key]
+            if np.ndim(arr) != ndim:
+                raise ValueError(f"summary[{key!r}] must have shape {shape}, got {np.shape(arr)}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"summary[{key!r}] holds NaN or infinite values{hint}")
     return int(n)
 
 

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     # from random weights needs more than a fine-tuning to leave the all-background plateau (the benchmark's CPU
     # protocol trains its initial model 900 steps against 400 per round); a factor, so a short TRAIN_STEPS stays short.
     initial_train_factor: float = Field(
-        1.0, ge=1.0, le=20.0, validation_alias=_env("INITIAL_TRAIN_FACTOR", "initial_train_factor")
+        2.25, ge=1.0, le=20.0, validation_alias=_env("INITIAL_TRAIN_FACTOR", "initial_train_factor")
     )
     train_time_budget_s: float = Field(900.0, gt=0, validation_alias=_env("TRAIN_TIME_BUDGET_S", "train_time_budget_s"))
     train_crop: int = Field(128, ge=8, validation_alias=_env("TRAIN_CROP", "train_crop"))
@@ -240,10 +240,10 @@ class Settings(BaseSettings):
     # draw among the allowed tiles instead of the strategy's picks; the whole batch is while fewer than
     # UNCERTAINTY_FROM_LABELS tasks are labelled (a budget switch). Defaults: benchmarks/label_efficiency/RULE.md.
     selection_random_share: float = Field(
-        0.0, ge=0, le=1, validation_alias=_env("SELECTION_RANDOM_SHARE", "selection_random_share")
+        0.5, ge=0, le=1, validation_alias=_env("SELECTION_RANDOM_SHARE", "selection_random_share")
     )
     uncertainty_from_labels: int = Field(
-        0, ge=0, validation_alias=_env("UNCERTAINTY_FROM_LABELS", "uncertainty_from_labels")
+        60, ge=0, validation_alias=_env("UNCERTAINTY_FROM_LABELS", "uncertainty_from_labels")
     )
     # Audit split: a fixed random AUDIT_FRACTION of the tasks (hash of the task id), served one in every
     # round(1 / AUDIT_FRACTION) queue places, never trained on; every new version is measured on its annotated tiles
@@ -255,7 +255,7 @@ class Settings(BaseSettings):
     # Cold start: self-supervised pretraining on the project's unlabelled tiles after an import (an RQ job, bounded
     # and resumable), then the first queue ordered for coverage in its feature space; the first training starts
     # from the pretrained weights.
-    pretrain: bool = Field(True, validation_alias=_env("PRETRAIN", "pretrain"))
+    pretrain: bool = Field(False, validation_alias=_env("PRETRAIN", "pretrain"))
     pretrain_steps: int = Field(600, ge=0, validation_alias=_env("PRETRAIN_STEPS", "pretrain_steps"))
     pretrain_time_budget_s: float = Field(
         180.0, gt=0, validation_alias=_env("PRETRAIN_TIME_BUDGET_S", "pretrain_time_budget_s")

@@ -23,8 +23,10 @@ from ml_backend.benchmarks.report import load_runs, paired_rounds, write_json
 from ml_backend.benchmarks.run import GATE_TOLERANCE
 
 DATASETS = ("vnc", "lucchi", "volume")
-# RULE.md's candidates, in its order (ties go to the earlier one).
-CANDIDATES = ("default@safe-scratch", "default")
+# RULE.md's candidates, in its order (ties go to the earlier one), by the names their runs carry since the decision
+# landed (``benchmarks.rename``): C2 `default@safe-scratch`; C3, chosen and shipped, `default` (run as
+# `default@safe-scratch-long`); C0, the default shipped before, `default@cold-start` (run as `default`).
+CANDIDATES = ("default@safe-scratch", "default", "default@cold-start")
 REFERENCE = "random"
 HARM = 0.02  # RULE.md step 1: a mean paired difference within -0.02 IoU is not evidence of harm
 TIE = 0.5  # percentage points

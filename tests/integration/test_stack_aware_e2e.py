@@ -98,6 +98,8 @@ def test_cold_start_stack_aware_queues_and_audit_gate(label_studio, ls, start_ba
         "BATCH_DIVERSITY": "true", "DIVERSITY_Z_RADIUS": str(Z_RADIUS), "AUDIT_FRACTION": str(AUDIT_FRACTION),
         "AUDIT_MIN_TILES": "3", "PROMOTION_TOLERANCE": "0.02",
         "PRETRAIN": "true", "PRETRAIN_STEPS": "30", "PRETRAIN_CROP": "64", "PRETRAIN_TIME_BUDGET_S": "120",
+        # the pretrained cold start and entropy's stack-aware batches, not issue 17's hedged default
+        "SELECTION_RANDOM_SHARE": "0", "UNCERTAINTY_FROM_LABELS": "0", "INITIAL_TRAIN_FACTOR": "1",
     }  # fmt: skip
     backend = start_backend(model_dir, **env)
     env_of_worker = worker_env(model_dir, **env)

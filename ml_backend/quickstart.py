@@ -305,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"      {imported['tiles']} tiles ({imported['created']} new); queue ordered by "
                   f"'{live or project_version}'")  # fmt: skip
-        if imported["created"]:
+        if imported["created"] and settings.pretrain:
             cold = enqueue_cold_start(pid, settings)
             print(f"      cold start (pretraining at most {settings.pretrain_time_budget_s:.0f} s, then a coverage "
                   f"order of at most {settings.coldstart_embed_tiles} tiles): {cold['status']}",
                   flush=True)  # fmt: skip
+        elif imported["created"]:  # issue 17's default: the first version trains from random weights
+            print(f"      no pretraining (PRETRAIN=false): the first version trains from random weights, "
+                  f"{settings.initial_train_factor:g} x TRAIN_STEPS steps", flush=True)  # fmt: skip
 
         if masks and args.simulate > 0:
             print(f"[4/5] simulated annotator: {args.simulate} tasks from Label Studio's /next, each annotated with "
@@ -320,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             slices = sorted({d["slice"] for d in done if d.get("slice") is not None})
             print(
                 f"      annotated tasks {[d['id'] for d in done]} ({len(slices)} different slices: {slices}) "
-                f"{time.monotonic() - imported_at:.0f} s after the import; waiting for the worker to pretrain, "
-                f"fine-tune and re-score (progress: python -m ml_backend.cli status --project {pid}; status page; "
+                f"{time.monotonic() - imported_at:.0f} s after the import; waiting for the worker to "
+                f"{'pretrain, ' if settings.pretrain else ''}fine-tune and re-score "
+                f"(progress: python -m ml_backend.cli status --project {pid}; status page; "
                 f"log: {logs / 'worker.log'})",
                 flush=True,
             )

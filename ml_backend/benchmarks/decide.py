@@ -27,6 +27,8 @@ DATASETS = ("vnc", "lucchi", "volume")
 # landed (``benchmarks.rename``): C2 `default@safe-scratch`; C3, chosen and shipped, `default` (run as
 # `default@safe-scratch-long`); C0, the default shipped before, `default@cold-start` (run as `default`).
 CANDIDATES = ("default@safe-scratch", "default", "default@cold-start")
+# Measured beside the candidates, not candidates (RULE.md amendment 2): the semi-supervised term (issue 17.3).
+MEASURED = ("random+semi", "default+semi")
 REFERENCE = "random"
 HARM = 0.02  # RULE.md step 1: a mean paired difference within -0.02 IoU is not evidence of harm
 TIE = 0.5  # percentage points
@@ -73,7 +75,8 @@ def gate_stats(runs: list[dict]) -> dict[str, dict[str, int]]:
 def decide(root: Path, seeds: int = 5, candidates: tuple[str, ...] = CANDIDATES) -> dict[str, Any]:
     """RULE.md on the runs under ``root/<data set>``."""
     runs = {ds: load_runs(root / ds) if (root / ds / "runs").is_dir() else [] for ds in DATASETS}
-    summary = {ds: dataset_summary(runs[ds], candidates) for ds in DATASETS}
+    shown = candidates + tuple(m for m in MEASURED if m not in candidates)
+    summary = {ds: dataset_summary(runs[ds], shown) for ds in DATASETS}
     verdicts: dict[str, Any] = {}
     for c in candidates:
         complete = all(len(summary[ds].get(c, {}).get("seeds", [])) >= seeds for ds in DATASETS) and all(

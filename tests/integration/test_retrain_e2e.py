@@ -145,7 +145,8 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         assert job.return_value()["status"] == "trained" and job.return_value()["predictions"] == 16 - BATCH
         worker_output = worker.log_path.read_text(errors="replace")  # progress is in the worker's log too
         assert (
-            f"project {pid}: step 30/30 loss" in worker_output and f"project {pid}: promoted {version}" in worker_output
+            f"project {pid}: step {first_steps}/{first_steps} loss" in worker_output
+            and f"project {pid}: promoted {version}" in worker_output
         )
 
         # every unlabelled task holds a prediction of the new version: a brush mask of the tile and a score

@@ -43,10 +43,11 @@ def rename_arm(out: Path, old: str, new: str, settings: Settings | None = None) 
     if _run_files(out, new):
         raise RenameError(f"{out}: arm {new!r} already has runs; rename those first")
     protocol = Protocol(**json.loads((out / "protocol.json").read_text()))
-    now = asdict(resolve_arm(protocol, new, settings if settings is not None else Settings.from_env()))
+    resolved = resolve_arm(protocol, new, settings if settings is not None else Settings.from_env())
+    now = json.loads(json.dumps(asdict(resolved)))  # as arms.json stores it (tuples as lists)
     ran = {**arms[old], "name": new}
-    if json.loads(json.dumps(now)) != ran:
-        diff = {k: (ran.get(k), v) for k, v in json.loads(json.dumps(now)).items() if ran.get(k) != v}
+    if now != ran:
+        diff = {k: (ran.get(k), v) for k, v in now.items() if ran.get(k) != v}
         raise RenameError(f"{out}: {new!r} resolves now to other values than {old!r} ran: {diff}")
     files = _run_files(out, old)
     for f in files:

@@ -199,7 +199,6 @@ def initial_labelled(ds: Dataset, p: Protocol, seed: int, embeddings: np.ndarray
         raise ValueError(f"first_batch must be random, coverage, kcenter or spread, got {p.first_batch!r}")
     thumbs = None
     if p.z_radius == "auto":  # measured on the pool's thumbnails, as the product's cold start does
-
         thumbs = np.stack([thumbnail(im) for im in ds.pool_images])
     order = coverage_order(
         embeddings, stack_positions(ds, p), p.m, config=batch_config(p, "top"), seed=seed, method=method,
@@ -481,7 +480,6 @@ def _train_initial(ckpt: Path, p: Protocol, seed: int) -> Path:
     model = _fresh_model(p, seed)
     pre_info = None
     if p.pretrain_steps > 0:  # issue 11: SSL pretraining on the unlabelled pool, the product's pretrain()
-
         crop = min(p.pretrain_crop or p.tile, p.tile)
         pcfg = PretrainConfig(steps=p.pretrain_steps, time_budget_s=1e9, seed=seed, crop=crop, device=p.device)
         n = len(ds.pool_images)

@@ -96,7 +96,6 @@ def score_images(
     forward pass where possible."""
     device = torch_device(cfg.device)
     if cfg.runtime is not None:  # the cached fast engine of this model (int8 calibrates on these images)
-
         model = inference_model(
             model, cfg.precision, cfg.runtime, device, calibration=images, calibration_tiles=cfg.calibration_tiles,
             cuda_tuning=cfg.cuda_tuning,

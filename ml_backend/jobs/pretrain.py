@@ -208,7 +208,6 @@ def cold_start(
     cfg = pretrain_config(settings, min(min(images[t].shape[-2:]) for t in sample))
     folder = pretrained_path(registry).parent
     with _phase(progress, done, "pretrain", cfg.steps, "steps") as ph:
-
         def report(info: dict) -> None:
             ph.report(int(info["step"]), loss=info["loss"], eta_s=info.get("eta_s"))
             log.info("project %s: pretraining step %s/%s loss %.4f", pid, info["step"], info["steps"], info["loss"])

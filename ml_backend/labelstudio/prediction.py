@@ -275,7 +275,6 @@ def predict_tasks(
     # Not a ``with`` block: leaving it would wait for downloads still running after the deadline.
     pool = ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(good)), thread_name_prefix="predict-fetch")
     try:
-
         def submit(idx: list[int]) -> dict[int, Future]:
             return {i: pool.submit(_load, tasks[i], config, settings, offsets, index) for i in idx}
 

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         2.25, ge=1.0, le=20.0, validation_alias=_env("INITIAL_TRAIN_FACTOR", "initial_train_factor")
     )
     train_time_budget_s: float = Field(900.0, gt=0, validation_alias=_env("TRAIN_TIME_BUDGET_S", "train_time_budget_s"))
+    # Issue 18: a project's first version is live within minutes on a CPU. Its training stops after this many seconds
+    # (its learning rate anneals by the clock, so it ends annealed), and when the clock cut it short a follow-up
+    # training on the same labels continues from it at once (a fine-tuning round). A GPU never reaches it.
+    first_version_time_budget_s: float = Field(
+        300.0, gt=0, validation_alias=_env("FIRST_VERSION_TIME_BUDGET_S", "first_version_time_budget_s")
+    )
     train_crop: int = Field(128, ge=8, validation_alias=_env("TRAIN_CROP", "train_crop"))
     val_fraction: float = Field(0.2, ge=0, lt=1, validation_alias=_env("VAL_FRACTION", "val_fraction"))
     # Project tiles (a seeded sample of all tasks, labelled or not) whose crops re-estimate BatchNorm statistics after
@@ -161,6 +167,12 @@ class Settings(BaseSettings):
     # then bounded by the sample, not the dataset; tiles outside it keep their last prediction.
     candidate_pool: int = Field(2000, ge=0, validation_alias=_env("CANDIDATE_POOL", "candidate_pool"))
     candidate_keep: int = Field(200, ge=0, validation_alias=_env("CANDIDATE_KEEP", "candidate_keep"))
+    # Issue 18: while fewer than UNCERTAINTY_FROM_LABELS tasks are labelled the batch is a random draw, so scores pick
+    # nothing: a round then scores at most this many candidates (its pre-annotations and the next batches), not
+    # CANDIDATE_POOL. 0 = CANDIDATE_POOL throughout.
+    random_phase_candidates: int = Field(
+        200, ge=0, validation_alias=_env("RANDOM_PHASE_CANDIDATES", "random_phase_candidates")
+    )
     # Where relative /data/local-files/?d= paths resolve when the backend shares a disk with Label Studio.
     local_files_root: str = Field(
         "", validation_alias=_env("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "local_files_root")

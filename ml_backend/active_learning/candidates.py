@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ml_backend.store.atomic import write_atomic
+from ml_backend.strategies.batch import hedged_share
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,17 @@ class CandidateSampler:
                      "drawn in %.3f s", version, len(out), len(pool), min(self.keep, self.size // 2),
                      time.monotonic() - t0)  # fmt: skip
         return out
+
+
+def phase_candidate_pool(settings: Any, select: Any, n_labelled: int) -> int:
+    """CANDIDATE_POOL for a round whose selector is ``select`` with ``n_labelled`` labelled tasks: bounded by
+    RANDOM_PHASE_CANDIDATES while the selector's batch is a random draw (``strategies.batch.hedged_share`` 1: fewer
+    than UNCERTAINTY_FROM_LABELS labels), where the scores pick nothing and scoring the whole pool would only delay
+    the version (issue 18); 0 means no bound."""
+    config = getattr(select, "config", None)  # a selector without batch rules (plain queue order) has no switch
+    if config is None or settings.random_phase_candidates <= 0 or hedged_share(n_labelled, config) < 1.0:
+        return settings.candidate_pool
+    return min(n for n in (settings.candidate_pool, settings.random_phase_candidates) if n > 0)
 
 
 def best_candidates(outcome: Any, strategy: Any, n: int) -> list[int]:

@@ -32,7 +32,12 @@ import numpy as np
 
 from ml_backend.active_learning import LabelledSet, RoundPlan, TrainingError, run_round
 from ml_backend.active_learning.audit import AuditGate, audit_task_ids, split_audit
-from ml_backend.active_learning.candidates import CandidateSampler, PredictionAgeLog, previous_best
+from ml_backend.active_learning.candidates import (
+    CandidateSampler,
+    PredictionAgeLog,
+    phase_candidate_pool,
+    previous_best,
+)
 from ml_backend.active_learning.plan import log_plan, product_plan, product_selector
 from ml_backend.active_learning.publisher import KeepVersion, RegistryPublisher
 from ml_backend.config import Settings, get_settings, torch_device
@@ -45,7 +50,7 @@ from ml_backend.labelstudio.neighbours import NeighbourIndex
 from ml_backend.labelstudio.project_data import LabelStudioProject
 from ml_backend.labelstudio.tasks import calibration_crops
 from ml_backend.queue.coordination import run_exclusive
-from ml_backend.queue.locks import take_pending
+from ml_backend.queue.locks import mark_dirty, take_pending
 from ml_backend.queue.rescoring import RedisPoolScorer
 from ml_backend.queue.status import JobProgress
 from ml_backend.store.effort import EffortLog
@@ -189,6 +194,13 @@ def _train_and_rescore(
         raise TrainingError(f"project {pid}: every usable annotation is on an audit task (kept out of training)")
     labelled = LabelledSet(train_tiles, labelled.skipped)
     evaluate = None
+    select = product_selector(
+        settings,
+        snap.config.num_classes,
+        snap.tasks,
+        sorted(snap.annotations),
+        [a for a in audit if a not in snap.annotations],
+    )
     if resume:
         plan, publisher = _resume_plan(registry, snap, strategy, settings, progress)
     else:
@@ -200,8 +212,11 @@ def _train_and_rescore(
         unlabelled = lambda: unlabelled_crops({t: snap.tasks[t] for t in pool}, settings, snap.load(offsets))  # noqa: E731
         # The live ranking's top still unlabelled: kept in this round's candidate sample (issue 20.2).
         best = previous_best(snap.tasks, snap.annotations, (snap.current or {}).get("version"), settings.candidate_keep)
-        plan = product_plan(registry, snap.config, settings, strategy, calibration=calibration,
-                            progress=progress.train_step, unlabelled=unlabelled, previous_best=best)  # fmt: skip
+        # While batches are random draws, a smaller candidate sample (issue 18: the first version within minutes).
+        sample = phase_candidate_pool(settings, select, len(snap.annotations))
+        plan = product_plan(registry, snap.config, settings.replace(candidate_pool=sample), strategy,
+                            calibration=calibration, progress=progress.train_step, unlabelled=unlabelled,
+                            previous_best=best)  # fmt: skip
         log_plan(registry, plan, len(labelled.tiles))
         extra = {"annotation_signature": snap.signature, "skipped": labelled.skipped, "trigger": reason, "job": job_id}
         publisher = RegistryPublisher(
@@ -212,13 +227,7 @@ def _train_and_rescore(
         AnnotatedTasks(labelled, snap.unlabelled),
         publisher=publisher,
         scorer=RedisPoolScorer(pid, snap.label_xml, snap.project.chunk_inputs(), settings, conn),
-        select=product_selector(
-            settings,
-            snap.config.num_classes,
-            snap.tasks,
-            sorted(snap.annotations),
-            [a for a in audit if a not in snap.annotations],
-        ),
+        select=select,
         sink=LabelStudioSink(snap.project, blank=frozenset(audit)),
         evaluate=evaluate,
         phase=progress.phase,
@@ -243,6 +252,7 @@ def _train_and_rescore(
         }
     if evaluation.reason:
         progress.update(promotion={"version": version, "promoted": True, "reason": evaluation.reason})
+    continued = _continue_first_version(pid, conn, meta)
     _record_prediction_age(pid, snap, settings, outcome)
     log.info("project %s: %d predictions of %s uploaded; project model_version set", pid, outcome.delivered, version)
     return {
@@ -258,7 +268,22 @@ def _train_and_rescore(
         "predictions": outcome.delivered,
         "candidates": {"pool": outcome.pool_size, "scored": 0 if outcome.scored is None else len(outcome.scored.ids)},
         "train_tiles_per_s": (meta.get("metrics") or {}).get("tiles_per_s"),
+        "continued": continued,
     }
+
+
+def _continue_first_version(pid: int, conn: Any, meta: dict) -> bool:
+    """A first version (no parent) the clock stopped (FIRST_VERSION_TIME_BUDGET_S) short of its steps is live early;
+    ask for one follow-up training on the same labels (the job's follow-up flag, forced: the annotations did not
+    change), which fine-tunes it. Read from the version's metadata alone. True when asked."""
+    metrics = meta.get("metrics") or {}
+    if meta.get("parent") is not None or metrics.get("stopped") != "time_budget":
+        return False
+    mark_dirty(conn, pid, force=True)
+    planned = ((meta.get("hyper_parameters") or {}).get("train") or {}).get("steps")
+    log.info("project %s: first version %s stopped by its time budget after %s of %s steps: a follow-up training "
+             "continues it", pid, meta.get("version"), meta.get("steps"), planned)  # fmt: skip
+    return True
 
 
 def unlabelled_crops(

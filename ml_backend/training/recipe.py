@@ -152,9 +152,18 @@ def first_steps(settings: Settings) -> int:
     return max(1, round(settings.train_steps * settings.initial_train_factor))
 
 
+def first_version_overrides(settings: Settings) -> dict[str, Any]:
+    """A first version's recipe: TRAIN_STEPS x INITIAL_TRAIN_FACTOR steps at INITIAL_LEARNING_RATE, stopped by
+    FIRST_VERSION_TIME_BUDGET_S (or TRAIN_TIME_BUDGET_S if shorter) with the schedule annealed by the clock."""
+    budget = min(settings.first_version_time_budget_s, settings.train_time_budget_s)
+    return {"lr": settings.initial_learning_rate, "steps": first_steps(settings), "time_budget_s": budget,
+            "anneal_by_time": True}  # fmt: skip
+
+
 def product_train_config(settings: Settings, parent: str | None, overrides: dict | None = None):
-    """The round's TrainConfig: the from-scratch learning rate for a first version, the fine-tuning one after."""
-    first = {"lr": settings.initial_learning_rate, "steps": first_steps(settings)} if parent is None else {}
+    """The round's TrainConfig: the from-scratch recipe for a first version (``first_version_overrides``), the
+    fine-tuning one after."""
+    first = first_version_overrides(settings) if parent is None else {}
     return train_config(settings, **{**first, **(overrides or {})})
 
 

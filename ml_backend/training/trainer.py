@@ -50,6 +50,9 @@ class TrainConfig:
     crop: int = 128
     val_fraction: float = 0.2
     time_budget_s: float = 900.0
+    # The schedule's progress is the larger of steps done / steps and seconds spent / time_budget_s: a run the clock
+    # stops still ends with its learning rate annealed (the product's first version on a CPU, issue 18).
+    anneal_by_time: bool = False
     seed: int = 0
     split_seed: int | None = None  # seed of the stable train/val split (None: ``seed``); keep it fixed across rounds
     device: str = "auto"
@@ -361,9 +364,15 @@ def fine_tune(
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(round(cfg.warmup_fraction * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, cfg.steps, warmup, cfg.min_lr_ratio) if cfg.steps else 1.0
-    )
+
+    def lr_factor(s: int) -> float:
+        if not cfg.steps:
+            return 1.0
+        if cfg.anneal_by_time:  # by the clock when it runs ahead of the steps (warm-up and cosine alike)
+            s = max(s, int(cfg.steps * (time.monotonic() - t0) / cfg.time_budget_s))
+        return _lr_factor(s, cfg.steps, warmup, cfg.min_lr_ratio)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema = copy.deepcopy(model).eval() if cfg.ema_decay > 0 else None
     for p in ema.parameters() if ema is not None else []:
         p.requires_grad_(False)

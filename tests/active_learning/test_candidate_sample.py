@@ -19,13 +19,16 @@ from ml_backend.active_learning.candidates import (
     CandidateSampler,
     PredictionAgeLog,
     best_candidates,
+    phase_candidate_pool,
     prediction_age,
     previous_best,
     round_key,
     sample_candidates,
 )
 from ml_backend.active_learning.loop import KeepInMemory, NextBatch
+from ml_backend.active_learning.plan import product_selector
 from ml_backend.benchmarks.run import LocalScorer, OracleLabels
+from ml_backend.config import Settings
 from ml_backend.inference.scoring import ScoringConfig
 from ml_backend.model import build_model
 from ml_backend.strategies import get_strategy
@@ -98,6 +101,31 @@ def test_sampler_from_settings_and_seed_of_a_round():
     assert out == sample_candidates(range(100), 5, seed=3, round_key=zlib.crc32(b"v0007-x"), previous_best=[40, 41],
                                     keep=2)  # fmt: skip
     assert Settings().candidate_pool == 2000 and Settings().candidate_keep == 200  # the documented defaults
+
+
+@pytest.mark.parametrize(
+    ("changes", "n_labelled", "expected"),
+    [
+        ({}, 0, 200),  # the random phase (fewer than UNCERTAINTY_FROM_LABELS = 60 labels): RANDOM_PHASE_CANDIDATES
+        ({}, 59, 200),
+        ({}, 60, 2000),  # uncertainty picks from here on: CANDIDATE_POOL
+        ({}, 500, 2000),
+        ({"random_phase_candidates": 0}, 20, 2000),  # 0: no bound of its own
+        ({"candidate_pool": 0}, 20, 200),  # CANDIDATE_POOL 0 (the whole pool) is no bound either
+        ({"candidate_pool": 0}, 80, 0),
+        ({"candidate_pool": 150}, 20, 150),  # the smaller bound wins
+        ({"uncertainty_from_labels": 0}, 0, 2000),  # no budget switch: no random phase
+        ({"selection_random_share": 1.0, "uncertainty_from_labels": 0}, 500, 200),  # all-random batches throughout
+        ({"batch_diversity": False, "audit_fraction": 0.0}, 20, 2000),  # plain queue order: the switch never applies
+    ],
+)
+def test_a_round_whose_batch_is_a_random_draw_scores_a_smaller_sample(changes, n_labelled, expected):
+    """Issue 18: while the product's selector draws the whole batch at random, scores pick nothing; the round
+    scores RANDOM_PHASE_CANDIDATES tiles (pre-annotations and the next batches), so the first versions go live
+    sooner. The decision reads the job's own selector (``product_selector``)."""
+    settings = Settings(**{"candidate_pool": 2000, "random_phase_candidates": 200, **changes})
+    select = product_selector(settings, 2, {}, [], [])
+    assert phase_candidate_pool(settings, select, n_labelled) == expected
 
 
 def test_previous_best_is_the_live_ranking_as_label_studio_holds_it():

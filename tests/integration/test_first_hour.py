@@ -12,8 +12,10 @@ under gunicorn behind basic auth, a real ``rq worker``, a generated stack of 1,0
    coverage order is what ``/next`` serves from then on.
 5. The admin takes the rest of the first batch from ``/next`` (no view) and submits the ground truth: the served
    tasks are exactly the queue's lowest scores, skipping the task the other user holds.
-6. A first version of the backend's registry (``v0001-...``) is trained from the pretrained weights, delivered, and
-   the queue re-ordered: ``/next`` serves the new version's lowest score.
+6. A first version of the backend's registry (``v0001-...``) is trained from the pretrained weights, stopped by
+   FIRST_VERSION_TIME_BUDGET_S, delivered, and the queue re-ordered: ``/next`` serves the new version's lowest score
+   (a sample of RANDOM_PHASE_CANDIDATES tiles while batches are random draws).
+7. The clock cut the first version short: a follow-up training on the same labels fine-tunes it (``v0002-...``).
 
 Fast tests of the pieces (spread order, bounded coverage sample, the "a training waits" rule, pretraining that
 yields to a waiting training) come first.
@@ -277,7 +279,7 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, worker_env
         "MODEL_WIDTH": "8", "MODEL_DEPTH": "3", "RESCORE_CHUNK": "256", "DEVICE": "cpu", "BN_CALIBRATION_TILES": "16",
         "PRETRAIN": "true", "PRETRAIN_STEPS": "100000", "PRETRAIN_TIME_BUDGET_S": "20", "PRETRAIN_CROP": "32",
         "PRETRAIN_TILES": "64", "COLDSTART_EMBED_TILES": str(EMBED), "DIVERSITY_Z_RADIUS": str(Z_RADIUS),
-        "SUGGEST_MIN_TILE": "16", "SUGGEST_WINDOW": "16",
+        "SUGGEST_MIN_TILE": "16", "SUGGEST_WINDOW": "16", "FIRST_VERSION_TIME_BUDGET_S": "2",
     }  # fmt: skip
     backend = start_backend(model_dir, **env, BASIC_AUTH_USER=login[0], BASIC_AUTH_PASS=login[1])
     worker = start_rq_worker(worker_env(model_dir, **env), "first-hour")
@@ -361,8 +363,21 @@ def test_first_hour(label_studio, ls, start_backend, start_rq_worker, worker_env
     assert version.startswith("v0001-") and registry.current_meta()["initialised"] == "pretrained"
     wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == version, 600,
                "the first version's queue", logs=logs)  # fmt: skip
+    meta = registry.current_meta()
+    assert meta["metrics"]["stopped"] == "time_budget" and meta["steps"] < meta["hyper_parameters"]["train"]["steps"]
     tasks = {int(t["id"]): t for t in list_tasks(ls, pid)}
-    requeued = serving_order(tasks, version)
-    assert len(requeued) == imported["created"] - BATCH
+    requeued = serving_order(tasks, version, sample=True)
+    # fewer than UNCERTAINTY_FROM_LABELS labels: the next batch is a random draw, so the round scored a sample of
+    # RANDOM_PHASE_CANDIDATES tiles, served first; the other tiles keep the cold start's order behind them
+    assert len(requeued) == settings.random_phase_candidates < imported["created"] - BATCH
     assert requeued[:BATCH] != [t for t in coverage if t in set(requeued)][:BATCH]  # re-ordered by the model
     assert int(_next(admin, label_studio.url, pid)["id"]) == requeued[0]
+
+    # --- 7. the clock cut the first version short (FIRST_VERSION_TIME_BUDGET_S): a follow-up continues it
+    second = wait_until(lambda: (registry.current_version() or "").startswith("v0002-") and registry.current_version(),
+                        900, "the first version's continuation", logs=logs)  # fmt: skip
+    meta2 = registry.current_meta()
+    assert meta2["parent"] == version and meta2["n_annotations"] == meta["n_annotations"], meta2
+    assert meta2["trigger"].startswith("follow-up"), meta2["trigger"]
+    wait_until(lambda: as_dict(ls.projects.get(id=pid)).get("model_version") == second, 600,
+               "the continuation's queue", logs=logs)  # fmt: skip

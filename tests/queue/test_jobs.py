@@ -229,6 +229,36 @@ def test_the_round_improves_validation_iou_and_publishes(tmp_path, data):
     assert [m["version"] for m in registry.versions()] == [out.version, second.version]
 
 
+def test_a_first_version_the_clock_stopped_asks_for_its_continuation(tmp_path, data, redis_url):
+    """Issue 18: FIRST_VERSION_TIME_BUDGET_S stops a first version early (live within minutes on a CPU); the job
+    then sets its forced follow-up flag, so one more training on the same labels fine-tunes it. A fine-tuned
+    version, or a first version that ran all its steps, asks for nothing."""
+    from ml_backend.jobs.train import _continue_first_version
+    from ml_backend.queue.locks import take_dirty
+
+    torch.set_num_threads(1)
+    raw, gt = data
+    config = parse_label_config(DENSE_XML)
+    conn = redis.Redis.from_url(redis_url)
+    settings = small_settings(tmp_path, redis_url, train_steps=100_000, first_version_time_budget_s=2.0)
+    registry = ModelRegistry(settings.model_dir, 7)
+    tiles = _tiles(raw, gt, config, list(range(8)))
+    first = train_round(registry, tiles, config, settings)
+    assert first.meta["parent"] is None and first.meta["metrics"]["stopped"] == "time_budget"
+    assert first.meta["hyper_parameters"]["train"]["time_budget_s"] == 2.0
+    assert first.meta["hyper_parameters"]["train"]["anneal_by_time"] is True
+    assert first.meta["steps"] < first.meta["hyper_parameters"]["train"]["steps"] == 225_000
+    assert _continue_first_version(7, conn, first.meta) and take_dirty(conn, 7) == "force"
+
+    second = train_round(registry, tiles, config, settings.replace(train_steps=5))
+    assert second.meta["parent"] == first.version
+    assert second.meta["hyper_parameters"]["train"]["anneal_by_time"] is False
+    assert not _continue_first_version(7, conn, second.meta) and take_dirty(conn, 7) is None
+    full = train_round(ModelRegistry(settings.model_dir, 8), tiles, config, settings.replace(train_steps=4))
+    assert full.meta["parent"] is None and full.meta["metrics"]["stopped"] == "steps"
+    assert not _continue_first_version(8, conn, full.meta) and take_dirty(conn, 8) is None
+
+
 def test_the_round_needs_tiles(tmp_path):
     config = parse_label_config(DENSE_XML)
     with pytest.raises(TrainingError, match="no usable annotated tile"):

@@ -94,6 +94,24 @@ def test_time_budget_stops_early():
     assert res.metrics["stopped"] == "time_budget" and res.steps < 10_000
 
 
+@pytest.mark.parametrize("by_time", [True, False])
+def test_a_run_the_clock_stops_ends_annealed_only_when_annealing_by_time(by_time):
+    """anneal_by_time (a product's first version on a CPU, issue 18): the schedule follows the clock when it runs
+    ahead of the steps, so warm-up and cosine both happen within the budget; by steps alone, a run the clock stops
+    after a few percent of its steps is cut inside the warm-up."""
+    imgs, masks = _data(3, seed=6, size=32)
+    seen: list[dict] = []
+    cfg = TrainConfig(steps=1_000_000, lr=1e-3, batch_size=2, crop=16, time_budget_s=3.0, eval_every=0, log_every=1,
+                      anneal_by_time=by_time, device="cpu")  # fmt: skip
+    res = fine_tune(build_model("unet", width=4, depth=2), imgs, masks, cfg, progress=seen.append)
+    lrs = [s["lr"] for s in seen if "lr" in s]
+    assert res.metrics["stopped"] == "time_budget" and len(lrs) >= 10, (res.metrics, len(lrs))
+    if by_time:  # through the warm-up to the peak, then down the cosine to (near) its floor
+        assert max(lrs) > 0.7e-3 and lrs[-1] < 0.35e-3 and lrs[-1] < max(lrs) / 2, (max(lrs), lrs[-1])
+    else:  # 5% warm-up of a million steps: still warming up when the clock stops
+        assert max(lrs) < 0.1e-3 and lrs == sorted(lrs)
+
+
 def test_split_is_stable_as_the_labelled_set_grows():
     imgs, _ = _data(30, seed=8, size=16)
     for n in (2, 5, 10, 20, 30):

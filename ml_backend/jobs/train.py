@@ -226,7 +226,8 @@ def _train_and_rescore(
         plan,
         AnnotatedTasks(labelled, snap.unlabelled),
         publisher=publisher,
-        scorer=RedisPoolScorer(pid, snap.label_xml, snap.project.chunk_inputs(), settings, conn),
+        scorer=RedisPoolScorer(pid, snap.label_xml, snap.project.chunk_inputs(), settings, conn,
+                               progress=progress.phase_step),  # fmt: skip
         select=select,
         sink=LabelStudioSink(snap.project, blank=frozenset(audit)),
         evaluate=evaluate,

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -205,28 +205,47 @@ def collect_rescore(
     conn: Any,
     *,
     ensemble: list[Any] | None = None,
+    progress: Callable[[dict], None] | None = None,
 ) -> ScoredPool:
     """Work through the chunks nobody has claimed, wait for the ones helpers hold (redoing any whose helper died),
-    and return the whole pool's scores and masks (task order = chunk order)."""
+    and return the whole pool's scores and masks (task order = chunk order). ``progress`` receives the phase's own
+    {step, steps, unit "tasks", seconds, eta_s} whenever chunks complete (the status page's score phase)."""
     pid, version = rnd.pid, rnd.version
     owner = f"coordinator-{uuid.uuid4().hex[:8]}"
     done_local = 0
-    deadline = time.monotonic() + RESCORE_WAIT_S
+    t0 = time.monotonic()
+    deadline = t0 + RESCORE_WAIT_S
     pending = {chunk_id(c): c for c in rnd.chunks}
+    total = sum(len(c) for c in rnd.chunks)
     collected: dict[str, dict] = {}
+    finished: set[str] = set()  # chunks known to be scored (collected, or computed here and collected next pass)
+    reported = [-1]
+
+    def report() -> None:
+        done = sum(len(c) for k, c in zip(map(chunk_id, rnd.chunks), rnd.chunks, strict=True) if k in finished)
+        if progress is not None and done != reported[0]:
+            reported[0], seconds = done, time.monotonic() - t0
+            eta = seconds / done * (total - done) if done else None
+            progress({"step": done, "steps": total, "unit": "tasks", "seconds": round(seconds, 1),
+                      "eta_s": None if eta is None else round(eta, 1)})  # fmt: skip
+
     while pending:
+        report()
         progressed = False
         for chunk, chunk_ids in list(pending.items()):
             record = conn.hgetall(rescore_result_key(pid, version, chunk))
             if record:
                 collected[chunk] = {k.decode(): v for k, v in record.items()}
                 del pending[chunk]
+                finished.add(chunk)
                 progressed = True
                 continue
             if claim_chunk(conn, pid, version, chunk, owner):
                 job = RescoreJob(pid, version, rnd.ctx.get("label_config", ""), inputs, settings, conn)
                 compute_chunk(job, chunk_ids, rnd.ctx, model, list(ensemble or []), owner=owner)
                 done_local += 1
+                finished.add(chunk)
+                report()
                 progressed = True
                 log.info(
                     "project %s: scored a chunk of %d tasks here (%d of %d chunks scored here so far)",
@@ -236,6 +255,7 @@ def collect_rescore(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"project {pid}: {len(pending)} re-scoring chunk(s) never completed")
             time.sleep(0.2)
+    report()
     log.info("project %s: %d/%d chunks scored here, the rest by helpers", pid, done_local, len(rnd.chunks))
     rnd.scored_here = done_local
     rnd.owners = {c: (r.get("owner") or b"").decode() for c, r in collected.items()}
@@ -281,6 +301,7 @@ class RedisPoolScorer:
     conn: Any
     helpers: bool = True
     last: RescoreRound | None = None  # the last round's chunks and who scored them (benchmarks, tests)
+    progress: Callable[[dict], None] | None = None  # the score phase's own progress (``collect_rescore``)
 
     def score(self, trained: TrainedModel, version: str, strategy: Any, ids: list[int], seed: int) -> ScoredPool:
         rnd = start_rescore(
@@ -290,7 +311,8 @@ class RedisPoolScorer:
         self.last = rnd
         if rnd is None:
             return ScoredPool([], PoolScores({}, np.zeros(0, dtype=np.int64)))
-        return collect_rescore(rnd, trained.model, self.inputs, self.settings, self.conn, ensemble=trained.ensemble)
+        return collect_rescore(rnd, trained.model, self.inputs, self.settings, self.conn, ensemble=trained.ensemble,
+                               progress=self.progress)  # fmt: skip
 
 
 @dataclass

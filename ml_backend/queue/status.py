@@ -42,7 +42,7 @@ class JobProgress:
         )
 
     def train_step(self, info: dict) -> None:
-        self.update(phase="train", progress=info)
+        self.update(phase="train", progress=info, train=info)  # "train": its last step, kept after the phase
         val = info.get("val_iou")
         log.info(
             "project %s: step %s/%s loss %.4f val IoU %s",
@@ -50,9 +50,13 @@ class JobProgress:
             "n/a" if val is None else f"{val:.4f}",
         )  # fmt: skip
 
+    def phase_step(self, info: dict) -> None:
+        """The running phase's own progress ({step, steps, unit, seconds, eta_s}), e.g. the score phase's tasks."""
+        self.update(progress=info)
+
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self.update(phase=name)
+        self.update(phase=name, progress={})  # each phase shows its own progress, never the last phase's
         t0 = time.monotonic()
         try:
             yield

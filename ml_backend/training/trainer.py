@@ -157,6 +157,12 @@ def _check_inputs(images: list[np.ndarray], masks: list[np.ndarray], what: str) 
     return out_i, out_m
 
 
+def _eta(step: int, steps: int, seconds: float, budget_s: float) -> float:
+    """Seconds left: the steps to go at the rate so far, or the time budget's rest when the clock stops first."""
+    by_steps = seconds / max(1, step) * max(0, steps - step)
+    return round(max(0.0, min(by_steps, budget_s - seconds)), 1)
+
+
 def _lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
@@ -476,6 +482,7 @@ def fine_tune(
                     "val_iou": None if last_val is None else last_val["iou"],
                     "lr": opt.param_groups[0]["lr"],
                     "seconds": time.monotonic() - t0,
+                    "eta_s": _eta(step, cfg.steps, time.monotonic() - t0, cfg.time_budget_s),
                 }
             )
             recent = []
@@ -518,7 +525,8 @@ def fine_tune(
             "confident_fraction": float(np.mean(semi_confident[semi_tail])) if semi_confident else None,
         }
     if progress is not None:
-        progress({"step": steps_done, "steps": cfg.steps, "loss": metrics["train_loss"], "val_iou": metrics["val_iou"]})
+        progress({"step": steps_done, "steps": cfg.steps, "loss": metrics["train_loss"], "val_iou": metrics["val_iou"],
+                  "eta_s": 0.0})
     log.info(
         "fine_tune: %d steps in %.1fs on %s, %d train / %d val tiles, val IoU %s (step %d), stopped by %s",
         steps_done, seconds, device, len(tr_img), len(v_img), metrics["val_iou"], chosen_step, stopped,

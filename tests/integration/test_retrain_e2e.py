@@ -140,7 +140,8 @@ def test_webhook_batch_trains_publishes_and_reorders_the_queue(
         job.refresh()  # the meta as the finished job left it (fetched above while the job was still running)
         assert job.kwargs["project_id"] == pid and job.kwargs["force"] is False
         first_steps = round(30 * Settings().initial_train_factor)  # a first version: TRAIN_STEPS x INITIAL_TRAIN_FACTOR
-        assert job.meta["phase"] == "upload" and job.meta["progress"]["steps"] == first_steps
+        assert job.meta["phase"] == "upload" and job.meta["train"]["steps"] == first_steps  # the train phase's last
+        assert job.meta["train"]["eta_s"] == 0 and job.meta["progress"] == {}  # the upload phase's own: none
         assert {"read_s", "train_s", "score_s", "upload_s"} <= set(job.meta["timings"])
         assert job.return_value()["status"] == "trained" and job.return_value()["predictions"] == 16 - BATCH
         worker_output = worker.log_path.read_text(errors="replace")  # progress is in the worker's log too

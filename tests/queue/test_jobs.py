@@ -340,9 +340,10 @@ def _predictions(scored, version, config, strategy, settings, labelled_embedding
     return predictions_for(version, scored, ranking)
 
 
-def _rescore(out, config, strategy, tasks, ids, settings, conn, labelled_embeddings=None):
+def _rescore(out, config, strategy, tasks, ids, settings, conn, labelled_embeddings=None, progress=None):
     """The product's pool scorer on one process (``RedisPoolScorer``, chunks through Redis), then the selection."""
-    scorer = RedisPoolScorer(9, DENSE_XML, ChunkInputs(config, settings, tasks), settings, conn, helpers=False)
+    scorer = RedisPoolScorer(9, DENSE_XML, ChunkInputs(config, settings, tasks), settings, conn, helpers=False,
+                             progress=progress)  # fmt: skip
     scored = scorer.score(out, out.version, strategy, ids, 0)
     return _predictions(scored, out.version, config, strategy, settings, labelled_embeddings)
 
@@ -390,10 +391,18 @@ def test_rescore_chunks_are_shared_with_a_real_rq_worker(tmp_path, data, redis_u
         job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
         assert job.get_status() == "finished", job.exc_info
         assert job.return_value()["status"] == "scored"
-    shared = _predictions(collect_rescore(rnd, out.model, inputs, settings, conn), out.version, config, strategy,
-                          settings)  # fmt: skip
+    seen: list[dict] = []
+    shared = _predictions(collect_rescore(rnd, out.model, inputs, settings, conn, progress=seen.append), out.version,
+                          config, strategy, settings)  # fmt: skip
+    # the score phase's own progress, in tasks (the worker scored its chunks before: all done at the first look)
+    assert seen and seen[-1]["step"] == seen[-1]["steps"] == len(ids) and seen[-1]["unit"] == "tasks", seen
 
-    local = _rescore(out, config, strategy, tasks, ids, settings, conn)
+    steps: list[dict] = []
+    local = _rescore(out, config, strategy, tasks, ids, settings, conn, progress=steps.append)
+    # chunk by chunk here: from 0 (no ETA yet) to every task, with an ETA once a chunk is done
+    assert [s["step"] for s in steps] == list(range(0, len(ids) + 1, settings.rescore_chunk)) + (
+        [len(ids)] if len(ids) % settings.rescore_chunk else []), steps
+    assert steps[0]["eta_s"] is None and all(s["eta_s"] >= 0 for s in steps[1:]) and steps[-1]["eta_s"] == 0
     assert [p["task"] for p in shared] == ids == [p["task"] for p in local]
     for a, b in zip(shared, local, strict=True):
         assert a["model_version"] == b["model_version"] == out.version

@@ -112,6 +112,18 @@ def test_a_run_the_clock_stops_ends_annealed_only_when_annealing_by_time(by_time
         assert max(lrs) < 0.1e-3 and lrs == sorted(lrs)
 
 
+@pytest.mark.parametrize(
+    ("step", "steps", "seconds", "budget", "eta"),
+    [(100, 900, 30.0, 300.0, 240.0), (100, 900, 100.0, 120.0, 20.0), (900, 900, 50.0, 300.0, 0.0),
+     (10, 900, 400.0, 300.0, 0.0), (0, 900, 1.0, 300.0, 299.0)],
+)
+def test_the_training_eta_counts_the_time_budget(step, steps, seconds, budget, eta):
+    """The status page's ETA of a training: the steps to go at the rate so far, or the budget's rest if sooner."""
+    from ml_backend.training.trainer import _eta
+
+    assert _eta(step, steps, seconds, budget) == pytest.approx(eta)
+
+
 def test_split_is_stable_as_the_labelled_set_grows():
     imgs, _ = _data(30, seed=8, size=16)
     for n in (2, 5, 10, 20, 30):

@@ -216,15 +216,17 @@ def collect_rescore(
     t0 = time.monotonic()
     deadline = t0 + RESCORE_WAIT_S
     pending = {chunk_id(c): c for c in rnd.chunks}
-    total = sum(len(c) for c in rnd.chunks)
+    sizes = {k: len(c) for k, c in pending.items()}
+    total = sum(sizes.values())
     collected: dict[str, dict] = {}
     finished: set[str] = set()  # chunks known to be scored (collected, or computed here and collected next pass)
-    reported = [-1]
+    reported: set[int] = set()  # the task counts already reported
 
     def report() -> None:
-        done = sum(len(c) for k, c in zip(map(chunk_id, rnd.chunks), rnd.chunks, strict=True) if k in finished)
-        if progress is not None and done != reported[0]:
-            reported[0], seconds = done, time.monotonic() - t0
+        done = sum(sizes[k] for k in finished)
+        if progress is not None and done not in reported:
+            reported.add(done)
+            seconds = time.monotonic() - t0
             eta = seconds / done * (total - done) if done else None
             progress({"step": done, "steps": total, "unit": "tasks", "seconds": round(seconds, 1),
                       "eta_s": None if eta is None else round(eta, 1)})  # fmt: skip
